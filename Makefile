@@ -1,0 +1,51 @@
+# Two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TINY_MODEL := models/tiny-phi3
+TINY_RECIPE := recipes/examples/tiny-cpu.yaml
+IMAGE ?= qc-train-phi:dev
+
+.PHONY: setup tiny-model demo test lint lock image smoke bench clean
+
+setup: $(VENV)/.installed
+
+# The venv gets exactly the versions locked for the image (hashes stripped: here torch is the
+# CPU build of the same version), so what `make test` runs against is what the image holds.
+$(VENV)/.installed: pyproject.toml docker/requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python docker/lock_to_constraints.py docker/requirements.lock > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	touch $@
+
+tiny-model: setup $(TINY_MODEL)/config.json
+
+$(TINY_MODEL)/config.json:
+	$(BIN)/qctrain tiny-model $(TINY_MODEL)
+
+demo: setup tiny-model
+	$(BIN)/qctrain train $(TINY_RECIPE)
+	$(BIN)/qctrain generate out/tiny-cpu --prompt "Give three tips for staying healthy."
+	@echo "Adapter: out/tiny-cpu/adapter  (model card: out/tiny-cpu/README.md)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check entrypoint tests bench
+
+lock:
+	bash docker/lock.sh
+
+image:
+	bash docker/build-image.sh $(IMAGE)
+
+smoke:
+	bash docker/smoke.sh $(IMAGE)
+
+bench: setup tiny-model
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf out models

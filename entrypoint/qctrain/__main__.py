@@ -1,0 +1,3 @@
+from qctrain.cli import main
+
+raise SystemExit(main())
