@@ -1,0 +1,220 @@
+"""Command line: wires the stages recipe -> preflight -> data -> model -> train -> export -> publish."""
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from qctrain import __version__
+from qctrain.errors import ExitCode, InputError, PushFailed, QcError
+
+
+def _quiet_libraries(debug: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if debug:
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+
+
+def _load(args):
+    from qctrain.recipe import load_recipe
+
+    return load_recipe(args.recipe, args.set)
+
+
+def _print_data_summary(report: dict, cached: bool) -> None:
+    train = report["train"]
+    held = report.get("eval", {}).get("records", 0)
+    print(f"data: {report['records_read']} read, {report['duplicates']} duplicates, "
+          f"{train['records']} train / {held} eval records, {train['tokens']} tokens, "
+          f"{train['supervised_fraction']:.1%} supervised, {train['sequences']} sequences"
+          f"{' (cached)' if cached else ''}")
+    dropped = train["overlong_dropped"] + train["unsupervised_dropped"]
+    bad = sum(s["bad"] for s in report["sources"].values())
+    if dropped or bad or train["overlong_truncated"]:
+        print(f"data: skipped {bad} bad records, dropped {dropped}, truncated {train['overlong_truncated']}")
+
+
+def cmd_validate(args) -> int:
+    from qctrain.recipe import dump_recipe
+
+    print(dump_recipe(_load(args)), end="")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from qctrain.preflight import run_checks
+
+    recipe = _load(args)
+    problems = run_checks(recipe)
+    if problems:
+        raise InputError("\n".join(f"preflight: {p}" for p in problems))
+    print("preflight: ok")
+    return 0
+
+
+def _prepare(recipe):
+    from qctrain import data, model
+
+    output_dir = Path(recipe.output.dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = model.load_tokenizer(recipe.model)
+    prepared = data.prepare(recipe.data, tokenizer, output_dir)
+    data.write_json_atomic(output_dir / "data_report.json", prepared.report)
+    return tokenizer, prepared
+
+
+def cmd_prepare(args) -> int:
+    recipe = _load(args)
+    _, prepared = _prepare(recipe)
+    _print_data_summary(prepared.report, prepared.cached)
+    print(f"prepared data: {prepared.dir}")
+    print("sample (supervised tokens between ⟦ ⟧):")
+    print(prepared.report["sample"])
+    return 0
+
+
+def cmd_train(args) -> int:
+    from qctrain import data, export, model, train
+    from qctrain.preflight import run_checks
+
+    recipe = _load(args)
+    problems = run_checks(recipe)
+    if problems:
+        raise InputError("\n".join(f"preflight: {p}" for p in problems))
+    tokenizer, prepared = _prepare(recipe)
+    _print_data_summary(prepared.report, prepared.cached)
+
+    base = model.load_base_model(recipe.model)
+    model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
+    trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir))
+    result = train.run(trainer)
+
+    prompts = prepared.report.get("heldout_prompts", [])
+    replies = export.generate_replies(trainer.model, tokenizer, prompts)
+    samples = [(p[-1]["content"], r) for p, r in zip(prompts, replies, strict=True)]
+    chat_template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
+    export.write_outputs(recipe, trainer, tokenizer, chat_template, prepared.report,
+                         prepared.dir / "split.json", result.metrics, result.log_history,
+                         result.started, result.finished, samples)
+    print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
+          f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
+    if recipe.hub and recipe.hub.push != "never":
+        return _push(Path(recipe.output.dir), recipe.hub)
+    return 0
+
+
+def _push(output_dir: Path, hub) -> int:
+    from qctrain import publish
+
+    token = publish.resolve_token()
+    if not token:
+        raise PushFailed("no Hub token: set HF_TOKEN or HF_TOKEN_FILE, then run `qctrain push "
+                         f"{output_dir}`")
+    result = publish.push_output(output_dir, hub.repo_id, token, private=hub.private, revision=hub.revision)
+    print(f"pushed: {result.url}" if result.pushed else f"push: {result.skipped_reason}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from qctrain.recipe import Recipe
+
+    manifest_path = Path(args.output_dir) / "run_manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{manifest_path}: not found; is {args.output_dir} the output.dir of a finished run?")
+    recipe = Recipe.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"])
+    if recipe.hub is None:
+        raise InputError(f"{manifest_path}: the run's recipe has no hub: section")
+    return _push(Path(args.output_dir), recipe.hub)
+
+
+def cmd_generate(args) -> int:
+    from qctrain import export, model
+
+    adapter_model, tokenizer = model.load_adapter_model(Path(args.output_dir))
+    reply = export.generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": args.prompt}]],
+                                    max_new_tokens=args.max_new_tokens)[0]
+    print(f"prompt: {args.prompt}\nreply:  {reply}")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from qctrain.tiny import write_tiny_model
+
+    path = write_tiny_model(Path(args.dir), hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"tiny Phi-3 model and tokenizer written to {path}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from qctrain.doctor import run_doctor
+
+    return run_doctor()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    with_recipe = argparse.ArgumentParser(add_help=False, parents=[common])
+    with_recipe.add_argument("recipe", help="YAML recipe file")
+    with_recipe.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                             help="override a recipe value, e.g. --set train.learning_rate=1e-4")
+
+    parser = argparse.ArgumentParser(
+        prog="qctrain", parents=[common],
+        description="Fine-tune a 4-bit quantized LoRA adapter from one YAML recipe.",
+        epilog="exit codes: 0 ok, 1 internal error, 2 bad recipe/data/input, 3 environment, "
+               "4 trained but not pushed, 75 preempted (checkpoint saved, rerun to resume)")
+    parser.add_argument("--version", action="version", version=f"qctrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str, parents: list) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, parents=parents, help=help_text, description=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    add("validate", cmd_validate, "print the fully resolved recipe, or every problem in it", [with_recipe])
+    add("check", cmd_check, "preflight: every check that needs no model weights", [with_recipe])
+    add("prepare", cmd_prepare, "prepare (and cache) the training data, write data_report.json", [with_recipe])
+    add("train", cmd_train, "preflight, prepare, train, export and push", [with_recipe])
+    push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
+    push.add_argument("output_dir")
+    generate = add("generate", cmd_generate, "generate a reply with a trained adapter", [common])
+    generate.add_argument("output_dir")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    tiny = add("tiny-model", cmd_tiny_model, "build a tiny random Phi-3 model + tokenizer (tests, demo)", [common])
+    tiny.add_argument("dir")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    add("doctor", cmd_doctor, "print torch/CUDA/bitsandbytes/GPU facts; non-zero on a broken stack", [common])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.debug)
+    try:
+        return int(args.func(args) or 0)
+    except QcError as err:
+        if args.debug:
+            traceback.print_exc()
+        for line in str(err).splitlines():
+            print(f"qctrain: error: {line}", file=sys.stderr)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        print("qctrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        print(f"qctrain: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return int(ExitCode.INTERNAL)

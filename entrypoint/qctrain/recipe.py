@@ -1,0 +1,385 @@
+"""The recipe: one YAML file (plus overlays, overrides and ${ENV}) -> one validated `Recipe`.
+
+Strict by design: every section forbids unknown keys, and an unknown key is reported with its
+dotted path and the closest valid name. `train:` is checked against TRL's SFTConfig fields, so
+every TRL/TrainingArguments knob works without being re-typed here.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import typing
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from qctrain.errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Quantization(_Strict):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class ModelSection(_Strict):
+    name: str = Field(min_length=1)  # a Hub id or a local folder
+    revision: str | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    quantization: Quantization | None = Quantization()  # null: plain LoRA on an unquantized base
+    trust_remote_code: bool = False
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+
+
+class DataSource(_Strict):
+    path: str = Field(min_length=1)  # file, folder, or hub:org/name
+    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    # our field name -> the column that holds it in this source, e.g. {instruction: prompt}
+    columns: dict[str, str] = {}
+    split: str = "train"  # Hub data sets only
+    revision: str | None = None  # Hub data sets only
+
+
+class EvalSplit(_Strict):
+    fraction: float | None = Field(None, gt=0, lt=1)
+    count: int | None = Field(None, gt=0)
+    sources: list[DataSource] = []
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "EvalSplit":
+        ways = [self.fraction is not None, self.count is not None, bool(self.sources)]
+        if sum(ways) > 1:
+            raise ValueError("give only one of fraction, count or sources")
+        return self
+
+
+class DataSection(_Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    eval: EvalSplit | None = EvalSplit(fraction=0.05)  # null: no evaluation
+    seed: int = 42
+    chat_template: str = "model"  # "model", a TRL template name (phi3_5), or a .jinja file
+    max_seq_length: int = Field(2048, gt=0)
+    packing: bool = True
+    loss_on: Literal["assistant", "all"] = "assistant"
+    dedup: bool = True
+    on_bad_record: Literal["error", "skip"] = "error"
+    on_overlong: Literal["drop", "truncate"] = "drop"
+
+
+class OutputSection(_Strict):
+    dir: str = Field(min_length=1)
+
+
+class HubSection(_Strict):
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    private: bool = True
+    push: Literal["end", "checkpoints", "never"] = "end"
+    revision: str | None = None  # branch to push to
+    push_merged: bool = False
+    merged_repo_id: str | None = None
+
+
+# SFTConfig fields that other recipe sections decide; naming them under train: is an error.
+OWNED_ELSEWHERE = {
+    "output_dir": "output.dir",
+    "max_length": "data.max_seq_length",
+    "max_seq_length": "data.max_seq_length",
+    "packing": "data.packing",
+    "assistant_only_loss": "data.loss_on",
+    "completion_only_loss": "data.loss_on",
+    "push_to_hub": "hub.push",
+    "hub_model_id": "hub.repo_id",
+    "hub_token": "the HF_TOKEN environment variable",
+    "hub_private_repo": "hub.private",
+    "model_init_kwargs": "model",
+    "chat_template_path": "data.chat_template",
+    "dataset_kwargs": "data",
+    "trust_remote_code": "model.trust_remote_code",
+}
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2.0e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # a float below 1 is a fraction of the total steps
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 200,
+    "save_total_limit": 3,
+    "eval_strategy": "epoch",
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "report_to": "none",
+}
+
+
+class Recipe(_Strict):
+    model: ModelSection
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: dict[str, Any] = {}
+    output: OutputSection
+    hub: HubSection | None = None
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, train: dict[str, Any]) -> dict[str, Any]:
+        return check_train_section(train)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+    def sft_kwargs(self) -> dict[str, Any]:
+        """TRAIN_DEFAULTS overlaid with the recipe's train: section (what SFTConfig receives)."""
+        kwargs = {**TRAIN_DEFAULTS, **self.train}
+        kwargs.setdefault("seed", self.data.seed)
+        return kwargs
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+@cache
+def sft_field_types() -> dict[str, Any]:
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _TrainProblems(ValueError):
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+        self.problems = problems
+
+
+def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
+    fields = sft_field_types()
+    problems: list[tuple[str, str]] = []
+    for key, value in train.items():
+        if key in OWNED_ELSEWHERE:
+            problems.append((key, f"set by {OWNED_ELSEWHERE[key]}, not under train:"))
+        elif key not in fields:
+            problems.append((key, "unknown key, not a field of TRL's SFTConfig" + did_you_mean(key, fields)))
+        else:
+            try:
+                TypeAdapter(fields[key]).validate_python(value)
+            except ValidationError as err:
+                problems.append((key, f"{err.errors()[0]['msg']} (got {value!r})"))
+            except Exception:  # a field type pydantic cannot check; SFTConfig checks it at train time
+                pass
+    if problems:
+        raise _TrainProblems(problems)
+    return train
+
+
+# --- loading: YAML, base overlays, --set overrides, ${ENV} ---
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read recipe: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputError(f"{path}{where}: malformed YAML: {problem}") from None
+    if data is None:
+        raise InputError(f"{path}: recipe is empty")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise InputError(f"{path}: 'base:' chain loops back to itself")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise InputError(f"{path}: base: expected a file name, got {base!r}")
+    return deep_merge(load_with_bases(path.parent / base, (*seen, path)), data)
+
+
+def _path_parts(dotted: str) -> list[str | int]:
+    """a.b[0].c -> ['a', 'b', 0, 'c']"""
+    parts: list[str | int] = []
+    for piece in dotted.split("."):
+        name, *indexes = piece.replace("]", "").split("[")
+        parts += [name, *(int(i) for i in indexes)] if name else [int(i) for i in indexes]
+    return parts
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one --set a.b[0].c=value; the value is parsed as YAML (so 3, true, [a, b] work)."""
+    dotted, sep, raw = assignment.partition("=")
+    try:
+        parts = _path_parts(dotted) if sep and dotted else []
+    except ValueError:
+        parts = []
+    if not parts:
+        raise InputError(f"--set {assignment}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
+    node: Any = data
+    for part, following in zip(parts[:-1], parts[1:], strict=True):
+        try:
+            if isinstance(part, str) and part not in node:
+                node[part] = [] if isinstance(following, int) else {}
+            node = node[part]
+        except (IndexError, KeyError, TypeError):
+            raise InputError(f"--set {assignment}: {part} does not exist in the recipe") from None
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    try:
+        node[parts[-1]] = value
+    except (IndexError, TypeError):
+        raise InputError(f"--set {assignment}: {parts[-1]} does not exist in the recipe") from None
+
+
+def expand_env(value: Any, env: typing.Mapping[str, str], where: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise InputError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}})")
+
+    expanded = _ENV_REF.sub(substitute, value)
+    if expanded != value and _ENV_REF.fullmatch(value):
+        # A whole-value reference may stand for a number or a boolean.
+        loaded = yaml.safe_load(expanded) if expanded else expanded
+        return loaded if isinstance(loaded, (int, float, bool)) else expanded
+    return expanded
+
+
+# --- validation errors, one line each ---
+
+def _loc(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """The valid keys of the mapping that holds loc[-1], to suggest a spelling."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        model = None
+        if field is not None:
+            for arg in [field.annotation, *typing.get_args(field.annotation)]:
+                for inner in [arg, *typing.get_args(arg)]:
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        model = inner
+    return list(model.model_fields) if model is not None else []
+
+
+def describe_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        ctx_error = (item.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _TrainProblems):
+            problems += [f"train.{key}: {msg}" for key, msg in ctx_error.problems]
+        elif item["type"] == "extra_forbidden":
+            problems.append(f"{_loc(loc)}: unknown key{did_you_mean(str(loc[-1]), _section_fields(loc))}")
+        elif item["type"] == "missing":
+            problems.append(f"{_loc(loc)}: required")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            problems.append(f"{_loc(loc)}: {item['msg']}{shown}")
+    return problems
+
+
+class RecipeError(InputError):
+    def __init__(self, path: Path, problems: list[str]):
+        self.problems = [f"{path}: {p}" for p in problems]
+        super().__init__("\n".join(self.problems))
+
+
+def _reject_secrets(data: dict[str, Any]) -> list[str]:
+    hub = data.get("hub")
+    keys = [f"hub.{k}" for k in hub if "token" in str(k).lower()] if isinstance(hub, dict) else []
+    keys += [str(k) for k in data if "token" in str(k).lower()]
+    return [f"{k}: never put a Hub token in a recipe; set HF_TOKEN or HF_TOKEN_FILE in the environment"
+            for k in keys]
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (),
+                env: typing.Mapping[str, str] | None = None) -> Recipe:
+    path = Path(path)
+    data = load_with_bases(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    data = expand_env(data, os.environ if env is None else env)
+    problems = _reject_secrets(data)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        flagged = {p.split(":")[0] for p in problems}
+        problems += [p for p in describe_errors(err) if p.split(":")[0] not in flagged]
+    if problems:
+        raise RecipeError(path, problems)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
