@@ -24,7 +24,7 @@ if [ -z "${SSL_CERT_FILE:-}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; the
   export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 fi
 
-UV_CUSTOM_COMPILE_COMMAND="make lock" "$UV" pip compile \
+UV_CUSTOM_COMPILE_COMMAND="make lock  (docker/lock.sh: uv pip compile --universal --python-version 3.11 --generate-hashes)" "$UV" pip compile \
   --no-config \
   --default-index https://pypi.org/simple \
   --universal \
