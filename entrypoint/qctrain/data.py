@@ -6,6 +6,7 @@ content, the tokenizer, the chat template and every setting that changes the res
 
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -114,9 +115,12 @@ def _read_jsonl(path: Path, text: str) -> Iterator[Record]:
 def _read_csv(path: Path, text: str) -> Iterator[Record]:
     if not text.strip():
         raise InputError(f"{path}: file is empty")
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    _ = reader.fieldnames  # reads the header line
+    first_line = reader.line_num + 1
     for row in reader:
-        yield Record(f"{path}:{reader.line_num}", row)
+        yield Record(f"{path}:{first_line}", row)  # where the record starts; quoted fields may span lines
+        first_line = reader.line_num + 1
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:

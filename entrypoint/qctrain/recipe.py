@@ -183,6 +183,7 @@ class _TrainProblems(ValueError):
 def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
     fields = sft_field_types()
     problems: list[tuple[str, str]] = []
+    checked = dict(train)
     for key, value in train.items():
         if key in OWNED_ELSEWHERE:
             problems.append((key, f"set by {OWNED_ELSEWHERE[key]}, not under train:"))
@@ -190,14 +191,14 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
             problems.append((key, "unknown key, not a field of TRL's SFTConfig" + did_you_mean(key, fields)))
         else:
             try:
-                TypeAdapter(fields[key]).validate_python(value)
+                checked[key] = TypeAdapter(fields[key]).validate_python(value)  # "1e-5" -> 1e-05
             except ValidationError as err:
                 problems.append((key, f"{err.errors()[0]['msg']} (got {value!r})"))
             except Exception:  # a field type pydantic cannot check; SFTConfig checks it at train time
                 pass
     if problems:
         raise _TrainProblems(problems)
-    return train
+    return checked
 
 
 # --- loading: YAML, base overlays, --set overrides, ${ENV} ---
