@@ -1,0 +1,138 @@
+"""Checks of the BUILT image (marked `docker`): skipped when no engine or no image is available.
+
+`make test` runs before the image exists in CI, so these usually skip there; the gate for the image
+is docker/ci.sh (build + docker/smoke.sh). Run them after `make image`:
+    QCTRAIN_TEST_IMAGE=qc-train-phi:dev .venv/bin/python -m pytest -m docker tests/test_docker_image.py
+Without QCTRAIN_TEST_IMAGE the first of qc-train-phi:dev / qc-train-phi:ci that exists is used.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from functools import cache
+
+import pytest
+
+pytestmark = pytest.mark.docker
+
+CANDIDATES = ("qc-train-phi:dev", "qc-train-phi:ci")
+
+
+@cache
+def docker_binary() -> str | None:
+    for candidate in ("/usr/bin/docker", shutil.which("docker")):
+        if candidate and os.access(candidate, os.X_OK):
+            try:
+                ok = subprocess.run([candidate, "info"], capture_output=True, timeout=20).returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+            if ok:
+                return candidate
+    return None
+
+
+@cache
+def image_under_test() -> str | None:
+    docker = docker_binary()
+    if docker is None:
+        return None
+    wanted = os.environ.get("QCTRAIN_TEST_IMAGE")
+    for image in (wanted,) if wanted else CANDIDATES:
+        if subprocess.run([docker, "image", "inspect", image], capture_output=True).returncode == 0:
+            return image
+    return None
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if docker_binary() is None:
+        pytest.skip("no running Docker engine")
+    found = image_under_test()
+    if found is None:
+        pytest.skip(f"no built image ({os.environ.get('QCTRAIN_TEST_IMAGE') or ' / '.join(CANDIDATES)}); "
+                    "run `make image` first")
+    return found
+
+
+def docker(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([docker_binary(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def run(image: str, *args: str, user: str | None = None, entrypoint: str | None = None):
+    cmd = ["run", "--rm", "--network", "none"]
+    if user:
+        cmd += ["--user", user]
+    if entrypoint:
+        cmd += ["--entrypoint", entrypoint]
+    return docker(*cmd, image, *args)
+
+
+@pytest.fixture(scope="module")
+def config(image) -> dict:
+    return json.loads(docker("image", "inspect", image).stdout)[0]["Config"]
+
+
+def test_help_is_the_default(image):
+    explicit = run(image, "--help")
+    assert explicit.returncode == 0, explicit.stderr
+    assert "usage" in explicit.stdout.lower()
+    default = run(image)
+    assert default.returncode == 0 and default.stdout == explicit.stdout
+
+
+def test_doctor_without_gpu_exits_0(image):
+    result = run(image, "doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "CUDA available           no" in result.stdout
+    assert "libbitsandbytes" in result.stdout
+    assert result.stdout.rstrip().endswith("doctor: OK")
+
+
+def test_entrypoint_user_and_provenance(image, config):
+    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "qctrain"]
+    assert config["User"] == "10001:10001"
+    labels = config["Labels"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    for key in ("source", "revision", "version", "created"):
+        assert f"org.opencontainers.image.{key}" in labels
+    assert env["QCTRAIN_GIT_REVISION"] == labels["org.opencontainers.image.revision"] != "unknown"
+    assert env["QCTRAIN_IMAGE_VERSION"] == labels["org.opencontainers.image.version"]
+    assert env["QCTRAIN_BUILD_DATE"] == labels["org.opencontainers.image.created"]
+    assert env["HF_HOME"] == "/cache/huggingface"
+    assert not any(k.startswith("HF_TOKEN") for k in env)
+
+
+def test_arbitrary_uid_can_write_home_caches_and_outputs(image):
+    probes = '"$HOME/.probe" "$HF_HOME/.probe" "$XDG_CACHE_HOME/.probe" /out/.probe /models/.probe'
+    script = f"touch {probes} && id -u"
+    result = run(image, "-c", script, user="54321:54321", entrypoint="/bin/sh")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "54321"
+
+
+def test_no_pip_cache_compilers_or_build_leftovers(image):
+    # BuildKit leaves the (empty) mount points of cache/bind mounts: only content counts.
+    script = (
+        "for p in /root/.cache/pip /tmp/build /tmp/dist /dist /src /tmp/requirements.lock; do "
+        '[ -n "$(find "$p" -mindepth 0 -type f 2>/dev/null | head -n 1)" ] && echo "leftover $p"; done; '
+        'for c in gcc cc g++ nvcc; do command -v "$c" >/dev/null && echo "compiler $c"; done; '
+        "find / -xdev -name '*.whl' -not -path '/usr/share/python-wheels/*' -print 2>/dev/null | head -n 3; "
+        "true"
+    )
+    result = run(image, "-c", script, user="0:0", entrypoint="/bin/sh")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_locked_versions_installed(image):
+    code = (
+        "import importlib.metadata as m;"
+        "print(' '.join(f'{p}=={m.version(p)}' for p in "
+        "('torch','transformers','trl','peft','bitsandbytes','accelerate','datasets','huggingface-hub')))"
+    )
+    result = run(image, "-c", code, entrypoint="python")
+    assert result.returncode == 0, result.stderr
+    installed = result.stdout.split()
+    assert "transformers==5.24.0" in installed and "bitsandbytes==0.50.2" in installed
+    assert any(item.startswith("torch==2.13.0") for item in installed)
