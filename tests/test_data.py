@@ -4,11 +4,10 @@ import csv
 import json
 
 import pytest
+from conftest import alpaca_records, write_json
 from qctrain import data
 from qctrain.errors import InputError
 from qctrain.recipe import DataSection
-
-from conftest import alpaca_records, write_json
 
 
 def section(*paths, **settings) -> DataSection:

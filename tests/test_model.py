@@ -3,11 +3,10 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import alpaca_records, run_cli, write_json, write_recipe
 from qctrain import model
 from qctrain.errors import InputError
 from qctrain.recipe import ModelSection
-
-from conftest import run_cli, write_json, write_recipe, alpaca_records
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 from qctrain.errors import InputError
 from qctrain.recipe import dump_recipe, load_recipe
-
-from conftest import run_cli
 
 MINIMAL = {"model": {"name": "org/model"}, "data": {"sources": [{"path": "d.json"}]}, "output": {"dir": "out"}}
 
@@ -146,7 +145,8 @@ def test_validate_command_exit_codes(tmp_path):
     assert yaml.safe_load(ok.stdout)["lora"]["r"] == 4
     bad = run_cli("validate", str(write(tmp_path, {**MINIMAL, "lora": {"alpah": 4}}, "bad.yaml")))
     assert bad.returncode == 2
-    assert bad.stderr.strip() == f"qctrain: error: {tmp_path / 'bad.yaml'}: lora.alpah: unknown key (did you mean 'alpha'?)"
+    expected = f"{tmp_path / 'bad.yaml'}: lora.alpah: unknown key (did you mean 'alpha'?)"
+    assert bad.stderr.strip() == f"qctrain: error: {expected}"
     assert "Traceback" not in bad.stderr
 
 

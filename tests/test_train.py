@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import alpaca_records, run_cli, write_json, write_recipe
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")

@@ -206,3 +206,35 @@ def write_outputs(recipe: Recipe, trainer, tokenizer, chat_template: str, data_r
     (staging / "README.md").write_text(model_card(recipe, data_report, metrics, samples), encoding="utf-8")
     publish_atomically(staging, output_dir)
     return manifest
+
+
+def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A standalone model: the base loaded unquantized in `dtype`, with the adapter merged into it.
+    Written next to `dest` first, then moved into place."""
+    from huggingface_hub import ModelCardData
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qctrain.model import model_source, run_model_section
+
+    cfg = run_model_section(output_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype, revision=cfg.revision,
+                                                trust_remote_code=cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
+    staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(output_dir / "adapter").save_pretrained(staging)
+    card_data = ModelCardData(base_model=cfg.name, library_name="transformers", license="other",
+                              tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
+    card = f"---\n{card_data.to_yaml()}\n---\n\n# {cfg.name} with a merged LoRA adapter\n\n" \
+           f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
+           f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    old = dest.parent / f".{dest.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest

@@ -134,17 +134,20 @@ def meta_model(cfg: ModelSection):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_adapter_model(output_dir: Path):
-    """The base named in the run's manifest with the trained adapter on top, and the adapter's tokenizer."""
+def run_model_section(output_dir: Path) -> ModelSection:
+    """The model: section of a finished run, from its run_manifest.json."""
     import json
-
-    from peft import PeftModel
-
-    from qctrain.recipe import ModelSection
 
     manifest_path = output_dir / "run_manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: not found; is {output_dir} the output.dir of a finished run?")
-    cfg = ModelSection.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"]["model"])
+    return ModelSection.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"]["model"])
+
+
+def load_adapter_model(output_dir: Path):
+    """The base named in the run's manifest with the trained adapter on top, and the adapter's tokenizer."""
+    from peft import PeftModel
+
+    cfg = run_model_section(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "adapter")
     return PeftModel.from_pretrained(load_base_model(cfg), output_dir / "adapter"), tokenizer

@@ -101,7 +101,58 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     problems = check_sources(recipe) + check_output_dir(recipe)
     model_problems = _problem_of(lambda: model.model_source(recipe.model) and None)
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
-    problems += model_problems or check_template(recipe) + check_lora_targets(recipe)
+    problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe)
     if hub:
         problems += check_hub(recipe, env)
     return list(dict.fromkeys(problems))
+
+
+def estimate_peak_memory(recipe: Recipe, skeleton) -> dict[str, float]:
+    """A rough upper estimate of peak GPU memory (GiB) for one training micro-batch.
+
+    weights: 4-bit Linear layers at ~0.52 byte/param (NF4 + double-quant constants), the rest in the
+    compute dtype; LoRA: weights, grads and two Adam moments at 16 byte/param; activations: with
+    gradient checkpointing one hidden state per layer plus one layer's working set, else ~34 bytes
+    per hidden unit per layer; logits: fp32 logits and their gradient.
+    """
+    import torch
+
+    config = skeleton.config
+    quantized = recipe.model.quantization is not None
+    linear_params = sum(m.weight.numel() for n, m in skeleton.named_modules()
+                        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    other_params = sum(p.numel() for p in skeleton.parameters()) - linear_params
+    weight_bytes = linear_params * (0.52 if quantized else 2) + other_params * 2
+    lora_params = sum(recipe.lora.r * (m.in_features + m.out_features) for n, m in skeleton.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    sft = recipe.sft_kwargs()
+    tokens = sft.get("per_device_train_batch_size", 1) * recipe.data.max_seq_length
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    layer_working_set = tokens * (10 * hidden + 4 * intermediate) * 2
+    if sft.get("gradient_checkpointing", False):
+        activation_bytes = tokens * hidden * 2 * layers + layer_working_set
+    else:
+        activation_bytes = layer_working_set * layers
+    logits_bytes = tokens * config.vocab_size * 4 * 2
+    gib = 2**30
+    parts = {"weights": weight_bytes / gib, "lora_and_optimizer": lora_params * 16 / gib,
+             "activations": activation_bytes / gib, "logits": logits_bytes / gib, "cuda_context": 0.5}
+    parts["total"] = sum(parts.values())
+    return {k: round(v, 2) for k, v in parts.items()}
+
+
+def check_gpu_memory(recipe: Recipe) -> list[str]:
+    """On a GPU: print the estimate and compare it with the card's memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    estimate = estimate_peak_memory(recipe, model.meta_model(recipe.model))
+    card = torch.cuda.get_device_properties(0).total_memory / 2**30
+    print("preflight: estimated peak GPU memory (GiB): "
+          + ", ".join(f"{k} {v}" for k, v in estimate.items()) + f"; card {card:.1f}", flush=True)
+    if estimate["total"] > 0.95 * card:
+        return [f"the run needs about {estimate['total']} GiB of GPU memory, the card has {card:.1f} GiB: lower "
+                "train.per_device_train_batch_size or data.max_seq_length, or turn on gradient_checkpointing"]
+    return []

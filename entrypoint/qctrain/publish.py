@@ -28,6 +28,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
+from transformers import TrainerCallback
 
 from qctrain import __version__
 from qctrain.errors import InputError, PushFailed
@@ -150,6 +151,42 @@ def push_checkpoint(
     step = _read_json(checkpoint_dir / "trainer_state.json").get("global_step")
     message = f"qctrain: checkpoint {checkpoint_dir.name}" + (f" (step {step})" if step is not None else "")
     return _push(files, repo_id, token, private, branch, message, endpoint, retry)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    token: str,
+    private: bool = True,
+    revision: str | None = None,
+    commit_message: str = "qctrain: merged model",
+    endpoint: str | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+) -> PushResult:
+    """Upload every file of `folder` (e.g. a merged model) in one commit."""
+    files = dict(_files_under(Path(folder)))
+    if not files:
+        raise InputError(f"{folder} holds no files: nothing to push")
+    return _push(files, repo_id, token, private, revision or "main", commit_message, endpoint, retry)
+
+
+class CheckpointPusher(TrainerCallback):
+    """hub.push: checkpoints: after each save, push the checkpoint so a lost node loses nothing.
+    A failed checkpoint push is reported and training goes on; the final push still happens."""
+
+    def __init__(self, repo_id: str, token: str, private: bool = True, endpoint: str | None = None):
+        self.repo_id, self.token, self.private, self.endpoint = repo_id, token, private, endpoint
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        try:
+            result = push_checkpoint(checkpoint_dir, self.repo_id, self.token, private=self.private,
+                                     endpoint=self.endpoint)
+            print(f"pushed checkpoint {checkpoint_dir.name} to {result.url}", flush=True)
+        except (PushFailed, InputError) as err:
+            log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name, redact(str(err), self.token))
 
 
 def validate_card_metadata(
