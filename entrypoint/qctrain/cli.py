@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from qctrain import __version__
-from qctrain.errors import ExitCode, InputError, PushFailed, QcError
+from qctrain.errors import ExitCode, InputError, Preempted, PushFailed, QcError
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -82,20 +82,29 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from qctrain import data, export, model, train
+    from qctrain.train import StopOnSignal
+
+    with StopOnSignal() as stop:  # SIGTERM/SIGINT: checkpoint and exit 75 (see train.py)
+        return _train(args, stop)
+
+
+def _train(args, stop) -> int:
+    from qctrain import checkpoint, data, export, model, train
     from qctrain.preflight import run_checks
 
     recipe = _load(args)
     problems = run_checks(recipe)
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
+    plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
+    plan.check_data(prepared.fingerprint)
     _print_data_summary(prepared.report, prepared.cached)
 
     base = model.load_base_model(recipe.model)
     model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
-    trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir))
-    result = train.run(trainer)
+    trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
+    result = train.run(trainer, plan, stop)
 
     prompts = prepared.report.get("heldout_prompts", [])
     replies = export.generate_replies(trainer.model, tokenizer, prompts)
@@ -107,6 +116,9 @@ def cmd_train(args) -> int:
     print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
     if recipe.hub and recipe.hub.push != "never":
+        if stop.signum is not None:
+            raise Preempted(f"stopped by {stop.name} after training; outputs complete in "
+                            f"{recipe.output.dir}, not pushed: rerun the same command to push")
         return _push(Path(recipe.output.dir), recipe.hub)
     return 0
 
@@ -183,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("validate", cmd_validate, "print the fully resolved recipe, or every problem in it", [with_recipe])
     add("check", cmd_check, "preflight: every check that needs no model weights", [with_recipe])
     add("prepare", cmd_prepare, "prepare (and cache) the training data, write data_report.json", [with_recipe])
-    add("train", cmd_train, "preflight, prepare, train, export and push", [with_recipe])
+    train_cmd = add("train", cmd_train, "preflight, prepare, train, export and push; resumes from the newest "
+                    "complete checkpoint of the same recipe in output.dir", [with_recipe])
+    train_cmd.add_argument("--restart", action="store_true",
+                           help="discard the checkpoints in output.dir and train from step 0")
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
     generate = add("generate", cmd_generate, "generate a reply with a trained adapter", [common])

@@ -87,6 +87,9 @@ class DataSection(_Strict):
 
 class OutputSection(_Strict):
     dir: str = Field(min_length=1)
+    # Save a checkpoint at least this often (besides train.save_steps): bounds the work a preemption
+    # or crash can lose. train.save_total_limit prunes the old ones either way.
+    save_every_minutes: float | None = Field(None, gt=0)
 
 
 class HubSection(_Strict):
