@@ -12,17 +12,21 @@
 #      `make smoke`.
 # Idempotent; runs as root on a fresh Debian/Ubuntu machine with access to PyPI and Debian only.
 #
-# Knobs (env): IMAGE (qc-train-phi:ci), QCTRAIN_CI_BASE (qctrain-ci-base:bookworm-v1),
+# Knobs (env): IMAGE (qc-train-phi:ci), QCTRAIN_CI_BASE (qctrain-ci-base:bookworm-v1-<CA sum>),
 # QCTRAIN_MAX_IMAGE_BYTES (6500000000), QCTRAIN_BUILD_CACHE_KEEP (15GB), DEBIAN_MIRROR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-qc-train-phi:ci}
-BASE=${QCTRAIN_CI_BASE:-qctrain-ci-base:bookworm-v1}
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+# The base's tag names what goes into it (recipe version + the CA bundle it carries), so a changed
+# bundle or recipe builds a new base instead of reusing a stale one.
+BASE_RECIPE_VERSION=1
+ca_sum=$( { sha256sum "$CA_BUNDLE" 2>/dev/null || echo none; } | cut -c1-12)
+BASE=${QCTRAIN_CI_BASE:-qctrain-ci-base:bookworm-v${BASE_RECIPE_VERSION}-${ca_sum}}
 MAX_IMAGE_BYTES=${QCTRAIN_MAX_IMAGE_BYTES:-6500000000}
 BUILD_CACHE_KEEP=${QCTRAIN_BUILD_CACHE_KEEP:-15GB}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 DOCKER=/usr/bin/docker   # Debian's client: BuildKit built in (/usr/local/bin/docker has no buildx)
 export DOCKER
 
@@ -110,6 +114,9 @@ EOF
     - "$BASE"
   as_root rm -rf "$rootfs"
   trap - EXIT
+  # Older bases (another recipe version or CA bundle) are dead weight now.
+  "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}' "${BASE%%:*}" | grep -vxF "$BASE" \
+    | xargs -r "$DOCKER" image rm >/dev/null 2>&1 || true
 fi
 "$DOCKER" image inspect -f '{{.Id}}  {{.Size}} bytes' "$BASE"
 phase_done base
