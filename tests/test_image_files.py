@@ -426,6 +426,16 @@ def test_configmap_recipe_follows_the_recipe_schema(tmp_path):
     assert loaded.output.dir.startswith("/out/")
 
 
+def test_configmap_recipe_is_the_repository_gpu_recipe_without_hub():
+    source = ROOT / "recipes" / "phi-3.5-mini-qlora.yaml"
+    if not source.exists():
+        pytest.skip(f"{source} is gone; keep k8s/configmap-recipe.yaml in line with a real recipe")
+    expected = yaml.safe_load(source.read_text(encoding="utf-8"))
+    expected.pop("hub", None)
+    cm = next(d for (kind, _), d in k8s_docs().items() if kind == "ConfigMap")
+    assert yaml.safe_load(cm["data"]["recipe.yaml"]) == expected, "regenerate k8s/configmap-recipe.yaml"
+
+
 @pytest.mark.parametrize("manifest", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
 def test_manifests_validate_offline_strict(manifest):
     result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", str(manifest)],
