@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, stop) -> int:
-    from qctrain import checkpoint, data, export, model, train
+    from qctrain import checkpoint, data, export, model, publish, train
     from qctrain.preflight import run_checks
 
     recipe = _load(args)
@@ -104,6 +104,8 @@ def _train(args, stop) -> int:
     base = model.load_base_model(recipe.model)
     model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
+    if recipe.hub and recipe.hub.push == "checkpoints" and (token := publish.resolve_token()):
+        trainer.add_callback(publish.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private))
     result = train.run(trainer, plan, stop)
 
     prompts = prepared.report.get("heldout_prompts", [])
@@ -124,7 +126,7 @@ def _train(args, stop) -> int:
 
 
 def _push(output_dir: Path, hub) -> int:
-    from qctrain import publish
+    from qctrain import export, publish
 
     token = publish.resolve_token()
     if not token:
@@ -132,6 +134,12 @@ def _push(output_dir: Path, hub) -> int:
                          f"{output_dir}`")
     result = publish.push_output(output_dir, hub.repo_id, token, private=hub.private, revision=hub.revision)
     print(f"pushed: {result.url}" if result.pushed else f"push: {result.skipped_reason}")
+    if hub.push_merged:
+        merged = export.merge_adapter(output_dir, output_dir / "merged")
+        repo_id = hub.merged_repo_id or f"{hub.repo_id}-merged"
+        result = publish.push_folder(merged, repo_id, token, private=hub.private,
+                                     commit_message=f"qctrain: {hub.repo_id} merged into its base")
+        print(f"pushed merged model: {result.url}" if result.pushed else f"merged: {result.skipped_reason}")
     return 0
 
 
@@ -145,6 +153,18 @@ def cmd_push(args) -> int:
     if recipe.hub is None:
         raise InputError(f"{manifest_path}: the run's recipe has no hub: section")
     return _push(Path(args.output_dir), recipe.hub)
+
+
+def cmd_merge(args) -> int:
+    import torch
+
+    from qctrain import export
+
+    output_dir = Path(args.output_dir)
+    dest = export.merge_adapter(output_dir, Path(args.dest) if args.dest else output_dir / "merged",
+                                getattr(torch, args.dtype))
+    print(f"merged model written to {dest}")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -201,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="discard the checkpoints in output.dir and train from step 0")
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
+    merge = add("merge", cmd_merge, "merge a finished run's adapter into its base (standalone model)", [common])
+    merge.add_argument("output_dir")
+    merge.add_argument("--dest", help="where to write it (default: OUTPUT_DIR/merged)")
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     generate = add("generate", cmd_generate, "generate a reply with a trained adapter", [common])
     generate.add_argument("output_dir")
     generate.add_argument("--prompt", required=True)
