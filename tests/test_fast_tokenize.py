@@ -1,0 +1,164 @@
+"""The fast tokenizing path (jinja render + one Rust batch + array masking, optionally in worker
+processes) gives exactly the token ids and labels of tokenizer.apply_chat_template(...,
+return_assistant_tokens_mask=True), and the flat fit/stats/dataset helpers match the list ones."""
+
+import random
+
+import numpy as np
+import pytest
+from qctrain import data
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Give three tips for staying healthy."},
+     {"role": "assistant", "content": "1. Eat well.\n2. Sleep.\n3. Move every day."}],
+    [{"role": "system", "content": "You answer in one word."},
+     {"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "Paris."}],
+    [{"role": "user", "content": "请写一首关于大海的短诗。"},
+     {"role": "assistant", "content": "大海啊，蓝色的梦。\n浪花轻轻地唱。"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Translate 'cat' into French."}, {"role": "assistant", "content": "chat"},
+     {"role": "user", "content": "和德语？"}, {"role": "assistant", "content": "Katze 🐈"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": ""},
+     {"role": "assistant", "content": "An answer to an empty prompt."}],
+    [{"role": "user", "content": "  leading and trailing spaces  \n\n"},
+     {"role": "assistant", "content": "\n  indented\n\tand tabbed  "}],
+    [{"role": "user", "content": "Special-looking text: <|end|> <|assistant|> <s>"},
+     {"role": "assistant", "content": "Echo <|end|> and <|endoftext|> inside an answer."}],
+    [{"role": "user", "content": "x" * 700}, {"role": "assistant", "content": "y " * 300}],
+    [{"role": "user", "content": "Empty answer next."}, {"role": "assistant", "content": ""},
+     {"role": "user", "content": "Now answer."}, {"role": "assistant", "content": "ok", "name": None}],
+]
+
+
+def random_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    rng = random.Random(seed)
+    pieces = ["hello", " world", "\n", "请", "写", "诗", "é", "🙂", "  ", "\t", "<|end|>", "data", "42", ".",
+              "The quick brown fox", "机器学习", "", "a" * 20]
+    out = []
+    for _ in range(n):
+        turns = [] if rng.random() < 0.7 else [{"role": "system", "content": "".join(rng.choices(pieces, k=4))}]
+        for _ in range(rng.randint(1, 3)):
+            turns.append({"role": "user", "content": "".join(rng.choices(pieces, k=rng.randint(0, 12)))})
+            turns.append({"role": "assistant", "content": "".join(rng.choices(pieces, k=rng.randint(1, 30)))})
+        out.append(turns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def template(tokenizer):
+    return data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+
+
+@pytest.mark.parametrize("loss_on", ["assistant", "all"])
+def test_fast_path_matches_apply_chat_template(tokenizer, loss_on):
+    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, loss_on)
+    conversations = CONVERSATIONS + random_conversations(200)
+    expected = data.tokenize_reference(conversations, tokenizer, template, loss_on)
+    assert data.tokenize(conversations, tokenizer, template, loss_on) == expected
+    # also the raw library call, record by record (no batching in between)
+    first = len(CONVERSATIONS)
+    for conversation, ids, labels in zip(CONVERSATIONS, expected[0][:first], expected[1][:first], strict=True):
+        out = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=loss_on == "assistant")
+        assert out["input_ids"] == ids
+        if loss_on == "assistant":
+            assert [t if m else data.IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)] == labels
+    supervised = sum(label != data.IGNORE for labels in expected[1] for label in labels)
+    assert 0 < supervised < sum(map(len, expected[0])) or loss_on == "all"
+
+
+def test_worker_processes_give_the_same_result(tokenizer, template):
+    conversations = random_conversations(300, seed=1)
+    one = data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=1, chunk=64)
+    two = data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=2, chunk=64)
+    for a, b in ((one.ids, two.ids), (one.labels, two.labels), (one.bounds, two.bounds)):
+        np.testing.assert_array_equal(a, b)
+    assert one.to_lists() == data.tokenize_reference(conversations, tokenizer, template, "assistant")
+
+
+def test_mask_vectorised_equals_loop_on_adversarial_offsets():
+    class Enc:  # stand-in for tokenizers.Encoding: offsets may repeat, go back or have zero width
+        def __init__(self, offsets):
+            self.offsets = offsets
+
+        def __len__(self):
+            return len(self.offsets)
+
+    rng = random.Random(3)
+    encodings, spans = [], []
+    for _ in range(300):
+        offsets, at = [], 0
+        for _ in range(rng.randint(0, 25)):
+            start = max(0, at + rng.randint(-3, 4))
+            offsets.append((start, start + rng.randint(0, 4)))
+            at = start + rng.randint(0, 3)
+        record_spans, pos = [], 0
+        for _ in range(rng.randint(0, 4)):
+            s = pos + rng.randint(0, 8)
+            e = s + rng.randint(0, 8)
+            record_spans.append((s, e))
+            pos = e
+        encodings.append(Enc(offsets))
+        spans.append(record_spans)
+    total = sum(map(len, encodings))
+    np.testing.assert_array_equal(data._assistant_mask(encodings, spans, total),
+                                  data._assistant_mask_loop(encodings, spans, total))
+
+
+def test_python_tokenizer_falls_back_to_the_library(tokenizer, template, monkeypatch):
+    monkeypatch.setattr(data, "_rust_backend", lambda tok: None)
+    conversations = CONVERSATIONS[:3]
+    assert data.tokenize(conversations, tokenizer, template, "assistant") == data.tokenize_reference(
+        conversations, tokenizer, template, "assistant")
+
+
+def list_fit_length(input_ids, labels, max_len, policy):  # the list implementation the flat one replaced
+    kept_ids, kept_labels = [], []
+    counts = {"overlong_dropped": 0, "overlong_truncated": 0, "unsupervised_dropped": 0}
+    for ids, lab in zip(input_ids, labels, strict=True):
+        if len(ids) > max_len:
+            if policy == "drop":
+                counts["overlong_dropped"] += 1
+                continue
+            ids, lab = ids[:max_len], lab[:max_len]
+            counts["overlong_truncated"] += 1
+        if all(t == data.IGNORE for t in lab):
+            counts["unsupervised_dropped"] += 1
+            continue
+        kept_ids.append(ids)
+        kept_labels.append(lab)
+    return kept_ids, kept_labels, counts
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate"])
+def test_flat_fit_length_and_stats_match_lists(policy):
+    rng = random.Random(5)
+    ids = [[rng.randint(0, 99) for _ in range(rng.randint(0, 40))] for _ in range(200)]
+    labels = [[t if rng.random() < 0.2 or i > 30 else data.IGNORE for i, t in enumerate(row)] for row in ids]
+    assert data.fit_length(ids, labels, 25, policy) == list_fit_length(ids, labels, 25, policy)
+    fitted_ids, fitted_labels, _ = data.fit_length(ids, labels, 25, policy)
+    stats = data.token_stats(fitted_ids, fitted_labels)
+    lengths = sorted(map(len, fitted_ids))
+    assert stats["records"] == len(lengths) and stats["tokens"] == sum(lengths)
+    assert stats["supervised_tokens"] == sum(t != data.IGNORE for row in fitted_labels for t in row)
+    assert stats["length_p50"] == lengths[len(lengths) // 2]
+    assert data.token_stats([], []) == {"records": 0, "tokens": 0, "supervised_tokens": 0,
+                                        "supervised_fraction": 0.0}
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_flat_dataset_equals_the_plain_datasets_way(packing):
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rng = random.Random(7)
+    ids = [[rng.randint(0, 99) for _ in range(rng.randint(1, 60))] for _ in range(500)]
+    labels = [[t if rng.random() < 0.5 else data.IGNORE for t in row] for row in ids]
+    expected = Dataset.from_dict({"input_ids": ids, "labels": labels})
+    if packing:
+        expected = pack_dataset(expected.shuffle(seed=11).flatten_indices(), 64, "bfd",
+                                map_kwargs={"batch_size": None})
+    got = data.to_dataset(ids, labels, packing, 64, 11)
+    assert got.features == expected.features
+    assert got.to_dict() == expected.to_dict()
