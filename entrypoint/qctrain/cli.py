@@ -15,6 +15,9 @@ def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if debug:
         return
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: not the user's to act on
     import datasets
     import transformers
 
@@ -61,13 +64,15 @@ def cmd_check(args) -> int:
 
 
 def _prepare(recipe):
-    from qctrain import data, model
+    from qctrain import data, distributed, model
 
     output_dir = Path(recipe.output.dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = model.load_tokenizer(recipe.model)
-    prepared = data.prepare(recipe.data, tokenizer, output_dir)
-    data.write_json_atomic(output_dir / "data_report.json", prepared.report)
+    with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
+        prepared = data.prepare(recipe.data, tokenizer, output_dir)
+    if distributed.is_main():
+        data.write_json_atomic(output_dir / "data_report.json", prepared.report)
     return tokenizer, prepared
 
 
@@ -82,24 +87,33 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from qctrain import distributed
     from qctrain.train import StopOnSignal
 
+    if args.nproc is not None and not distributed.under_launcher():
+        nproc = distributed.resolve_nproc(args.nproc)
+        if nproc > 1 or distributed.multi_node():
+            _load(args)  # a bad recipe fails here, before any worker starts
+            distributed.exec_launcher(distributed.strip_option(args.argv, "--nproc"), nproc)
     with StopOnSignal() as stop:  # SIGTERM/SIGINT: checkpoint and exit 75 (see train.py)
         return _train(args, stop)
 
 
 def _train(args, stop) -> int:
-    from qctrain import checkpoint, data, export, model, publish, train
+    from qctrain import checkpoint, data, distributed, export, model, publish, train
     from qctrain.preflight import run_checks
 
     recipe = _load(args)
     problems = run_checks(recipe)
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
+    distributed.check_fsdp(recipe)
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
     plan.check_data(prepared.fingerprint)
-    _print_data_summary(prepared.report, prepared.cached)
+    distributed.check_same_run(prepared.fingerprint, plan.step)
+    if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
+        _print_data_summary(prepared.report, prepared.cached)
 
     base = model.load_base_model(recipe.model)
     model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
@@ -107,14 +121,18 @@ def _train(args, stop) -> int:
     if recipe.hub and recipe.hub.push == "checkpoints" and (token := publish.resolve_token()):
         trainer.add_callback(publish.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private))
     result = train.run(trainer, plan, stop)
+    adapter_state = distributed.full_adapter_state(trainer)  # FSDP: gathered by every rank, else None
+    if not distributed.is_main():
+        return 0  # rank 0 writes the outputs and pushes
 
-    prompts = prepared.report.get("heldout_prompts", [])
+    # Sample replies: generating from an FSDP-sharded model would need every rank; skipped there.
+    prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
     replies = export.generate_replies(trainer.model, tokenizer, prompts)
     samples = [(p[-1]["content"], r) for p, r in zip(prompts, replies, strict=True)]
     chat_template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
     export.write_outputs(recipe, trainer, tokenizer, chat_template, prepared.report,
                          prepared.dir / "split.json", result.metrics, result.log_history,
-                         result.started, result.finished, samples)
+                         result.started, result.finished, samples, state_dict=adapter_state)
     print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
     if recipe.hub and recipe.hub.push != "never":
@@ -193,7 +211,9 @@ def cmd_doctor(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    # SUPPRESS: a subcommand's own default must not reset `qctrain --debug COMMAND` to False
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and library logs")
     with_recipe = argparse.ArgumentParser(add_help=False, parents=[common])
     with_recipe.add_argument("recipe", help="YAML recipe file")
     with_recipe.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -219,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "complete checkpoint of the same recipe in output.dir", [with_recipe])
     train_cmd.add_argument("--restart", action="store_true",
                            help="discard the checkpoints in output.dir and train from step 0")
+    train_cmd.add_argument("--nproc", metavar="N|auto",
+                           help="train in N processes on this node (auto: one per visible GPU) under "
+                                "torchrun; PET_* variables (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR...) "
+                                "add nodes")
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
     merge = add("merge", cmd_merge, "merge a finished run's adapter into its base (standalone model)", [common])
@@ -239,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
+    args.debug = getattr(args, "debug", False)
     _quiet_libraries(args.debug)
     try:
         return int(args.func(args) or 0)

@@ -148,6 +148,8 @@ def read_file(path: Path) -> Iterator[Record]:
         text = _decode(path, path.read_bytes())
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
+    except OSError as err:  # EIO, a folder named like a file, a vanished mount...
+        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
     readers: dict[str, Callable[[Path, str], Iterator[Record]]] = {
         ".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
     return readers[suffix](path, text)
@@ -184,6 +186,8 @@ def source_fingerprint(src: DataSource) -> str:
                         digest.update(block)
             except PermissionError:
                 raise InputError(f"{path}: permission denied") from None
+            except OSError as err:
+                raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
     return digest.hexdigest()
 
 
@@ -756,8 +760,11 @@ def build(cfg: DataSection, tokenizer, template: str) -> tuple[Dataset, Dataset 
     else:
         ids = [conversation_id(m) for m in conversations]
     if not conversations:
-        raise InputError(f"data: no usable records (read {read}, duplicates {duplicates}); "
-                         f"sources: {', '.join(s.path for s in cfg.sources)}")
+        bad = sum(s["bad"] for s in per_source.values())
+        examples = [e for s in per_source.values() for e in s["examples"]]
+        raise InputError(f"data: no usable records ({sum(s['read'] for s in per_source.values())} read, {bad} bad "
+                         f"and skipped, {duplicates} duplicates); sources: {', '.join(s.path for s in cfg.sources)}"
+                         + (f"; first bad record: {examples[0]}" if examples else ""))
 
     split: dict[str, Any] = {"seed": cfg.seed}
     eval_cfg = cfg.eval
@@ -767,7 +774,10 @@ def build(cfg: DataSection, tokenizer, template: str) -> tuple[Dataset, Dataset 
         train_conversations = conversations
         split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
     elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
-        eval_ids = split_ids(ids, cfg.seed, eval_cfg.fraction, eval_cfg.count)
+        try:
+            eval_ids = split_ids(ids, cfg.seed, eval_cfg.fraction, eval_cfg.count)
+        except InputError as err:
+            raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
         train_conversations = [m for m, cid in zip(conversations, ids, strict=True) if cid not in eval_ids]
         eval_conversations = [m for m, cid in zip(conversations, ids, strict=True) if cid in eval_ids]
         split.update(method="fraction" if eval_cfg.fraction else "count",

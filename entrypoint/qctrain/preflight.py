@@ -15,6 +15,7 @@ from qctrain.errors import QcError
 from qctrain.recipe import Recipe
 
 MIN_FREE_BYTES = 1 << 30  # adapter, checkpoints and prepared data of a LoRA run fit well inside 1 GiB
+MIN_FREE_ENV = "QCTRAIN_MIN_FREE_BYTES"  # overrides MIN_FREE_BYTES (bigger runs, tests)
 
 
 def _problem_of(check: Callable[[], None]) -> list[str]:
@@ -62,6 +63,19 @@ def check_output_dir(recipe: Recipe, min_free: int = MIN_FREE_BYTES) -> list[str
     return []
 
 
+def check_train_args(recipe: Recipe) -> list[str]:
+    """train: values that TRL itself rejects (a scheduler name it does not know...), found before any
+    data or weights load."""
+    import warnings
+
+    from qctrain.train import sft_config
+
+    has_eval = recipe.data.eval is not None
+    with warnings.catch_warnings():  # a probe: the deprecation notes show when training builds it for real
+        warnings.simplefilter("ignore", FutureWarning)
+        return _problem_of(lambda: sft_config(recipe, Path(recipe.output.dir), has_eval=has_eval) and None)
+
+
 def check_template(recipe: Recipe) -> list[str]:
     try:
         tokenizer = model.load_tokenizer(recipe.model)
@@ -98,7 +112,11 @@ def check_hub(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
 
 def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool = True) -> list[str]:
     env = os.environ if env is None else env
-    problems = check_sources(recipe) + check_output_dir(recipe)
+    setting = env.get(MIN_FREE_ENV, "").strip()
+    if setting and not setting.isdigit():
+        return [f"{MIN_FREE_ENV}={setting!r}: expected a number of bytes"]
+    problems = check_sources(recipe) + check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
+    problems += check_train_args(recipe)
     model_problems = _problem_of(lambda: model.model_source(recipe.model) and None)
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
     problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe)
@@ -130,7 +148,7 @@ def estimate_peak_memory(recipe: Recipe, skeleton) -> dict[str, float]:
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     layer_working_set = tokens * (10 * hidden + 4 * intermediate) * 2
-    if sft.get("gradient_checkpointing", False):
+    if sft.get("activation_checkpointing", False):
         activation_bytes = tokens * hidden * 2 * layers + layer_working_set
     else:
         activation_bytes = layer_working_set * layers
@@ -154,5 +172,5 @@ def check_gpu_memory(recipe: Recipe) -> list[str]:
           + ", ".join(f"{k} {v}" for k, v in estimate.items()) + f"; card {card:.1f}", flush=True)
     if estimate["total"] > 0.95 * card:
         return [f"the run needs about {estimate['total']} GiB of GPU memory, the card has {card:.1f} GiB: lower "
-                "train.per_device_train_batch_size or data.max_seq_length, or turn on gradient_checkpointing"]
+                "train.per_device_train_batch_size or data.max_seq_length, or turn on train.activation_checkpointing"]
     return []

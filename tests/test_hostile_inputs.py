@@ -1,0 +1,177 @@
+"""Hostile inputs: every case in tests/hostile/cases/ gets a one-line message per problem that names the file,
+line or field, exit code 2, no traceback (unless --debug), and leaves a previous run's outputs untouched.
+
+A case is a recipe overlaying tests/hostile/base.yaml; its header comments say how to run it:
+
+    # command: check            validate | check | prepare | train
+    # expect: <text>            a substring of the error output (one `expect:` per line)
+    # accept: <text>            instead of expect: the command must succeed and print <text>
+    # args: --set a.b=c         extra command-line arguments
+    # setup: chmod000|eio|min-free|no-outputs   see `prepare_case`
+
+The corpus runs in-process through `qctrain.cli.main` (one Python start instead of 65 starts of ~10 s each on
+this machine); `test_real_entrypoint` runs a case of each command through `python -m qctrain` subprocesses.
+"""
+
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = Path(__file__).resolve().parent / "hostile"
+CASES = sorted(CORPUS.glob("cases/*.yaml"))
+
+
+def header(path: Path) -> dict[str, list[str]]:
+    spec: dict[str, list[str]] = {}
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.startswith("# "):
+            break
+        key, _, value = line[2:].partition(": ")
+        spec.setdefault(key.strip(), []).append(value.strip())
+    return spec
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def previous_run(out: Path) -> None:
+    """What a finished run left in output.dir: these files must come through a failed command unchanged."""
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"GOOD ADAPTER " * 100)
+    (out / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+    (out / "run_manifest.json").write_text('{"recipe_sha256": "earlier"}')
+    (out / "README.md").write_text("# the card of the earlier run\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from qctrain.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("hostile-model") / "tiny-phi3")
+
+
+def prepare_case(spec: dict, tmp: Path, model_dir: Path, monkeypatch) -> Path:
+    out = tmp / "out"
+    setup = set(spec.get("setup", []))
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("QCTRAIN_TEST_MODEL", str(model_dir))
+    monkeypatch.setenv("QCTRAIN_TEST_OUT", str(out))
+    monkeypatch.setenv("QCTRAIN_TEST_TMP", str(tmp))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("QCTRAIN_HOSTILE_UNSET", raising=False)
+    if "no-outputs" not in setup:
+        previous_run(out)
+    if "chmod000" in setup:
+        if os.geteuid() == 0:
+            pytest.skip("root reads a chmod 000 file anyway; unreadable-eio covers a failing read for root")
+        (tmp / "unreadable.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
+        (tmp / "unreadable.jsonl").chmod(0)
+    if "eio" in setup:
+        # A file whose every read fails (EIO) even for root: /proc/self/mem at offset 0 is unmapped.
+        os.symlink("/proc/self/mem", tmp / "unreadable.jsonl")
+    if "min-free" in setup:
+        monkeypatch.setenv("QCTRAIN_MIN_FREE_BYTES", str(1 << 60))  # an exbibyte: no disk has that free
+    return out
+
+
+def run_case(case: Path, spec: dict, *extra: str) -> list[str]:
+    [command] = spec.get("command", ["check"])
+    args = [a for line in spec.get("args", []) for a in shlex.split(line)]
+    return [command, str(case.relative_to(REPO)), *args, *extra]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
+def test_hostile_case(case, tmp_path, model_dir, monkeypatch, capsys):
+    from qctrain.cli import main
+
+    spec = header(case)
+    out = prepare_case(spec, tmp_path, model_dir, monkeypatch)
+    before = tree_digest(out)
+    code = main(run_case(case, spec))
+    captured = capsys.readouterr()
+    if "accept" in spec:
+        assert code == 0, captured.err
+        for text in spec["accept"]:
+            assert text in captured.out, captured.out
+        return
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert lines and all(line.startswith("qctrain: error: ") for line in lines), captured.err
+    assert "Traceback" not in captured.err
+    for text in spec["expect"]:
+        assert any(text in line for line in lines), f"{text!r} not in:\n{captured.err}"
+    assert tree_digest(out) == before  # a failed command leaves the earlier run's outputs alone
+
+
+def test_corpus_is_complete():
+    """Every corpus case says what it expects; every data file is used by some case."""
+    assert len(CASES) >= 60
+    for case in CASES:
+        spec = header(case)
+        assert spec.get("command", ["check"])[0] in {"validate", "check", "prepare", "train"}, case
+        assert "expect" in spec or "accept" in spec, case
+    used = "".join(case.read_text(encoding="utf-8", errors="replace") for case in CASES)
+    for data in (CORPUS / "data").iterdir():
+        assert f"tests/hostile/data/{data.name}" in used, f"{data.name} is used by no case"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where, tmp_path, model_dir, monkeypatch, capsys):
+    from qctrain.cli import main
+
+    case = CORPUS / "cases" / "invalid-jsonl.yaml"
+    spec = header(case)
+    prepare_case(spec, tmp_path, model_dir, monkeypatch)
+    argv = ["--debug", *run_case(case, spec)] if where == "before" else [*run_case(case, spec), "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "qctrain: error: " in err
+
+
+# Through the real entry point, `python -m qctrain`, one case per stage (recipe, data, preflight of
+# `train`), started side by side: the exit status of the process, and nothing on stderr but the error lines
+# (no traceback, no library warnings).
+REAL = ["unknown-train-key", "invalid-jsonl", "train-rejects-value"]
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory, model_dir) -> dict:
+    started = {}
+    for name in REAL:
+        case = CORPUS / "cases" / f"{name}.yaml"
+        spec = header(case)
+        tmp = tmp_path_factory.mktemp(name)
+        out = tmp / "out"
+        previous_run(out)
+        env = {**os.environ, "PYTHONPATH": str(REPO / "entrypoint"), "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "QCTRAIN_TEST_MODEL": str(model_dir), "QCTRAIN_TEST_OUT": str(out),
+               "QCTRAIN_TEST_TMP": str(tmp)}
+        proc = subprocess.Popen([sys.executable, "-m", "qctrain", *run_case(case, spec)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[name] = (proc, spec, out, tree_digest(out))
+    results = {}
+    for name, (proc, spec, out, before) in started.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        results[name] = (proc.returncode, stdout, stderr, spec, tree_digest(out) == before)
+    return results
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_entrypoint(name, real_runs):
+    code, _, stderr, spec, outputs_unchanged = real_runs[name]
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert lines and all(line.startswith("qctrain: error: ") for line in lines), stderr
+    assert all(any(text in line for line in lines) for text in spec["expect"]), stderr
+    assert outputs_unchanged
