@@ -31,6 +31,9 @@ class Quantization(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # How the packed 4-bit weights are stored (null: bitsandbytes' uint8). FSDP shards every parameter
+    # into flat buffers of one dtype, so with FSDP set it to the compute dtype.
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
 
 
 class ModelSection(_Strict):
@@ -119,6 +122,10 @@ OWNED_ELSEWHERE = {
     "trust_remote_code": "model.trust_remote_code",
 }
 
+# transformers 5 renamed these; recipes may use either name, SFTConfig gets the new one.
+RENAMED_TRAIN_KEYS = {"gradient_checkpointing": "activation_checkpointing",
+                      "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
 TRAIN_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
     "per_device_train_batch_size": 4,
@@ -131,8 +138,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "save_steps": 200,
     "save_total_limit": 3,
     "eval_strategy": "epoch",
-    "gradient_checkpointing": True,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "activation_checkpointing": True,
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
     "report_to": "none",
 }
 
@@ -155,7 +162,7 @@ class Recipe(_Strict):
 
     def sft_kwargs(self) -> dict[str, Any]:
         """TRAIN_DEFAULTS overlaid with the recipe's train: section (what SFTConfig receives)."""
-        kwargs = {**TRAIN_DEFAULTS, **self.train}
+        kwargs = {**TRAIN_DEFAULTS, **{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in self.train.items()}}
         kwargs.setdefault("seed", self.data.seed)
         return kwargs
 

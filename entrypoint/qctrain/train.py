@@ -53,6 +53,8 @@ def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
     if not torch.cuda.is_available():
         kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
         kwargs.setdefault("fp16", False)
+        kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
+        kwargs.setdefault("use_cpu", True)  # without it, ranks under torchrun on CPUs each train alone
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
@@ -253,9 +255,11 @@ def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
     if stop is not None:
         stop.defer = True  # from here on a signal stops training cleanly instead of raising
     if plan is not None:
-        plan.apply()
-        if plan.checkpoint is not None:
-            print(f"resuming from {plan.checkpoint} (step {plan.step})", flush=True)
+        if trainer.args.should_save:  # one process cleans the (shared) output folder, the others wait
+            plan.apply()
+            if plan.checkpoint is not None:
+                print(f"resuming from {plan.checkpoint} (step {plan.step})", flush=True)
+        _barrier()
     started = time.time()
     resume_from = str(plan.checkpoint) if plan is not None and plan.checkpoint is not None else None
     output = trainer.train(resume_from_checkpoint=resume_from)
