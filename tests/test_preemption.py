@@ -171,6 +171,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_usable(runs):
     # The rerun (the SIGTERM run below) resumed from the complete checkpoint-1, ignoring the partial
     # checkpoint-2 and the unmarked checkpoint-7, and removed both.
     assert "resuming from" in runs.preempted.stdout and "checkpoint-1 (step 1)" in runs.preempted.stdout
+    assert "removed 2 incomplete checkpoint folder(s)" in runs.preempted.stdout
     assert ".partial-checkpoint-2" not in runs.after_preempt
     assert "checkpoint-7" not in runs.after_preempt
 

@@ -192,7 +192,10 @@ class ResumePlan:
         if self.restart:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         else:
-            remove_incomplete(ckpt_dir)
+            removed = remove_incomplete(ckpt_dir)
+            if removed:
+                print(f"removed {len(removed)} incomplete checkpoint folder(s) (no {MARKER}): "
+                      f"{', '.join(p.name for p in removed)}", flush=True)
         if self.checkpoint is None:
             metrics.unlink(missing_ok=True)
         else:
