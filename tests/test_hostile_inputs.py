@@ -139,18 +139,18 @@ def test_debug_shows_the_traceback(where, tmp_path, model_dir, monkeypatch, caps
     assert "Traceback (most recent call last)" in err and "qctrain: error: " in err
 
 
-# Through the real entry point, `python -m qctrain`, one case per stage (recipe, data, preflight of
-# `train`), started side by side: the exit status of the process, and nothing on stderr but the error lines
-# (no traceback, no library warnings).
-REAL = ["unknown-train-key", "invalid-jsonl", "train-rejects-value"]
+# Through the real entry point, `python -m qctrain` (each start costs ~10 s of imports here, so two, side by
+# side): a recipe problem (`validate`) and a data problem found by `train` after its preflight passed. The exit
+# status of the process, and nothing on stderr but the error lines (no traceback, no library warnings).
+REAL = {"unknown-train-key": "validate", "invalid-jsonl": "train"}
 
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory, model_dir) -> dict:
     started = {}
-    for name in REAL:
+    for name, command in REAL.items():
         case = CORPUS / "cases" / f"{name}.yaml"
-        spec = header(case)
+        spec = {**header(case), "command": [command]}
         tmp = tmp_path_factory.mktemp(name)
         out = tmp / "out"
         previous_run(out)
