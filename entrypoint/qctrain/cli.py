@@ -88,13 +88,15 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from qctrain import distributed
-    from qctrain.train import StopOnSignal
 
     if args.nproc is not None and not distributed.under_launcher():
         nproc = distributed.resolve_nproc(args.nproc)
         if nproc > 1 or distributed.multi_node():
-            _load(args)  # a bad recipe fails here, before any worker starts
+            if not Path(args.recipe).is_file():  # the workers check the rest, each
+                raise InputError(f"{args.recipe}: recipe file not found")
             distributed.exec_launcher(distributed.strip_option(args.argv, "--nproc"), nproc)
+    from qctrain.train import StopOnSignal
+
     with StopOnSignal() as stop:  # SIGTERM/SIGINT: checkpoint and exit 75 (see train.py)
         return _train(args, stop)
 

@@ -171,8 +171,11 @@ model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")
     return ModelCard(content).content
 
 
-def save_adapter(trainer, tokenizer, chat_template: str, dest: Path) -> None:
-    trainer.model.save_pretrained(dest)
+def save_adapter(trainer, tokenizer, chat_template: str, dest: Path, state_dict: dict | None = None) -> None:
+    if state_dict is None:
+        trainer.model.save_pretrained(dest)
+    else:  # FSDP: the full state dict every rank gathered (distributed.full_adapter_state)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(dest, state_dict=state_dict)
     tokenizer.chat_template = chat_template  # the inference template, not the masked training twin
     tokenizer.save_pretrained(dest)
 
@@ -193,12 +196,12 @@ def publish_atomically(staging: Path, output_dir: Path) -> None:
 
 def write_outputs(recipe: Recipe, trainer, tokenizer, chat_template: str, data_report: dict, split_path: Path,
                   metrics: dict, log_history: list, started: float, finished: float,
-                  samples: list[tuple[str, str]]) -> dict[str, Any]:
+                  samples: list[tuple[str, str]], state_dict: dict | None = None) -> dict[str, Any]:
     output_dir = Path(recipe.output.dir)
     staging = output_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_adapter(trainer, tokenizer, chat_template, staging / "adapter")
+    save_adapter(trainer, tokenizer, chat_template, staging / "adapter", state_dict)
     manifest = build_manifest(recipe, data_report, split_path, metrics, trainer.args, started, finished)
     write_json_atomic(staging / "run_manifest.json", manifest)
     write_json_atomic(staging / "data_report.json", data_report)

@@ -57,6 +57,7 @@ def bnb_config(cfg: ModelSection) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant.storage_dtype or "uint8"),
     )
 
 
