@@ -209,6 +209,10 @@ def test_rerun_resumes_and_matches_uninterrupted_run(runs):
     print(f"resumed vs uninterrupted adapter: max abs difference {worst:.3g} (atol {ATOL}); "
           f"timings {json.dumps({k: round(v, 1) for k, v in runs.timings.items()})}")
     assert all(torch.allclose(ref[k], got[k], atol=ATOL, rtol=0) for k in ref), worst
+    # The manifest's train_loss is the whole run's, not just the part after the last resume.
+    ref_loss, got_loss = (json.loads((out / "run_manifest.json").read_text())["metrics"]["train_loss"]
+                          for out in (runs.ref_out, runs.out))
+    assert got_loss == pytest.approx(ref_loss, abs=1e-3)  # logged losses are rounded to 4 digits
     # Rotation kept working across the resumes: at most save_total_limit (3) complete checkpoints.
     left = sorted(p.name for p in (runs.out / "checkpoints").iterdir() if p.is_dir())
     assert left[-1] == f"checkpoint-{MAX_STEPS}" and len(left) <= 3, left
@@ -365,6 +369,15 @@ def test_signal_before_training_raises_preempted_and_during_training_only_flags(
         PreemptionCallback(stop).on_step_end(SimpleNamespace(device="cpu"), None, control)
         assert control.should_save and control.should_training_stop
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_logged_train_loss_weights_each_log_by_its_steps():
+    from qctrain.train import logged_train_loss
+
+    history = [{"step": 1, "loss": 1.0}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 9.0},
+               {"step": 4, "train_loss": 5.0, "train_runtime": 1.0}]
+    assert logged_train_loss(history) == pytest.approx((1.0 + 3 * 2.0) / 4)
+    assert logged_train_loss([{"step": 3, "eval_loss": 1.0}]) is None
 
 
 def test_checkpoint_commit_is_atomic_and_replaces_a_same_step_checkpoint(tmp_path):

@@ -249,6 +249,18 @@ def keep_adapter_in_compute_dtype(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every logged step of the run, resumed parts included: each logged `loss`
+    averages the steps since the previous log, so weight it by that many steps."""
+    total, steps, previous = 0.0, 0, 0
+    for row in log_history:
+        if "loss" in row and "step" in row and row["step"] > previous:
+            total += row["loss"] * (row["step"] - previous)
+            steps += row["step"] - previous
+            previous = row["step"]
+    return total / steps if steps else None
+
+
 def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
         stop: StopOnSignal | None = None) -> TrainResult:
     """Train (resuming as `plan` says); on a signal, save and raise Preempted (exit 75)."""
@@ -271,6 +283,8 @@ def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
         raise Preempted(f"stopped by {stop.name} at step {step}/{trainer.state.max_steps}; checkpoint saved "
                         f"in {saved}; rerun the same command to resume")
     metrics = dict(output.metrics)
+    if resume_from is not None and (loss := logged_train_loss(trainer.state.log_history)) is not None:
+        metrics["train_loss"] = loss  # the Trainer's covers only the steps since the resume (none on a rerun)
     if trainer.eval_dataset is not None:
         last_eval = [row for row in trainer.state.log_history
                      if "eval_loss" in row and row.get("step") == trainer.state.global_step]
