@@ -79,6 +79,10 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def _cell(value) -> str:
     if isinstance(value, float):
+        if value != value:  # NaN
+            return "n/a"
+        if abs(value) < 1:
+            return f"{value:.4f}"
         return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
