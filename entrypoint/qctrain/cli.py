@@ -121,7 +121,8 @@ def _train(args, stop) -> int:
     model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
     if recipe.hub and recipe.hub.push == "checkpoints" and (token := publish.resolve_token()):
-        trainer.add_callback(publish.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private))
+        trainer.add_callback(publish.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private,
+                                                      stopping=lambda: stop.signum is not None))
     result = train.run(trainer, plan, stop)
     adapter_state = distributed.full_adapter_state(trainer)  # FSDP: gathered by every rank, else None
     if not distributed.is_main():
@@ -148,6 +149,7 @@ def _train(args, stop) -> int:
 def _push(output_dir: Path, hub) -> int:
     from qctrain import export, publish
 
+    export.restore_interrupted_swap(output_dir / "adapter")
     token = publish.resolve_token()
     if not token:
         raise PushFailed("no Hub token: set HF_TOKEN or HF_TOKEN_FILE, then run `qctrain push "

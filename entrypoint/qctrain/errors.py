@@ -9,8 +9,8 @@ from enum import IntEnum
 class ExitCode(IntEnum):
     OK = 0
     INTERNAL = 1  # a bug or an unexpected library failure (traceback with --debug)
-    BAD_INPUT = 2  # recipe, data, template, paths: fix the input, retrying will not help
-    ENVIRONMENT = 3  # the machine cannot run this: broken CUDA/bitsandbytes stack, out of disk
+    BAD_INPUT = 2  # recipe, data, template, paths, too little free disk: fix the input, retrying will not help
+    ENVIRONMENT = 3  # the machine cannot run this: broken CUDA/bitsandbytes stack
     NOT_PUSHED = 4  # training finished and outputs are complete locally, the Hub push failed
     PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun to resume (EX_TEMPFAIL)
 

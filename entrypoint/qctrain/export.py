@@ -93,7 +93,8 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -180,14 +181,29 @@ def save_adapter(trainer, tokenizer, chat_template: str, dest: Path, state_dict:
     tokenizer.save_pretrained(dest)
 
 
+def _aside(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.old"
+
+
+def restore_interrupted_swap(dest: Path) -> None:
+    """A crash between the two renames of replace_dir leaves the good folder aside: put it back."""
+    if not dest.exists() and _aside(dest).exists():
+        os.replace(_aside(dest), dest)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put the finished folder `new` at `dest`; the old one is moved aside first, never half-overwritten."""
+    restore_interrupted_swap(dest)
+    shutil.rmtree(_aside(dest), ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, _aside(dest))
+    os.replace(new, dest)
+    shutil.rmtree(_aside(dest), ignore_errors=True)
+
+
 def publish_atomically(staging: Path, output_dir: Path) -> None:
     """Move finished outputs from staging into place; a good old adapter is only replaced by a whole new one."""
-    adapter, old = output_dir / "adapter", output_dir / ".adapter.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if adapter.exists():
-        os.replace(adapter, old)
-    os.replace(staging / "adapter", adapter)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging / "adapter", output_dir / "adapter")
     for name in FINAL_FILES:
         if (staging / name).exists():
             os.replace(staging / name, output_dir / name)
@@ -234,10 +250,5 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
            f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
            f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
     (staging / "README.md").write_text(card, encoding="utf-8")
-    old = dest.parent / f".{dest.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(staging, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, dest)
     return dest

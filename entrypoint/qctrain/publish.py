@@ -174,11 +174,13 @@ class CheckpointPusher(TrainerCallback):
     """hub.push: checkpoints: after each save, push the checkpoint so a lost node loses nothing.
     A failed checkpoint push is reported and training goes on; the final push still happens."""
 
-    def __init__(self, repo_id: str, token: str, private: bool = True, endpoint: str | None = None):
+    def __init__(self, repo_id: str, token: str, private: bool = True, endpoint: str | None = None,
+                 stopping: Callable[[], bool] = lambda: False):
         self.repo_id, self.token, self.private, self.endpoint = repo_id, token, private, endpoint
+        self.stopping = stopping  # true once a SIGTERM arrived: the grace period is for the local save
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or self.stopping():
             return
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         try:
