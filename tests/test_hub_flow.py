@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
+from conftest import alpaca_records, run_cli, write_json, write_recipe
 from hub_double import HubDouble, Token
 from qctrain import publish
-
-from conftest import alpaca_records, run_cli, write_json, write_recipe
 
 TOKEN = "hf_FAKEflow_DO_NOT_LEAK_9f8e7d"
 

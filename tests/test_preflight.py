@@ -4,11 +4,10 @@ import time
 
 import pytest
 import transformers
+from conftest import alpaca_records, run_cli, write_json, write_recipe
 from hub_double import HubDouble, Token, point_client_at
 from qctrain import preflight
 from qctrain.recipe import load_recipe
-
-from conftest import alpaca_records, run_cli, write_json, write_recipe
 
 TOKEN = "hf_FAKEpreflight_DO_NOT_LEAK_321"
 READ_TOKEN = "hf_FAKEpreflightread_DO_NOT_LEAK_654"
@@ -103,6 +102,7 @@ def test_check_command_exit_code_and_one_line_per_problem(tmp_path, tiny_model_d
                           data={"sources": [{"path": str(tmp_path / "nope.jsonl")}]})
     result = run_cli("check", str(recipe))
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"qctrain: error: preflight: {tmp_path / 'nope.jsonl'}: data source not found"]
+    expected = f"qctrain: error: preflight: {tmp_path / 'nope.jsonl'}: data source not found"
+    assert result.stderr.splitlines() == [expected]
     ok = run_cli("check", str(write_recipe(tmp_path / "ok.yaml", tiny_model_dir, data_path, tmp_path / "out")))
     assert ok.returncode == 0 and ok.stdout.strip() == "preflight: ok"
