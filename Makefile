@@ -30,7 +30,7 @@ demo: setup tiny-model
 	@echo "Adapter: out/tiny-cpu/adapter  (model card: out/tiny-cpu/README.md)"
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not docker"  # the image tests run in docker/ci.sh, after the build
 
 lint: setup
 	$(BIN)/ruff check entrypoint tests bench

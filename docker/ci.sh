@@ -145,6 +145,12 @@ phase "make smoke IMAGE=$IMAGE"
 make smoke IMAGE="$IMAGE"
 phase_done smoke
 
+# The pytest checks that need the built image (docker stop -> exit 75 -> resume, ...): make test ran
+# before the image existed, so they skipped there and run here, against this exact image.
+phase "pytest -m docker IMAGE=$IMAGE"
+QCTRAIN_TEST_IMAGE="$IMAGE" .venv/bin/python -m pytest -q -m docker tests/
+phase_done docker-tests
+
 # Re-tagging left the previous build's image dangling: drop it now rather than next run.
 "$DOCKER" image prune -f >/dev/null
 

@@ -484,7 +484,7 @@ def test_export_replaces_the_adapter_whole(recipe_factory):
 
 # --- the image: `docker stop` sends SIGTERM through tini ---
 
-IMAGE = os.environ.get("QCTRAIN_IMAGE", "qc-train-phi:dev")
+IMAGE = os.environ.get("QCTRAIN_TEST_IMAGE", "qc-train-phi:dev")
 
 
 def _docker_image_present() -> bool:

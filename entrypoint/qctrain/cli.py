@@ -12,18 +12,16 @@ from qctrain.errors import ExitCode, InputError, Preempted, PushFailed, QcError
 
 
 def _quiet_libraries(debug: bool) -> None:
+    """Through the environment, so no library is imported before it is needed (a bad recipe fails fast)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if debug:
         return
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: not the user's to act on
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _load(args):
