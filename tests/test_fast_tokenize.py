@@ -153,7 +153,7 @@ def test_flat_dataset_equals_the_plain_datasets_way(packing):
     from trl.data_utils import pack_dataset
 
     rng = random.Random(7)
-    ids = [[rng.randint(0, 99) for _ in range(rng.randint(1, 60))] for _ in range(500)]
+    ids = [[rng.randint(0, 99) for _ in range(rng.choice([0, 64, 90, *range(1, 60)]))] for _ in range(500)]
     labels = [[t if rng.random() < 0.5 else data.IGNORE for t in row] for row in ids]
     expected = Dataset.from_dict({"input_ids": ids, "labels": labels})
     if packing:
@@ -162,3 +162,22 @@ def test_flat_dataset_equals_the_plain_datasets_way(packing):
     got = data.to_dataset(ids, labels, packing, 64, 11)
     assert got.features == expected.features
     assert got.to_dict() == expected.to_dict()
+
+
+@pytest.mark.parametrize("capacity", [8, 64, 100])
+def test_best_fit_decreasing_gives_trls_bins(capacity):
+    import pyarrow as pa
+    from trl.data_utils import _pack_bfd
+
+    rng = np.random.default_rng(capacity)
+    lengths = rng.integers(1, capacity + 1, 2000)  # many ties
+    ids = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+                                   pa.array(np.arange(lengths.sum(), dtype=np.int64)))
+    theirs = _pack_bfd(pa.table({"input_ids": ids}), capacity)
+    order, counts = data.best_fit_decreasing(lengths, capacity)
+    assert theirs["seq_lengths"].to_pylist() == [lengths[order[a:b]].tolist()
+                                                 for a, b in zip(np.cumsum([0, *counts[:-1]]), np.cumsum(counts),
+                                                                 strict=True)]
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    assert pa.concat_arrays(theirs["input_ids"].chunks).flatten().to_numpy().tolist() == np.concatenate(
+        [np.arange(starts[i], starts[i + 1]) for i in order]).tolist()

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import shutil
 import statistics
+from bisect import bisect_left, insort
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 from datasets import Dataset, load_from_disk
 
 from qctrain.errors import InputError
@@ -607,27 +610,40 @@ def tokenize(conversations: list[list[dict]], tokenizer, template: str, loss_on:
     return tokenize_flat(conversations, tokenizer, template, loss_on).to_lists()
 
 
+def _any_per_record(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For each record, whether flags[starts[i]:ends[i]] has a True (ends[i] <= starts[i + 1])."""
+    out = np.zeros(len(starts), dtype=bool)
+    nonempty = ends > starts
+    if not len(flags) or not nonempty.any():
+        return out
+    cuts = np.empty(2 * int(nonempty.sum()), dtype=np.int64)
+    cuts[0::2], cuts[1::2] = starts[nonempty], ends[nonempty]
+    # logical_or.reduceat over [start, end) at the even cuts; the odd ones cover the gaps between records.
+    out[nonempty] = np.logical_or.reduceat(flags, np.minimum(cuts, len(flags) - 1))[0::2]
+    return out
+
+
 def fit_length_flat(tok: Tokenized, max_len: int, policy: str) -> tuple[Tokenized, dict[str, int]]:
     """Drop or truncate records longer than max_len, then drop records with no supervised token."""
     lengths = tok.lengths
     overlong = lengths > max_len
     keep = ~overlong if policy == "drop" else np.ones(len(tok), dtype=bool)
     kept_lengths = np.minimum(lengths, max_len)
-    supervised = np.zeros(len(tok.labels) + 1, dtype=np.int64)
-    np.cumsum(tok.labels != IGNORE, out=supervised[1:])
-    unsupervised = keep & (supervised[tok.bounds[:-1] + kept_lengths] == supervised[tok.bounds[:-1]])
+    starts = tok.bounds[:-1]
+    unsupervised = keep & ~_any_per_record(tok.labels != IGNORE, starts, starts + kept_lengths)
     counts = {"overlong_dropped": int(np.count_nonzero(overlong)) if policy == "drop" else 0,
               "overlong_truncated": int(np.count_nonzero(overlong)) if policy != "drop" else 0,
               "unsupervised_dropped": int(np.count_nonzero(unsupervised))}
     keep &= ~unsupervised
     if keep.all() and not overlong.any():
         return tok, counts
-    new_lengths = kept_lengths[keep]
-    starts = tok.bounds[:-1][keep]
-    bounds = np.zeros(len(new_lengths) + 1, dtype=np.int64)
-    np.cumsum(new_lengths, out=bounds[1:])
-    positions = np.arange(int(bounds[-1]), dtype=np.int64) + np.repeat(starts - bounds[:-1], new_lengths)
-    return Tokenized(tok.ids[positions], tok.labels[positions], bounds), counts
+    token_keep = np.repeat(keep, lengths)
+    truncated = keep & overlong
+    for start, length in zip(starts[truncated].tolist(), lengths[truncated].tolist(), strict=True):
+        token_keep[start + max_len:start + length] = False  # a truncated record loses its tail
+    bounds = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+    np.cumsum(kept_lengths[keep], out=bounds[1:])
+    return Tokenized(tok.ids[token_keep], tok.labels[token_keep], bounds), counts
 
 
 def fit_length(input_ids: list[list[int]], labels: list[list[int]], max_len: int,
@@ -684,34 +700,77 @@ def _list_array(values: np.ndarray, bounds: np.ndarray, dtype) -> pa.Array:
     return pa.LargeListArray.from_arrays(pa.array(bounds), values)
 
 
-def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> Dataset:
-    from datasets.table import InMemoryTable
-    from trl.data_utils import pack_dataset
+def _gather(tok: Tokenized, order: np.ndarray, lengths: np.ndarray) -> Tokenized:
+    """Records `order` (the first `lengths` tokens of each), in that order."""
+    bounds = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    index = np.int32 if max(int(bounds[-1]), int(tok.bounds[-1])) < 2**31 else np.int64  # half the memory
+    positions = np.arange(int(bounds[-1]), dtype=index)
+    positions += np.repeat((tok.bounds[:-1][order] - bounds[:-1]).astype(index), lengths)
+    return Tokenized(tok.ids[positions], tok.labels[positions], bounds)
 
-    if packing:
-        # As TRL does: shuffle first (the permutation Dataset.shuffle(seed) draws) so each pack mixes
-        # records, then best-fit-decreasing packing.
-        order = np.random.default_rng(seed).permutation(len(tok))
-        lengths = tok.lengths[order]
-        bounds = np.zeros(len(tok) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=bounds[1:])
-        shift = np.repeat(tok.bounds[:-1][order] - bounds[:-1], lengths)
-        positions = np.arange(int(bounds[-1]), dtype=np.int64) + shift
-        tok = Tokenized(tok.ids[positions], tok.labels[positions], bounds)
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """TRL's best-fit-decreasing packing (trl.data_utils._pack_bfd), the same bins, without its per-record
+    segment tree: longest record first (ties in input order), each into the bin with the least room that
+    still fits it (the first opened among equals), else a new bin. Returns the record order (bin after
+    bin) and the number of records per bin. Lengths must be 1..capacity."""
+    order = np.argsort(-lengths, kind="stable")
+    open_rooms: list[int] = []  # sorted rooms (< capacity) that some bin has left
+    by_room: dict[int, deque] = defaultdict(deque)
+    bins: list[list[int]] = []
+    for index, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
+        at = bisect_left(open_rooms, length)
+        if at < len(open_rooms):
+            room = open_rooms[at]
+            waiting = by_room[room]
+            members = waiting.popleft()
+            if not waiting:
+                del open_rooms[at]
+        else:
+            room, members = capacity, []
+            bins.append(members)
+        members.append(index)
+        room -= length
+        waiting = by_room[room]
+        waiting.append(members)
+        if room > 0 and len(waiting) == 1:
+            insort(open_rooms, room)
+    counts = np.fromiter(map(len, bins), dtype=np.int64, count=len(bins))
+    return np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=len(order)), counts
+
+
+def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> Dataset:
+    """The training data set: records as they are, or (packing) shuffled then packed into rows of at most
+    max_len tokens with seq_lengths, exactly what TRL's pack_dataset(dataset.shuffle(seed), max_len, "bfd")
+    gives when it packs all records in one batch."""
+    from datasets.table import InMemoryTable
+
     # The value types Dataset.from_dict gives these columns: int32 token ids (datasets narrows a column
-    # named input_ids), int64 labels.
-    table = pa.table({"input_ids": _list_array(tok.ids, tok.bounds, np.int32),
-                      "labels": _list_array(tok.labels, tok.bounds, np.int64)})
-    # A content fingerprint given up front: left to datasets, it would pickle the whole table to make one.
-    digest = hashlib.blake2b(digest_size=16)
-    for array in (tok.ids, tok.labels, tok.bounds):
-        digest.update(np.ascontiguousarray(array).data)
-    dataset = Dataset(InMemoryTable(table), fingerprint=digest.hexdigest())
+    # named input_ids), int64 labels; seq_lengths as pack_dataset writes them.
     if packing:
-        # One batch: best-fit-decreasing over all records at once (TRL's default batches of 1000 pack a
-        # little worse and run slower through datasets.map).
-        dataset = pack_dataset(dataset, max_len, "bfd", map_kwargs={"batch_size": None})
-    return dataset
+        # Shuffle first (the permutation Dataset.shuffle(seed) draws) so each pack mixes records; BFD over all.
+        shuffled = np.random.default_rng(seed).permutation(len(tok))
+        lengths = np.minimum(tok.lengths[shuffled], max_len)  # pack_dataset truncates, and drops empty records
+        shuffled, lengths = shuffled[lengths > 0], lengths[lengths > 0]
+        order, counts = best_fit_decreasing(lengths, max_len)
+        lengths = lengths[order]
+        tok = _gather(tok, shuffled[order], lengths)
+        records_per_row = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=records_per_row[1:])
+        bounds = tok.bounds[records_per_row]
+        columns = {"input_ids": _list_array(tok.ids, bounds, np.int32),
+                   "labels": _list_array(tok.labels, bounds, np.int64),
+                   "seq_lengths": _list_array(lengths, records_per_row, np.int32)}
+    else:
+        bounds = tok.bounds
+        columns = {"input_ids": _list_array(tok.ids, bounds, np.int32),
+                   "labels": _list_array(tok.labels, bounds, np.int64)}
+    # A content fingerprint given up front: left to datasets, it would pickle the whole table to make one.
+    digest = xxhash.xxh3_128()
+    for array in (tok.ids, tok.labels, bounds):
+        digest.update(np.ascontiguousarray(array).data)
+    return Dataset(InMemoryTable(pa.table(columns)), fingerprint=digest.hexdigest())
 
 
 def to_dataset(input_ids: list[list[int]], labels: list[list[int]], packing: bool, max_len: int,
