@@ -95,8 +95,13 @@ def cmd_train(args) -> int:
             distributed.exec_launcher(distributed.strip_option(args.argv, "--nproc"), nproc)
     from qctrain.train import StopOnSignal
 
-    with StopOnSignal() as stop:  # SIGTERM/SIGINT: checkpoint and exit 75 (see train.py)
-        return _train(args, stop)
+    stop = StopOnSignal()
+    try:
+        with stop:  # SIGTERM/SIGINT: checkpoint and exit 75 (see train.py)
+            return _train(args, stop)
+    finally:
+        if stop.signum is not None and distributed.under_launcher():
+            distributed.ignore_stop_signals()  # exiting 75: the launcher's follow-up SIGTERM must not kill it
 
 
 def _train(args, stop) -> int:

@@ -156,6 +156,14 @@ def check_same_run(data_fingerprint: str, resume_step: int) -> None:
                          "volume), or set train.save_on_each_node: true")
 
 
+def ignore_stop_signals() -> None:
+    """A worker that stopped on a signal and is on its way out (exit 75): once one worker has exited,
+    torchrun's agent SIGTERMs the others, which must not turn their exit 75 into death by SIGTERM. (If
+    the exit hangs, the agent still SIGKILLs it after its shutdown timeout.)"""
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 # --- FSDP ---
 
 def fsdp_requested(recipe, env: Mapping[str, str] | None = None) -> bool:

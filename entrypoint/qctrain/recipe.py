@@ -176,7 +176,10 @@ def sft_field_types() -> dict[str, Any]:
     from trl import SFTConfig
 
     hints = typing.get_type_hints(SFTConfig)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+    types = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+    if "fsdp" in types:
+        types["fsdp"] = bool | str | None  # annotated str, but `fsdp: true` is how transformers 5 turns it on
+    return types
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
