@@ -314,7 +314,7 @@ def test_accelerate_configs_load_as_accelerate_reads_them(name, kind):
         assert args.multi_gpu and not args.use_fsdp
 
 
-def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype(tmp_path):
+def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype(tmp_path, monkeypatch):
     import torch
     from qctrain import model
     from qctrain.recipe import load_recipe
@@ -324,7 +324,9 @@ def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype(tmp_path):
     quant = recipe.model.quantization
     assert quant.storage_dtype == quant.compute_dtype == "bfloat16"
     assert model.bnb_config(recipe.model).bnb_4bit_quant_storage == torch.bfloat16
-    distributed.check_fsdp(recipe, env={})  # passes
+    with monkeypatch.context() as patched:
+        patched.setenv("WORLD_SIZE", "2")  # as under torchrun
+        distributed.check_fsdp(recipe, env={})  # passes
     args = sft_config(recipe, tmp_path, has_eval=True)
     assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -335,9 +337,13 @@ def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype(tmp_path):
     assert model.bnb_config(plain.model).bnb_4bit_quant_storage == torch.uint8
 
 
-def test_fsdp_with_mismatched_storage_or_8bit_is_refused():
+def test_fsdp_with_mismatched_storage_or_8bit_or_one_process_is_refused(monkeypatch):
     from qctrain.recipe import load_recipe
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(InputError, match="--nproc"):  # FSDP in one process: say how to launch it
+        distributed.check_fsdp(load_recipe(FSDP_RECIPE), env={})
+    monkeypatch.setenv("WORLD_SIZE", "2")
     plain = load_recipe(ROOT / "recipes" / "phi-3.5-mini-qlora.yaml")
     distributed.check_fsdp(plain, env={})  # no FSDP: nothing to check
     with pytest.raises(InputError, match=r"storage_dtype: .*set storage_dtype: bfloat16"):

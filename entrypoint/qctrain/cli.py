@@ -123,6 +123,9 @@ def _train(args, stop) -> int:
     base = model.load_base_model(recipe.model)
     model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
+    if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
+        print("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes "
+              "train as DDP)", file=sys.stderr)
     if recipe.hub and recipe.hub.push == "checkpoints" and (token := publish.resolve_token()):
         trainer.add_callback(publish.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private,
                                                       stopping=lambda: stop.signum is not None))

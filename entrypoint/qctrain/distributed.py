@@ -175,8 +175,13 @@ def fsdp_requested(recipe, env: Mapping[str, str] | None = None) -> bool:
 def check_fsdp(recipe, env: Mapping[str, str] | None = None) -> None:
     """FSDP shards every parameter into flat buffers of one dtype: 4-bit weights must be stored in the
     compute dtype (bnb_4bit_quant_storage), and 8-bit layers cannot be sharded."""
+    if not fsdp_requested(recipe, env):
+        return
+    if world_size() <= 1:
+        raise InputError("train.fsdp: FSDP shards the model over several processes; run with "
+                         "`qctrain train --nproc N|auto`, torchrun or accelerate launch, or drop train.fsdp")
     quant = recipe.model.quantization
-    if quant is None or not fsdp_requested(recipe, env):
+    if quant is None:
         return
     if quant.bits != 4:
         raise InputError("model.quantization.bits: FSDP needs 4-bit quantization (8-bit layers cannot be "
@@ -196,10 +201,7 @@ def full_adapter_state(trainer) -> dict | None:
     it; None otherwise (rank 0's unwrapped model holds the whole adapter)."""
     if not fsdp_enabled(trainer):
         return None
-    plugin = trainer.accelerator.state.fsdp_plugin
-    if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
-        plugin.set_state_dict_type("FULL_STATE_DICT")
-    return trainer.accelerator.get_state_dict(trainer.model)
+    return trainer.accelerator.get_state_dict(trainer.model)  # full, whatever the checkpoints' state_dict_type
 
 
 # --- launching: `qctrain train --nproc N` ---
