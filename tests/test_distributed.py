@@ -10,6 +10,9 @@ The expensive part runs once, in the module fixture `runs` (each run is mostly p
   resumed    the same command again: resumes from the checkpoint and finishes
   accelerate `accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 2 -m qctrain
              train R3` (in parallel with `resumed`): qctrain unchanged under accelerate's launcher
+  two nodes  two `qctrain train --nproc 1 R4` with PET_NNODES=2, PET_NODE_RANK=0/1, PET_MASTER_ADDR=
+             127.0.0.1 (in parallel with `resumed`): the multi-node path of the Kubernetes manifests, on
+             one machine (a static rendezvous, rank 1 is the first rank of "node 1")
 
 The DDP checks (both ranks train, data tokenized once, one set of outputs, the curve) read the
 preempted-then-resumed run: resuming is exact (tests/test_preemption.py), and it keeps the suite short.
@@ -109,6 +112,14 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float =
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def gone(pids: list[int], timeout: float = 15) -> list[int]:
     """The pids still running (zombies count as gone) after up to `timeout` seconds."""
     import psutil
@@ -184,12 +195,17 @@ def runs(tmp_path_factory):
          str(REPO / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
          "-m", "qctrain", "train", str(recipe("accelerate", 2))],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    node_recipe, port = recipe("nodes", 2), free_port()
+    nodes = [qctrain("train", "--nproc", "1", str(node_recipe),
+                     env={**ENV, "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
+                          "PET_MASTER_PORT": str(port)}) for rank in (0, 1)]
     resumed = finish(qctrain("train", "--nproc", "2", str(ddp_recipe)))
     timings["resumed"] = time.monotonic() - t
     accelerate = finish(accelerate)
-    timings["accelerate"] = time.monotonic() - t
+    nodes = [finish(node) for node in nodes]
+    timings["accelerate+2 nodes"] = time.monotonic() - t
     return SimpleNamespace(root=root, out=out, single=single, preempted=preempted, resumed=resumed,
-                           accelerate=accelerate, tree=tree,
+                           accelerate=accelerate, nodes=nodes, tree=tree,
                            launcher_cmdline=launcher_cmdline, left_running=left_running,
                            signalled_at=signalled_at, after_preempt=after_preempt, timings=timings)
 
@@ -264,9 +280,11 @@ def test_loss_curve_matches_one_process_at_the_same_global_batch(runs):
     worst = max(abs(a - b) for a, b in zip(single, ddp, strict=True))
     ref, got = adapter_tensors(runs.root / "single"), adapter_tensors(runs.out)
     adapter_worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    others = {name: max((abs(a - b) for a, b in zip(single, losses(runs.root / name), strict=False)), default=None)
+              for name in ("accelerate", "nodes")}
     print(f"loss, one process (4/device) vs DDP (2 ranks x 2/device, preempted at step "
           f"{preempted_step(runs)} and resumed): max abs difference {worst:.3g} (atol {LOSS_ATOL}); adapter "
-          f"tensors: {adapter_worst:.3g} (atol {ADAPTER_ATOL}); timings "
+          f"tensors: {adapter_worst:.3g} (atol {ADAPTER_ATOL}); accelerate launch, 2 nodes: {others}; timings "
           f"{json.dumps({k: round(v, 1) for k, v in runs.timings.items()})}")
     assert ddp == pytest.approx(single, abs=LOSS_ATOL, rel=0)
     assert ref.keys() == got.keys()
@@ -281,6 +299,21 @@ def test_accelerate_launch_ddp_runs_qctrain_unchanged(runs):
     summaries = [line for line in result.stdout.splitlines() if line.startswith("data: ") and " read, " in line]
     assert len(summaries) == 1 and "(cached)" not in summaries[0]
     assert result.stdout.count("done: adapter in") == 1
+    assert losses(out) == pytest.approx(losses(runs.root / "single"), abs=LOSS_ATOL, rel=0)
+
+
+def test_two_nodes_by_pet_variables(runs):
+    node0, node1 = runs.nodes
+    assert node0.returncode == 0 and node1.returncode == 0, (node0.stderr[-2000:], node1.stderr[-2000:])
+    for node in runs.nodes:  # PET_* set: no --standalone, torchrun rendezvouses at PET_MASTER_ADDR
+        assert "launching 1 processes per node: --nproc-per-node 1 -m qctrain train" in node.stderr
+    out = runs.root / "nodes"
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert manifest["batch"]["world_size"] == 2 and manifest["batch"]["global_batch_size"] == 4
+    # Node 0's rank tokenized; node 1's first rank waited for it and read the cache (no summary line).
+    assert [line for line in node0.stdout.splitlines() if " read, " in line and "(cached)" not in line]
+    assert " read, " not in node1.stdout and "done:" not in node1.stdout
+    assert node0.stdout.count("done: adapter in") == 1
     assert losses(out) == pytest.approx(losses(runs.root / "single"), abs=LOSS_ATOL, rel=0)
 
 
