@@ -432,3 +432,21 @@ def test_main_process_first_is_a_no_op_for_one_process(monkeypatch):
         ran.append(1)
     assert ran == [1]
     distributed.check_same_run("abc", 0)  # one process: nothing to compare
+
+
+def test_signal_forwarder_forwards_to_workers_or_exits_75_before_they_start(monkeypatch):
+    forwarder = distributed.SignalForwarder()
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.setattr(forwarder, "workers", lambda: [])
+    forwarder._handle(signal.SIGTERM, None)
+    assert exits == [75]  # before any worker runs: nothing to save, exit at once
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setattr(forwarder, "workers", lambda: [worker.pid])
+        forwarder._handle(signal.SIGTERM, None)
+        assert worker.wait(timeout=30) == -signal.SIGTERM  # passed on, as it came
+        assert forwarder.signum == signal.SIGTERM and exits == [75]
+    finally:
+        worker.kill()

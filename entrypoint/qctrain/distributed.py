@@ -281,9 +281,9 @@ class SignalForwarder:
         first = self.signum is None
         self.signum = self.signum or signum
         pids = self.workers()
-        if not pids:
+        if not pids:  # nothing to save and nothing to wait for; an exception could be lost in an import
             _say(f"{name} received before the workers started: nothing to save, exiting 75")
-            raise SystemExit(int(ExitCode.PREEMPTED))
+            os._exit(int(ExitCode.PREEMPTED))
         if first:
             _say(f"{name} received: forwarded to {len(pids)} workers; each finishes its step, saves the "
                  "checkpoint and exits 75")
@@ -313,10 +313,10 @@ def launcher_exit_code(failures: Mapping[int, Any], first_rank: int, signalled: 
 
 def launch(argv: Sequence[str]) -> int:
     """torchrun with signal forwarding and the workers' exit code (see the module docstring)."""
+    forwarder = SignalForwarder().install()  # first: a SIGTERM while torch imports still exits 75
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    forwarder = SignalForwarder().install()
     args = parse_args(list(argv))
     args.signals_to_handle = TORCHRUN_SIGNALS  # SIGTERM/SIGINT stay with the forwarder
     try:
