@@ -145,6 +145,10 @@ def _train(args, stop) -> int:
     print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
     if recipe.hub and recipe.hub.push != "never":
+        if stop.signum is not None and distributed.world_size() > 1:
+            # A rerun would need every rank again (other nodes' pods may have finished): push by hand.
+            raise PushFailed(f"stopped by {stop.name} after training; outputs complete in {recipe.output.dir}, "
+                             f"not pushed: run `qctrain push {recipe.output.dir}`")
         if stop.signum is not None:
             raise Preempted(f"stopped by {stop.name} after training; outputs complete in "
                             f"{recipe.output.dir}, not pushed: rerun the same command to push")
