@@ -284,6 +284,7 @@ class SignalForwarder:
         if not pids:  # nothing to save and nothing to wait for; an exception could be lost in an import
             _say(f"{name} received before the workers started: nothing to save, exiting 75")
             os._exit(int(ExitCode.PREEMPTED))
+            return  # (only where os._exit is replaced, in tests)
         if first:
             _say(f"{name} received: forwarded to {len(pids)} workers; each finishes its step, saves the "
                  "checkpoint and exits 75")
