@@ -136,3 +136,31 @@ def test_trainer_gets_padding_free_batches(tiny_model_dir, tokenizer, tmp_path):
                                                        reduction="sum").item()
             count += int((labels != data.IGNORE).sum())
     assert packed_loss == pytest.approx(total / count, abs=1e-4)
+
+
+def test_liger_switch_goes_through_the_recipe(tiny_model_dir, tokenizer, tmp_path):
+    """train.use_liger_kernel is an SFTConfig field the recipe passes on as it is. TRL applies Liger's layer
+    kernels (RMSNorm, RoPE, SwiGLU) when training starts and keeps its own fused LM-head loss instead of
+    Liger's fused linear cross-entropy. The kernels are Triton (GPU only): without liger-kernel installed
+    training stops at start with an ImportError naming it. Whether they engage on Phi-3 and match the
+    unfused loss can only be checked on a GPU: bench/gpu_qlora.py does (packed vs packed+liger)."""
+    import importlib.util
+
+    from qctrain import train
+    from qctrain.recipe import Recipe
+
+    path = write_json(tmp_path / "a.json", alpaca_records(20))
+    recipe = Recipe.model_validate({
+        "model": {"name": str(tiny_model_dir), "quantization": None},
+        "data": {"sources": [{"path": str(path)}], "eval": None, "max_seq_length": 128},
+        "train": {"max_steps": 1, "use_liger_kernel": True, "gradient_checkpointing": False},
+        "output": {"dir": str(tmp_path / "out")}})
+    prepared = data.prepare(recipe.data, tokenizer, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with pytest.warns(FutureWarning, match="use_liger_kernel"):
+        trainer = train.build_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
+    assert trainer.args.use_liger_kernel
+    assert trainer.args.liger_kernel_config == {"fused_linear_cross_entropy": False}
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ImportError, match="liger-kernel"):
+            trainer.train()
