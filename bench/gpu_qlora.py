@@ -111,7 +111,8 @@ def build_random_model(shape: dict, out: Path, dtype, device: str, seed: int) ->
 
 
 class StepTimer:
-    """Wall time and real tokens of every optimizer step (synchronised with the GPU)."""
+    """Wall time and real tokens of every optimizer step, end to end (from the previous step's end, so data
+    loading and collation count), synchronised with the GPU."""
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -119,13 +120,15 @@ class StepTimer:
         timer = self
 
         class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
+            def on_train_begin(self, args, state, control, **kwargs):
                 timer._sync()
-                timer._start, timer._tokens = time.perf_counter(), state.num_input_tokens_seen
+                timer._last, timer._tokens = time.perf_counter(), state.num_input_tokens_seen
 
             def on_step_end(self, args, state, control, **kwargs):
                 timer._sync()
-                timer.steps.append((time.perf_counter() - timer._start, state.num_input_tokens_seen - timer._tokens))
+                now = time.perf_counter()
+                timer.steps.append((now - timer._last, state.num_input_tokens_seen - timer._tokens))
+                timer._last, timer._tokens = now, state.num_input_tokens_seen
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
