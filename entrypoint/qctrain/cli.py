@@ -285,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except QcError as err:
         if args.debug:
             traceback.print_exc()
-        for line in str(err).splitlines():
-            print(f"qctrain: error: {line}", file=sys.stderr)
+        _say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
         return int(err.exit_code)
     except KeyboardInterrupt:
         print("qctrain: interrupted", file=sys.stderr)
@@ -294,6 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise
-        print(f"qctrain: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        _say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)
+
+
+def _say(text: str) -> None:
+    """Write to stderr in one system call, so the lines of parallel ranks never interleave."""
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError):  # a captured stderr (tests) has no file descriptor
+        sys.stderr.write(text)
