@@ -48,6 +48,9 @@ def versions() -> str:
     return ", ".join(parts)
 
 
+_LOAD_AT_START = None  # set on import: the load when the benchmark started
+
+
 def machine() -> str:
     gpu = ""
     try:
@@ -57,7 +60,7 @@ def machine() -> str:
             gpu = f", GPU {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
-    return f"{cores()} cores, {cpu_model()}{gpu}, load {load_average()}"
+    return f"{cores()} cores, {cpu_model()}{gpu}, load average {_LOAD_AT_START} at start, {load_average()} at end"
 
 
 def peak_rss_mib(children: bool = False) -> float:
@@ -201,3 +204,6 @@ def run_child(script: Path, args: list[str], timeout: float = 1800) -> dict:
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+_LOAD_AT_START = load_average()

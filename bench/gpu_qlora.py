@@ -12,9 +12,11 @@ Variants, in this order (Liger patches Phi-3 module-wide, so the unfused ones ru
 
   padded          records padded per batch (attention mask), no packing
   packed          BFD packs, padding-free rows (our default)
+  packed-bs1      one pack per row, gradient accumulation 4: the same packs per optimizer step, but sdpa
+                  attends within rows of 2048 (padding-free batch 4 is one row of up to 8192 tokens whose
+                  block-diagonal mask sdpa computes densely: 16x the attention of 4 rows of 2048)
   packed+liger    + train.use_liger_kernel (RMSNorm, RoPE, SwiGLU; TRL keeps its own fused LM-head loss)
   packed+compile  + train.torch_compile (after liger when it ran)
-  packed-bs1      optional: one pack per row, gradient accumulation 4 (sdpa attends over 2048, not 8192)
 
 Reported per variant: real (non-pad) tokens/s, MFU, peak allocated/reserved memory, step time, loss at
 step 1 (packed vs packed+liger must agree: same seed, data and order). MFU counts model FLOPs only:
@@ -41,7 +43,7 @@ PHI35_MINI = {"hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads
               "intermediate_size": 8192, "vocab_size": 32064}
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
         "intermediate_size": 128, "vocab_size": 1024}
-DEFAULT_VARIANTS = "padded,packed,packed+liger,packed+compile"
+DEFAULT_VARIANTS = "padded,packed,packed-bs1,packed+liger,packed+compile"
 KNOWN_VARIANTS = ("padded", "packed", "packed+liger", "packed+compile", "packed-bs1")
 PEAK_BF16_TFLOPS = {"H200": 989.5, "H100 PCIe": 756.0, "H100": 989.5, "H800": 989.5, "A100": 312.0,
                     "L40S": 362.0, "L4": 121.0}

@@ -8,10 +8,16 @@ assistant-only loss, no eval, no gradient checkpointing. Arms, each a fresh proc
 
 - ours: `qctrain train RECIPE` (the whole CLI; its data cache is warm after the first round);
 - ours-cold (optional): the same with the data cache removed before every run;
+- ours-bs1 (optional): per_device_train_batch_size 1 x gradient_accumulation_steps BATCH (same packs per
+  optimizer step; sdpa attends within max_seq_length rows, not one batch x max_seq_length row);
 - trl-fp32: the plain TRL script with the LoRA weights cast back to float32, which is what qctrain does on
   CPU (same dtype handling: the fair comparison of the per-step path);
 - trl-bf16: the plain TRL script as TRL leaves it (adapters in bf16, which CPUs without bf16 matrix units
   run slowly).
+
+Each run uses one torch thread by default (--threads): on a shared machine, torch's OpenMP threads
+spin-wait whenever another process takes a core, and step times then swing by 10x for every arm;
+single-threaded runs compare the per-step code paths stably (--threads 0: torch's default).
 
 Per run: steps/s and real tokens/s between the end of step WARMUP and the last step (from each step's
 wall-clock log time), CPU seconds per step over the same steps (the process's user + system time,
@@ -38,7 +44,10 @@ import common  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def recipe(path: Path, model: str, data_file: Path, out: Path, args) -> Path:
+def recipe(path: Path, model: str, data_file: Path, out: Path, args, arm: str = "ours") -> Path:
+    # ours-bs1: one pack per row and gradient accumulation (the same packs per optimizer step): sdpa then
+    # attends within rows of max_seq_length instead of one padding-free row of batch x max_seq_length.
+    batch, accumulation = (1, args.batch_size) if arm == "ours-bs1" else (args.batch_size, 1)
     path.write_text(yaml.safe_dump({
         "model": {"name": model, "attn_implementation": "sdpa",
                   "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True,
@@ -46,7 +55,8 @@ def recipe(path: Path, model: str, data_file: Path, out: Path, args) -> Path:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"sources": [{"path": str(data_file), "format": "alpaca"}], "eval": None, "seed": 42,
                  "max_seq_length": args.max_seq_length, "packing": True, "loss_on": "assistant"},
-        "train": {"max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "learning_rate": 5.0e-3,
+        "train": {"max_steps": args.steps, "per_device_train_batch_size": batch,
+                  "gradient_accumulation_steps": accumulation, "learning_rate": 5.0e-3,
                   "logging_steps": 1, "save_steps": 100_000, "gradient_checkpointing": False,
                   "include_num_input_tokens_seen": True},
         "output": {"dir": str(out)},
@@ -91,11 +101,12 @@ def run_arm(arm: str, model: str, data_file: Path, work: Path, index: int, args)
             for path in out.iterdir():
                 if path.name != "prepared" or arm == "ours-cold":
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-    recipe_path = recipe(work / "recipe.yaml", model, data_file, out, args)
+    recipe_path = recipe(work / "recipe.yaml", model, data_file, out, args, arm)
     launched = time.time()
     with tempfile.TemporaryFile("w+") as stderr:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
         proc = subprocess.Popen(command(arm, model, data_file, out, recipe_path, args), stdout=subprocess.DEVNULL,
-                                stderr=stderr, text=True, cwd=common.ROOT)
+                                stderr=stderr, text=True, cwd=common.ROOT, env=env)
         samples = CpuSampler(proc.pid)
         try:
             code = proc.wait(timeout=args.timeout)
@@ -158,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--arms", default="ours,trl-fp32,trl-bf16")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (OMP_NUM_THREADS; 0: torch's default, one per core)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--model", default=None)
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                      "real tokens/s": med(arm, "tokens_per_s"),
                      "start-up to 1st step s (runs)": " ".join(f"{r['startup_s']:.1f}" for r in runs[arm]),
                      "process s": med(arm, "process_s"), "last loss": med(arm, "last_loss")})
-    notes = [f"{args.rounds} rounds, arms in rotating order, {args.steps} steps each (rates from step "
+    threads = f"{args.threads} torch thread(s) per run" if args.threads else "torch's default threads"
+    notes = [f"{args.rounds} rounds, arms in rotating order, {threads}, {args.steps} steps each (rates from step "
              f"{args.warmup} on), {args.records} generated Alpaca records, max_seq_length {args.max_seq_length}, "
              f"batch {args.batch_size}, tiny Phi-3 4-bit NF4 (float32 compute), LoRA r8 all-linear, BFD packing, "
              "padding-free, assistant-only loss. 'ours' start-up includes preflight and the data stage (uncached "
