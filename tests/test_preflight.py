@@ -90,7 +90,8 @@ def test_memory_estimate_for_phi35_mini_shape(tmp_path):
     recipe = load_recipe("recipes/phi-3.5-mini-qlora.yaml", env={})
     estimate = preflight.estimate_peak_memory(recipe, skeleton)
     assert 1.9 < estimate["weights"] < 2.4  # 3.8 B parameters, 4-bit Linear layers
-    assert estimate["logits"] == pytest.approx(4 * 2048 * 32064 * 8 / 2**30, abs=0.01)
+    batch = recipe.sft_kwargs()["per_device_train_batch_size"]
+    assert estimate["logits"] == pytest.approx(batch * 2048 * 32064 * 8 / 2**30, abs=0.01)
     without_checkpointing = preflight.estimate_peak_memory(
         recipe.model_copy(update={"train": {**recipe.train, "gradient_checkpointing": False}}), skeleton)
     assert without_checkpointing["activations"] > 5 * estimate["activations"]
@@ -106,3 +107,16 @@ def test_check_command_exit_code_and_one_line_per_problem(tmp_path, tiny_model_d
     assert result.stderr.splitlines() == [expected]
     ok = run_cli("check", str(write_recipe(tmp_path / "ok.yaml", tiny_model_dir, data_path, tmp_path / "out")))
     assert ok.returncode == 0 and ok.stdout.strip() == "preflight: ok"
+
+
+def test_liger_switch_without_the_package_is_a_preflight_problem(tmp_path, tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    recipe = recipe_with(tmp_path, tiny_model_dir, train={"use_liger_kernel": True})
+    assert preflight.check_packages(recipe) == [
+        "train.use_liger_kernel: the liger-kernel package is not installed here; "
+        "set it to false or use an image that has it"]
+    assert preflight.check_packages(recipe_with(tmp_path, tiny_model_dir)) == []

@@ -98,6 +98,16 @@ def check_lora_targets(recipe: Recipe) -> list[str]:
     return _problem_of(check)
 
 
+def check_packages(recipe: Recipe) -> list[str]:
+    """Recipe switches that need a package the image may not hold: say so now, not at the first step."""
+    import importlib.util
+
+    if recipe.sft_kwargs().get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        return ["train.use_liger_kernel: the liger-kernel package is not installed here; "
+                "set it to false or use an image that has it"]
+    return []
+
+
 def check_hub(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
     if recipe.hub is None or recipe.hub.push == "never":
         return []
@@ -116,7 +126,7 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     if setting and not setting.isdigit():
         return [f"{MIN_FREE_ENV}={setting!r}: expected a number of bytes"]
     problems = check_sources(recipe) + check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
-    problems += check_train_args(recipe)
+    problems += check_train_args(recipe) + check_packages(recipe)
     model_problems = _problem_of(lambda: model.model_source(recipe.model) and None)
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
     problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe)

@@ -128,8 +128,10 @@ RENAMED_TRAIN_KEYS = {"gradient_checkpointing": "activation_checkpointing",
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 1,
+    # With packing, a batch of several packs becomes one padding-free row and sdpa attends over the
+    # whole row; one pack per step with accumulation is the same update at a fraction of the compute.
+    "per_device_train_batch_size": 1,
+    "gradient_accumulation_steps": 4,
     "learning_rate": 2.0e-4,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,  # a float below 1 is a fraction of the total steps
