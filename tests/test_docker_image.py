@@ -46,11 +46,13 @@ def image_under_test() -> str | None:
 
 @pytest.fixture(scope="module")
 def image() -> str:
+    # docker/ci.sh names the image it built: then a missing engine or image is a failure, not a skip.
+    give_up = pytest.fail if os.environ.get("QCTRAIN_TEST_IMAGE") else pytest.skip
     if docker_binary() is None:
-        pytest.skip("no running Docker engine")
+        give_up("no running Docker engine")
     found = image_under_test()
     if found is None:
-        pytest.skip(f"no built image ({os.environ.get('QCTRAIN_TEST_IMAGE') or ' / '.join(CANDIDATES)}); "
+        give_up(f"no built image ({os.environ.get('QCTRAIN_TEST_IMAGE') or ' / '.join(CANDIDATES)}); "
                     "run `make image` first")
     return found
 

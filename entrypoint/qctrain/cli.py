@@ -181,7 +181,11 @@ def cmd_push(args) -> int:
     manifest_path = Path(args.output_dir) / "run_manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: not found; is {args.output_dir} the output.dir of a finished run?")
-    recipe = Recipe.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"])
+    try:
+        recipe = Recipe.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if recipe.hub is None:
         raise InputError(f"{manifest_path}: the run's recipe has no hub: section")
     return _push(Path(args.output_dir), recipe.hub)
@@ -298,8 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.INTERNAL)
 
 
+def _token_in_file() -> str:
+    try:
+        return Path(os.environ["HF_TOKEN_FILE"]).read_text(encoding="utf-8")
+    except (KeyError, OSError, UnicodeDecodeError):
+        return ""
+
+
 def _say(text: str) -> None:
-    """Write to stderr in one system call, so the lines of parallel ranks never interleave."""
+    """Write to stderr in one system call, so the lines of parallel ranks never interleave.
+    A Hub token that a library put into an error message is masked first."""
+    for token in (os.environ.get("HF_TOKEN", ""), _token_in_file()):
+        if token.strip():
+            text = text.replace(token.strip(), "hf_***")
     sys.stderr.flush()
     try:
         os.write(sys.stderr.fileno(), text.encode())

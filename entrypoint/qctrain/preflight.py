@@ -109,8 +109,8 @@ def check_packages(recipe: Recipe) -> list[str]:
 
 
 def check_hub(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
-    if recipe.hub is None or recipe.hub.push == "never":
-        return []
+    if recipe.hub is None or recipe.hub.push == "never" or int(env.get("RANK", "0")) != 0:
+        return []  # under torchrun one rank checks (and creates the repo) for all
     from qctrain import publish
 
     try:

@@ -53,9 +53,12 @@ class RetryPolicy:
     base_delay: float = 2.0
     max_delay: float = 60.0
     sleep: Callable[[float], None] = time.sleep
+    honour_retry_after: bool = True
 
 
 CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.5, max_delay=2.0)
+# Pushed from inside the training loop (other ranks wait at the next collective): give up within ~30 s.
+CHECKPOINT_RETRY = RetryPolicy(attempts=3, base_delay=5.0, max_delay=20.0, honour_retry_after=False)
 
 
 @dataclass
@@ -185,9 +188,9 @@ class CheckpointPusher(TrainerCallback):
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         try:
             result = push_checkpoint(checkpoint_dir, self.repo_id, self.token, private=self.private,
-                                     endpoint=self.endpoint)
+                                     endpoint=self.endpoint, retry=CHECKPOINT_RETRY)
             print(f"pushed checkpoint {checkpoint_dir.name} to {result.url}", flush=True)
-        except (PushFailed, InputError) as err:
+        except Exception as err:  # noqa: BLE001 - a checkpoint push must never end the training run
             log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name, redact(str(err), self.token))
 
 
@@ -348,7 +351,7 @@ def _with_retries(fn: Callable[[], T], retry: RetryPolicy) -> T:
                 raise
             after = _retry_after(err)
             backoff = min(retry.max_delay, retry.base_delay * 2 ** (attempt - 1))
-            delay = backoff if after is None else min(after, MAX_RETRY_AFTER_S)
+            delay = backoff if after is None or not retry.honour_retry_after else min(after, MAX_RETRY_AFTER_S)
             what = f"HTTP {status}" if status else type(err).__name__
             log.warning("Hub answered %s; retry %d/%d in %.1fs", what, attempt, retry.attempts - 1, delay)
             retry.sleep(delay)

@@ -371,10 +371,24 @@ class RecipeError(InputError):
         super().__init__("\n".join(self.problems))
 
 
+_HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
+
+
+def _token_like_values(value: Any, where: str) -> list[str]:
+    """Paths of values that hold a Hub token (typed in, or brought in by ${HF_TOKEN})."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _token_like_values(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _token_like_values(v, f"{where}[{i}]")]
+    return [where] if isinstance(value, str) and _HUB_TOKEN.search(value) else []
+
+
 def _reject_secrets(data: dict[str, Any]) -> list[str]:
+    """The resolved recipe goes into run_manifest.json and the model card: no token may be in it."""
     hub = data.get("hub")
     keys = [f"hub.{k}" for k in hub if "token" in str(k).lower()] if isinstance(hub, dict) else []
     keys += [str(k) for k in data if "token" in str(k).lower()]
+    keys += [k for k in _token_like_values(data, "") if k not in keys]
     return [f"{k}: never put a Hub token in a recipe; set HF_TOKEN or HF_TOKEN_FILE in the environment"
             for k in keys]
 
