@@ -55,7 +55,8 @@ def write_recipe(path: Path, model_dir: Path, data_path: Path, out_dir: Path, **
                                    "compute_dtype": "float32"}},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"sources": [{"path": str(data_path)}], "eval": {"fraction": 0.1}, "max_seq_length": 256},
-        "train": {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 5.0e-3,
+        "train": {"max_steps": 8, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                  "learning_rate": 5.0e-3,
                   "logging_steps": 1, "save_steps": 100, "gradient_checkpointing": False},
         "output": {"dir": str(out_dir)},
     }
