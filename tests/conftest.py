@@ -66,6 +66,20 @@ def write_recipe(path: Path, model_dir: Path, data_path: Path, out_dir: Path, **
     return path
 
 
+def tool(name: str) -> str:
+    """Path of a CLI tool (hadolint, kubernetes-validate...): the running venv's bin first, then PATH;
+    skip the test if it is absent."""
+    import shutil
+
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed (pip/apt install it to run this check)")
+    return found
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qctrain", *args], cwd=cwd or REPO, capture_output=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tool
 from qctrain.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,17 +36,6 @@ KNOWN_GOOD = {
     "datasets": "5.2.0",
     "huggingface-hub": "2.4.0",
 }
-
-
-def tool(name: str) -> str:
-    """Path of a CLI tool: the running venv's bin first, then PATH; skip the test if absent."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        pytest.skip(f"{name} is not installed (pip/apt install it to run this check)")
-    return found
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

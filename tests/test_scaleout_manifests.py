@@ -7,11 +7,11 @@ configs. Nothing here needs a cluster, a GPU or a network.
 import copy
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tool
 from qctrain import distributed
 from qctrain.errors import ExitCode, InputError
 
@@ -39,18 +39,6 @@ def one(path: Path, kind: str) -> dict:
 
 def single_node_job() -> dict:
     return one(K8S / "job.yaml", "Job")
-
-
-def tool(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    import shutil
-
-    found = shutil.which(name)
-    if not found:
-        pytest.skip(f"{name} is not installed (pip install {name})")
-    return found
 
 
 def env_of(container: dict) -> dict:
