@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -78,6 +79,12 @@ def tool(name: str) -> str:
     if not found:
         pytest.skip(f"{name} is not installed (pip/apt install it to run this check)")
     return found
+
+
+def finish(proc: subprocess.Popen, timeout: int = 400) -> SimpleNamespace:
+    """Wait for a started qctrain process; its exit code and output."""
+    out, err = proc.communicate(timeout=timeout)
+    return SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,

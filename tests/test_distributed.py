@@ -36,7 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import alpaca_records, write_json, write_recipe
+from conftest import alpaca_records, finish, write_json, write_recipe
 from qctrain import distributed
 from qctrain.errors import InputError
 
@@ -84,11 +84,6 @@ if _DELAY:
 def qctrain(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "qctrain", *args], cwd=REPO, env=env or ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 400) -> SimpleNamespace:
-    out, err = proc.communicate(timeout=timeout)
-    return SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import finish
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # adapter tensors, resumed vs uninterrupted (measured on CPU: 0.0, bit-identical)
@@ -63,11 +64,6 @@ def start(recipe: Path, *extra: str, hooks: dict | None = None) -> subprocess.Po
     env = {**ENV, "QCTRAIN_TEST_HOOKS": json.dumps(hooks or {})}
     return subprocess.Popen([sys.executable, *entry, "train", str(recipe), *extra], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 400) -> SimpleNamespace:
-    out, err = proc.communicate(timeout=timeout)
-    return SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err)
 
 
 def metrics_steps(out: Path) -> list[int]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qctrain.atomic import write_json_atomic
 from qctrain.errors import InputError
 from qctrain.recipe import Recipe, canonical_json
 
@@ -113,12 +114,7 @@ def fsync_tree(root: Path) -> None:
 def commit(written: Path, final: Path, marker: dict[str, Any]) -> None:
     """Make the fully written checkpoint folder `written` appear as `final`, atomically."""
     fsync_tree(written)
-    tmp = written / f".{MARKER}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({**marker, "complete": True}, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, written / MARKER)
+    write_json_atomic(written / MARKER, {**marker, "complete": True})
     _fsync_path(written, directory=True)
     old = None
     if final.exists():  # the same step saved twice: the new copy replaces the old one whole

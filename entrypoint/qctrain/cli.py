@@ -8,6 +8,7 @@ import traceback
 from pathlib import Path
 
 from qctrain import __version__
+from qctrain.atomic import write_json_atomic
 from qctrain.errors import ExitCode, InputError, Preempted, PushFailed, QcError
 
 
@@ -70,7 +71,7 @@ def _prepare(recipe):
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
         prepared = data.prepare(recipe.data, tokenizer, output_dir)
     if distributed.is_main():
-        data.write_json_atomic(output_dir / "data_report.json", prepared.report)
+        write_json_atomic(output_dir / "data_report.json", prepared.report)
     return tokenizer, prepared
 
 

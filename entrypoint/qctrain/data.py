@@ -26,6 +26,7 @@ import pyarrow as pa
 import xxhash
 from datasets import Dataset, load_from_disk
 
+from qctrain.atomic import write_json_atomic
 from qctrain.errors import InputError
 from qctrain.recipe import DataSection, DataSource, canonical_json
 
@@ -798,15 +799,6 @@ def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
         "template": hashlib.sha256(template.encode()).hexdigest(),
     }
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def build(cfg: DataSection, tokenizer, template: str) -> tuple[Dataset, Dataset | None, dict, dict]:

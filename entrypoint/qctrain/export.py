@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qctrain import __version__
-from qctrain.data import write_json_atomic
+from qctrain.atomic import write_json_atomic
 from qctrain.recipe import Recipe, dump_recipe
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets",

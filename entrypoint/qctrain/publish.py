@@ -31,6 +31,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from transformers import TrainerCallback
 
 from qctrain import __version__
+from qctrain.atomic import write_json_atomic
 from qctrain.errors import InputError, PushFailed
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def push_output(
     message = commit_message or default_commit_message(output_dir)
     result = _push(files, repo_id, token, private, revision or "main", message, endpoint, retry)
     record = {**asdict(result), "time": datetime.now(UTC).isoformat(timespec="seconds")}
-    _write_json_atomic(output_dir / "push.json", record)
+    write_json_atomic(output_dir / "push.json", record)
     return result
 
 
@@ -420,13 +421,3 @@ def _first(data: dict[str, Any], *keys: str) -> Any:
         if value is not None:
             return value
     return None
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
