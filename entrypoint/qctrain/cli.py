@@ -2,9 +2,11 @@
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from qctrain import __version__
@@ -13,16 +15,21 @@ from qctrain.errors import ExitCode, InputError, Preempted, PushFailed, QcError
 
 
 def _quiet_libraries(debug: bool) -> None:
-    """Through the environment, so no library is imported before it is needed (a bad recipe fails fast)."""
+    """Set up logging and warnings before any library is imported (the CLI imports them lazily, so a
+    bad recipe fails fast): without --debug, stderr holds qctrain's own lines and library errors only."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes on AVX512-BF16 CPUs fetches a kernel from the Hub through the `kernels` package at
+    # import; an offline container must not reach for the Hub, so that import fails at once here.
+    sys.modules.setdefault("kernels", None)
     if debug:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
         return
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: not the user's to act on
+    warnings.simplefilter("ignore")  # library deprecations and notes: not the user's to act on
+    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(levelname)s: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d/gloo notes under torchrun
 
 
 def _load(args):
@@ -107,10 +114,10 @@ def cmd_train(args) -> int:
 
 def _train(args, stop) -> int:
     from qctrain import checkpoint, data, distributed, export, model, publish, train
-    from qctrain.preflight import run_checks
+    from qctrain.preflight import check_train_args, run_checks
 
     recipe = _load(args)
-    problems = run_checks(recipe)
+    problems = run_checks(recipe) + check_train_args(recipe)  # check_train_args: TRL's own SFTConfig rules
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
     distributed.check_fsdp(recipe)

@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 from importlib import resources
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import xxhash
-from datasets import Dataset, load_from_disk
 
 from qctrain.atomic import write_json_atomic
 from qctrain.errors import InputError
 from qctrain.recipe import DataSection, DataSource, canonical_json
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 PREP_VERSION = "2"  # bump when the preparation logic changes what it writes
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
@@ -52,8 +54,8 @@ class Record:
 
 @dataclass
 class PreparedData:
-    train: Dataset
-    eval: Dataset | None
+    train: "Dataset"  # datasets is imported where used: preflight imports this module
+    eval: "Dataset | None"
     report: dict[str, Any]
     fingerprint: str
     dir: Path
@@ -741,10 +743,11 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     return np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=len(order)), counts
 
 
-def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> Dataset:
+def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> "Dataset":
     """The training data set: records as they are, or (packing) shuffled then packed into rows of at most
     max_len tokens with seq_lengths, exactly what TRL's pack_dataset(dataset.shuffle(seed), max_len, "bfd")
     gives when it packs all records in one batch."""
+    from datasets import Dataset
     from datasets.table import InMemoryTable
 
     # The value types Dataset.from_dict gives these columns: int32 token ids (datasets narrows a column
@@ -775,7 +778,7 @@ def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> D
 
 
 def to_dataset(input_ids: list[list[int]], labels: list[list[int]], packing: bool, max_len: int,
-               seed: int) -> Dataset:
+               seed: int) -> "Dataset":
     return to_dataset_flat(Tokenized.from_lists(input_ids, labels), packing, max_len, seed)
 
 
@@ -801,7 +804,7 @@ def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
 
-def build(cfg: DataSection, tokenizer, template: str) -> tuple[Dataset, Dataset | None, dict, dict]:
+def build(cfg: DataSection, tokenizer, template: str) -> tuple["Dataset", "Dataset | None", dict, dict]:
     """Everything that is cached: returns train, eval, report and the recorded split."""
     conversations, per_source = load_conversations(cfg.sources, cfg.on_bad_record)
     read = len(conversations)
@@ -871,6 +874,8 @@ def build(cfg: DataSection, tokenizer, template: str) -> tuple[Dataset, Dataset 
 
 
 def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
+    from datasets import load_from_disk
+
     template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
     cache_root = output_dir / "prepared"

@@ -8,16 +8,8 @@ from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qctrain.errors import InputError
+from qctrain.modelfiles import check_lora_targets, model_source  # noqa: F401 - part of this stage's API
 from qctrain.recipe import LoraSection, ModelSection
-
-
-def model_source(cfg: ModelSection) -> str:
-    """A local folder if it exists, else a Hub id; a path-looking name that does not exist is an error."""
-    if Path(cfg.name).expanduser().exists():
-        return str(Path(cfg.name).expanduser())
-    if cfg.name.startswith(("/", ".", "~")) or cfg.name.count("/") > 1:
-        raise InputError(f"model.name: {cfg.name}: no such folder")
-    return cfg.name
 
 
 def _pretrained_kwargs(cfg: ModelSection) -> dict:
@@ -103,15 +95,6 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     linear_types = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, linear_types) and not name.endswith("lm_head")})
-
-
-def check_lora_targets(targets: str | list[str], available: list[str], model_name: str) -> None:
-    if targets == "all-linear":
-        return
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise InputError(f"lora.target_modules: {', '.join(missing)} match no module of {model_name}; "
-                         f"its Linear modules are: {', '.join(available)}")
 
 
 def lora_config(cfg: LoraSection) -> LoraConfig:

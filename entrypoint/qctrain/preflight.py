@@ -1,7 +1,10 @@
 """Preflight: everything that can be checked in seconds, before any weight loads.
 
 Each check returns a list of problems; `run_checks` runs them all so the user sees every problem
-at once. Nothing here writes into output.dir.
+at once. Nothing here writes into output.dir. Without a GPU nothing here imports torch, transformers
+or TRL (seconds): the model's facts come from its files (modelfiles), the train: section is checked
+against a snapshot of SFTConfig's fields (recipe.check_train_section); `train` also builds the real
+SFTConfig (check_train_args) before any data or weights load.
 """
 
 import os
@@ -10,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, model
+from qctrain import data, modelfiles, templates
 from qctrain.errors import QcError
 from qctrain.recipe import Recipe
 
@@ -64,8 +67,8 @@ def check_output_dir(recipe: Recipe, min_free: int = MIN_FREE_BYTES) -> list[str
 
 
 def check_train_args(recipe: Recipe) -> list[str]:
-    """train: values that TRL itself rejects (a scheduler name it does not know...), found before any
-    data or weights load."""
+    """train: values that TRL itself rejects (cross-field rules such as load_best_model_at_end without
+    matching strategies), found before any data or weights load. Imports TRL and torch: `train` runs it."""
     import warnings
 
     from qctrain.train import sft_config
@@ -78,9 +81,13 @@ def check_train_args(recipe: Recipe) -> list[str]:
 
 def check_template(recipe: Recipe) -> list[str]:
     try:
-        tokenizer = model.load_tokenizer(recipe.model)
+        tokenizer = modelfiles.load_tokenizer_files(recipe.model)
+        if tokenizer is None:  # no tokenizer.json: only transformers can build this tokenizer
+            from qctrain import model
+
+            tokenizer = model.load_tokenizer(recipe.model)
         template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
-        template = data.training_template(template, tokenizer, recipe.data.loss_on)
+        template = templates.training_twin(template, recipe.data.loss_on)
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
         ids, labels = data.tokenize([probe], tokenizer, template, recipe.data.loss_on)
     except QcError as err:
@@ -92,9 +99,16 @@ def check_template(recipe: Recipe) -> list[str]:
 
 def check_lora_targets(recipe: Recipe) -> list[str]:
     def check() -> None:
-        skeleton = model.meta_model(recipe.model)
-        model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(skeleton),
-                                 type(skeleton).__name__)
+        config = modelfiles.read_config(recipe.model)
+        shapes = modelfiles.weight_shapes(recipe.model)
+        if shapes is not None:
+            names = modelfiles.linear_module_names(shapes, config)
+        else:  # no safetensors header to read: build the module tree without weights
+            from qctrain import model
+
+            names = model.linear_module_names(model.meta_model(recipe.model))
+        architecture = (config.get("architectures") or [config.get("model_type") or recipe.model.name])[0]
+        modelfiles.check_lora_targets(recipe.lora.target_modules, names, architecture)
     return _problem_of(check)
 
 
@@ -126,10 +140,10 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     if setting and not setting.isdigit():
         return [f"{MIN_FREE_ENV}={setting!r}: expected a number of bytes"]
     problems = check_sources(recipe) + check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
-    problems += check_train_args(recipe) + check_packages(recipe)
-    model_problems = _problem_of(lambda: model.model_source(recipe.model) and None)
+    problems += check_packages(recipe)
+    model_problems = _problem_of(lambda: modelfiles.model_source(recipe.model) and None)
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
-    problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe)
+    problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe, env)
     if hub:
         problems += check_hub(recipe, env)
     return list(dict.fromkeys(problems))
@@ -170,9 +184,20 @@ def estimate_peak_memory(recipe: Recipe, skeleton) -> dict[str, float]:
     return {k: round(v, 2) for k, v in parts.items()}
 
 
-def check_gpu_memory(recipe: Recipe) -> list[str]:
+def gpu_present(env: Mapping[str, str]) -> bool:
+    """Whether torch may see an NVIDIA GPU, found without importing it (seconds on a CPU machine)."""
+    if env.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def check_gpu_memory(recipe: Recipe, env: Mapping[str, str] | None = None) -> list[str]:
     """On a GPU: print the estimate and compare it with the card's memory."""
+    if not gpu_present(os.environ if env is None else env):
+        return []
     import torch
+
+    from qctrain import model
 
     if not torch.cuda.is_available():
         return []

@@ -5,14 +5,12 @@ dotted path and the closest valid name. `train:` is checked against TRL's SFTCon
 every TRL/TrainingArguments knob works without being re-typed here.
 """
 
-import dataclasses
 import difflib
 import hashlib
 import json
 import os
 import re
 import typing
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,15 +171,10 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-@cache
 def sft_field_types() -> dict[str, Any]:
-    from trl import SFTConfig
+    from qctrain.sft_fields import field_types
 
-    hints = typing.get_type_hints(SFTConfig)
-    types = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
-    if "fsdp" in types:
-        types["fsdp"] = bool | str | None  # annotated str, but `fsdp: true` is how transformers 5 turns it on
-    return types
+    return field_types()
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
@@ -195,7 +188,13 @@ class _TrainProblems(ValueError):
         self.problems = problems
 
 
+def abbreviate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
+    from qctrain.sft_fields import enum_choices
+
     fields = sft_field_types()
     problems: list[tuple[str, str]] = []
     checked = dict(train)
@@ -209,8 +208,13 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
                 checked[key] = TypeAdapter(fields[key]).validate_python(value)  # "1e-5" -> 1e-05
             except ValidationError as err:
                 problems.append((key, f"{err.errors()[0]['msg']} (got {value!r})"))
+                continue
             except Exception:  # a field type pydantic cannot check; SFTConfig checks it at train time
-                pass
+                continue
+            choices = enum_choices().get(key)
+            if choices and isinstance(value, str) and value not in choices:
+                problems.append((key, f"unknown value {value!r}{did_you_mean(value, choices)}; one of: "
+                                      f"{abbreviate(', '.join(choices), 160)}"))
     if problems:
         raise _TrainProblems(problems)
     return checked
