@@ -314,7 +314,7 @@ def test_restart_discards_checkpoints_of_a_changed_recipe(recipe_factory):
     fake_checkpoint(recipe, 4)
     (out / "metrics.jsonl").write_text('{"step": 4, "loss": 1}\n')
     changed = recipe_factory("train.max_steps=9")
-    with pytest.raises(InputError, match=r"changed: train\.max_steps\); rerun with --restart"):
+    with pytest.raises(InputError, match=r"changed: train\.max_steps \(8 -> 9\)\); rerun with --restart"):
         checkpoint.plan_resume(changed)
     assert build_parser().parse_args(["train", "r.yaml", "--restart"]).restart is True
     plan = checkpoint.plan_resume(changed, restart=True)
@@ -584,3 +584,55 @@ if __name__ == "__main__":
     from qctrain.cli import main
 
     raise SystemExit(main(sys.argv[1:]))
+
+
+# --- what may change between a preemption and the rerun ---
+
+@pytest.mark.parametrize("override", [
+    "train.dataloader_num_workers=2", "train.dataloader_pin_memory=false", "train.activation_checkpointing=true",
+    "train.gradient_checkpointing=true", "train.torch_compile=true", "train.report_to=tensorboard",
+    "train.logging_steps=3", "train.eval_steps=5", "train.save_total_limit=1", "train.use_liger_kernel=true",
+    "model.attn_implementation=eager", "output.save_every_minutes=5",
+])
+def test_knobs_that_do_not_change_the_weights_resume(recipe_factory, override):
+    from qctrain import checkpoint
+
+    fake_checkpoint(recipe_factory(), 4)
+    changed = recipe_factory(override)
+    plan = checkpoint.plan_resume(changed)
+    assert plan.checkpoint is not None and plan.step == 4
+    assert checkpoint.recipe_fingerprint(changed) == checkpoint.recipe_fingerprint(recipe_factory())
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("train.learning_rate=1e-4", "train.learning_rate (0.005 -> 0.0001)"),
+    ("train.per_device_train_batch_size=4", "train.per_device_train_batch_size (2 -> 4)"),
+    ("train.lr_scheduler_type=linear", 'train.lr_scheduler_type ("cosine" -> "linear")'),
+    ("lora.r=16", "lora.r (8 -> 16)"),
+    ("data.max_seq_length=64", "data.max_seq_length (128 -> 64)"),
+    ("train.seed=7", "train.seed (42 -> 7)"),
+])
+def test_knobs_that_change_the_weights_refuse_naming_old_and_new(recipe_factory, override, shown):
+    from qctrain import checkpoint
+    from qctrain.errors import InputError
+
+    fake_checkpoint(recipe_factory(), 4)
+    with pytest.raises(InputError) as err:
+        checkpoint.plan_resume(recipe_factory(override, "train.dataloader_num_workers=2"))
+    message = str(err.value)
+    assert f"checkpoint of a different recipe (changed: {shown}); rerun with --restart" in message
+    assert "dataloader" not in message  # the harmless change beside it is not blamed
+
+
+def test_checkpoint_of_an_older_qctrain_without_logging_keys_resumes(recipe_factory):
+    """Markers written before the resume policy recorded no logging/saving keys: still the same recipe."""
+    from qctrain import checkpoint
+
+    recipe = recipe_factory()
+    ckpt = fake_checkpoint(recipe, 6)
+    marker = json.loads((ckpt / checkpoint.MARKER).read_text())
+    for key in ("save_steps", "logging_steps", "save_total_limit", "report_to"):
+        marker["recipe"]["train"].pop(key)
+    marker["recipe_fingerprint"] = "older"
+    (ckpt / checkpoint.MARKER).write_text(json.dumps(marker))
+    assert checkpoint.plan_resume(recipe).checkpoint == ckpt

@@ -6,9 +6,11 @@ the folder renamed to `checkpoints/checkpoint-N`. So a `checkpoint-N` folder is 
 absent; anything else (a `.partial-*` folder, a `checkpoint-N` without the marker, e.g. from a
 SIGKILL or a full disk) is ignored and removed before the next run trains.
 
-The marker records the recipe fingerprint (sha256 of the training-relevant recipe: everything but
-hub:, output: and the train: keys that only decide logging and saving) and the prepared data's
-fingerprint: a run resumes only from a checkpoint of the same recipe and data.
+The marker records the training recipe (model:, lora:, data: and every train: value SFTConfig gets),
+its fingerprint and the prepared data's fingerprint. A run resumes only from a checkpoint of the same
+data, and of a recipe that differs at most in knobs that do not change the weights (`harmless`): how
+fast or how visibly it trains, when it saves, where it pushes. Anything else is refused, naming each
+changed key with its old and new value.
 """
 
 import hashlib
@@ -30,14 +32,30 @@ PARTIAL_PREFIX = ".partial-"
 METRICS = "metrics.jsonl"
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 
-# train: keys that change when and what is logged or saved, never the weights: changing them
-# between a preemption and the rerun does not stop the run from resuming.
-NOT_TRAINING_KEYS = frozenset({
-    "save_steps", "save_strategy", "save_total_limit", "save_on_each_node", "logging_steps",
-    "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "report_to", "run_name",
-    "disable_tqdm", "eval_steps", "eval_strategy", "per_device_eval_batch_size", "eval_on_start",
-    "eval_accumulation_steps",
+# train: knobs that decide speed, memory, logging, evaluation, saving or pushing, never the weights:
+# changing them between a preemption and the rerun does not stop the run from resuming.
+HARMLESS_TRAIN_KEYS = frozenset({
+    "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm", "log_level", "log_level_replica",
+    "log_on_each_node", "per_device_eval_batch_size", "auto_find_batch_size", "use_liger_kernel",
+    "liger_kernel_config", "skip_memory_metrics", "ddp_timeout", "ddp_find_unused_parameters",
+    "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_backend", "use_cpu", "overwrite_output_dir",
+    "resume_from_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "prediction_loss_only", "batch_eval_metrics", "restore_callback_states_from_checkpoint",
+    "ignore_data_skip", "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
 })
+HARMLESS_TRAIN_PREFIXES = ("dataloader_", "activation_checkpointing", "gradient_checkpointing", "torch_compile",
+                           "logging_", "eval_", "save_", "hub_", "push_to_hub", "include_", "jit_")
+# Attention kernels that compute the same attention (up to rounding): switching between them is harmless.
+EQUIVALENT_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+
+
+def harmless(key: str, old: Any, new: Any) -> bool:
+    """Whether changing recipe key `key` (dotted) from old to new leaves the trained weights as they were."""
+    if key == "model.attn_implementation":
+        return old in EQUIVALENT_ATTENTION and new in EQUIVALENT_ATTENTION
+    section, _, name = key.partition(".")
+    name = name.split(".", 1)[0]
+    return section == "train" and (name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -45,14 +63,18 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 
 def training_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The parts of the recipe that decide the trained weights."""
+    """The recipe as training sees it: everything but hub: and output:, with train: as SFTConfig gets it."""
     parts = recipe.model_dump(mode="json", exclude={"hub", "output"})
-    parts["train"] = {k: v for k, v in recipe.sft_kwargs().items() if k not in NOT_TRAINING_KEYS}
+    parts["train"] = recipe.sft_kwargs()
     return parts
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
-    return hashlib.sha256(canonical_json(training_recipe(recipe)).encode()).hexdigest()
+    """sha256 of the training recipe without its harmless knobs: equal for recipes that train alike."""
+    parts = training_recipe(recipe)
+    weighty = {section: {k: v for k, v in values.items() if not harmless(f"{section}.{k}", v, v)}
+               if isinstance(values, dict) else values for section, values in parts.items()}
+    return hashlib.sha256(canonical_json(weighty).encode()).hexdigest()
 
 
 def step_of(path: Path) -> int | None:
@@ -127,12 +149,18 @@ def commit(written: Path, final: Path, marker: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(set(old) | set(new), key=str)
-        return [k for key in keys for k in changed_keys(old.get(key), new.get(key),
-                                                         f"{prefix}.{key}" if prefix else str(key))]
-    return [] if old == new else [prefix or "(recipe)"]
+        return [change for key in keys for change in changed_keys(old.get(key), new.get(key),
+                                                                  f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [(prefix or "(recipe)", old, new)]
+
+
+def _shown(value: Any) -> str:
+    text = "unset" if value is None else canonical_json(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def trim_metrics(path: Path, step: int) -> int:
@@ -215,11 +243,18 @@ def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
         return plan
     newest = complete[-1]
     marker = read_marker(newest) or {}
-    if marker.get("recipe_fingerprint") != fingerprint:
-        changed = changed_keys(marker.get("recipe", {}), parts)
-        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-        raise InputError(f"{newest}: checkpoint of a different recipe (changed: {shown or 'unknown'}); "
+    recorded = marker.get("recipe")
+    changed = changed_keys(recorded, parts) if isinstance(recorded, dict) else [("(recipe)", None, None)]
+    blocking = [(key, old, new) for key, old, new in changed if not harmless(key, old, new)]
+    if blocking:
+        shown = ", ".join(f"{key} ({_shown(old)} -> {_shown(new)})" if key != "(recipe)" else "unknown"
+                          for key, old, new in blocking[:6])
+        more = f" and {len(blocking) - 6} more" if len(blocking) > 6 else ""
+        raise InputError(f"{newest}: checkpoint of a different recipe (changed: {shown}{more}); "
                          "rerun with --restart to discard the checkpoints and start fresh, "
                          "or set another output.dir")
+    if changed:
+        print(f"resuming with changed knobs that do not change the weights: "
+              f"{', '.join(f'{key} ({_shown(old)} -> {_shown(new)})' for key, old, new in changed)}", flush=True)
     plan.checkpoint = newest
     return plan

@@ -85,8 +85,12 @@ def _prepare(recipe):
 
 
 def cmd_prepare(args) -> int:
+    from qctrain import rundir
+
     recipe = _load(args)
-    _, prepared = _prepare(recipe)
+    with rundir.hold(Path(recipe.output.dir)):
+        rundir.remove_leftovers(Path(recipe.output.dir))
+        _, prepared = _prepare(recipe)
     _print_data_summary(prepared.report, prepared.cached)
     print(f"prepared data: {prepared.dir}")
     print("sample (supervised tokens between ⟦ ⟧):")
@@ -115,7 +119,7 @@ def cmd_train(args) -> int:
 
 
 def _train(args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, publish, train
+    from qctrain import distributed, rundir
     from qctrain.preflight import check_train_args, run_checks
 
     recipe = _load(args)
@@ -123,6 +127,16 @@ def _train(args, stop) -> int:
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
     distributed.check_fsdp(recipe)
+    output_dir = Path(recipe.output.dir)
+    with rundir.hold(output_dir, enabled=distributed.is_main()):  # one run per output folder
+        if distributed.is_main():
+            rundir.remove_leftovers(output_dir)
+        return _train_held(recipe, args, stop)
+
+
+def _train_held(recipe, args, stop) -> int:
+    from qctrain import checkpoint, data, distributed, export, model, publish, train
+
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
     plan.check_data(prepared.fingerprint)

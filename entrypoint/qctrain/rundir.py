@@ -1,0 +1,76 @@
+"""One run per output folder: a lock that a run holds while it writes into output.dir, and the clean-up of
+the temporary files and folders a dead run left there.
+
+The lock is an flock on `<output.dir>/.qctrain.lock`, held by the run's main process (the ranks of one
+distributed run are one run). The kernel drops it when that process ends, however it ends, so a lock
+left by a dead run never blocks; the file's content (host, pid, start time) only names the holder.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qctrain.errors import InputError
+
+LOCK_NAME = ".qctrain.lock"
+# What a crashed run can leave, by writer: export's staging folders, a merge's staging folder, the data
+# cache's unfinished folder, atomic JSON and metrics rewrites. (`.adapter.old` is not here: it can be the
+# good adapter of an interrupted swap, which export.restore_interrupted_swap puts back.)
+LEFTOVERS = {".": (".staging-*", ".*.staging-*", ".*.tmp-*", ".*.tmp"), "prepared": (".tmp-*",)}
+
+
+def _holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+        return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+@contextmanager
+def hold(output_dir: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold output_dir for this run (a no-op where not enabled: the other ranks of a distributed run).
+    Another live run's hold is an InputError naming its host and pid."""
+    if not enabled:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"output.dir: {output_dir} is in use by another run ({_holder(path)}); wait for it "
+                         "to end or set another output.dir") from None
+    try:
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next holder)
+
+
+def remove_leftovers(output_dir: Path) -> list[Path]:
+    """Remove the temporary files and folders of a dead run (call while holding the lock)."""
+    removed = []
+    for folder, patterns in LEFTOVERS.items():
+        for pattern in patterns:
+            for path in sorted((output_dir / folder).glob(pattern)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of an earlier run that did not finish: "
+              f"{', '.join(p.name for p in removed[:5])}{' ...' if len(removed) > 5 else ''}", flush=True)
+    return removed

@@ -1,0 +1,111 @@
+"""One run per output folder: the lock, a dead run's lock, the ranks of one run, a dead run's temporary files."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, alpaca_records, finish, write_json, write_recipe
+from qctrain import rundir
+from qctrain.errors import InputError
+
+HOLD = ("import sys, time\nfrom pathlib import Path\nfrom qctrain import rundir\n"
+        "with rundir.hold(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n")
+
+
+def holder(output_dir: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(output_dir), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO / "entrypoint")})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_is_refused_naming_the_first(tmp_path):
+    proc = holder(tmp_path / "out", 60)
+    try:
+        with pytest.raises(InputError) as err:
+            with rundir.hold(tmp_path / "out"):
+                pass
+        message = str(err.value)
+        assert message.startswith(f"output.dir: {tmp_path / 'out'} is in use by another run (host "
+                                  f"{socket.gethostname()}, pid {proc.pid}, started ")
+        assert message.endswith("wait for it to end or set another output.dir")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_dead_runs_lock_does_not_block(tmp_path):
+    proc = holder(tmp_path / "out", 60)
+    proc.send_signal(signal.SIGKILL)  # no clean-up of any kind
+    proc.wait()
+    assert json.loads((tmp_path / "out" / rundir.LOCK_NAME).read_text())["pid"] == proc.pid
+    with rundir.hold(tmp_path / "out"):
+        assert json.loads((tmp_path / "out" / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_the_same_process_cannot_hold_twice_and_ranks_other_than_main_do_not_hold(tmp_path):
+    with rundir.hold(tmp_path / "out"):
+        with pytest.raises(InputError, match="in use by another run"):
+            with rundir.hold(tmp_path / "out"):
+                pass
+        with rundir.hold(tmp_path / "out", enabled=False):  # another rank of the same run
+            pass
+    with rundir.hold(tmp_path / "out"):  # released at the end of the block
+        pass
+    with rundir.hold(tmp_path / "other", enabled=False):
+        pass
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_dead_runs_temporary_files_are_removed_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "out"
+    leftovers = [out / ".staging-123" / "adapter", out / ".merged.staging-55", out / "prepared" / ".tmp-abcd-9",
+                 out / ".run_manifest.json.tmp-77", out / ".metrics.jsonl.tmp"]
+    kept = [out / "adapter" / "adapter_model.safetensors", out / ".adapter.old" / "adapter_config.json",
+            out / "run_manifest.json", out / "prepared" / "0123abcd" / "report.json", out / "metrics.jsonl",
+            out / "checkpoints" / "checkpoint-4" / "qctrain_checkpoint.json"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix or path.name.startswith(".run") or path.name.endswith(".tmp"):
+            path.write_text("x")
+        else:
+            path.mkdir()
+    removed = rundir.remove_leftovers(out)
+    assert sorted(removed) == sorted(p if p.parent in (out, out / "prepared") else p.parent for p in leftovers)
+    assert all(not p.exists() for p in removed) and all(p.exists() for p in kept)
+    assert "removed 5 temporary file(s) of an earlier run that did not finish" in capsys.readouterr().out
+    assert rundir.remove_leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_second_train_on_a_busy_output_dir_exits_2_and_leaves_the_first_alone(tmp_path, tiny_model_dir):
+    data_path = write_json(tmp_path / "d.json", alpaca_records(40))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data_path, tmp_path / "out",
+                          train={"max_steps": 100000, "logging_steps": 1, "save_steps": 100000,
+                                 "gradient_checkpointing": False, "disable_tqdm": True})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "entrypoint")}
+    first = subprocess.Popen([sys.executable, "-m", "qctrain", "train", str(recipe)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not metrics.is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # training has started: the first run holds the folder
+        assert first.poll() is None, first.communicate()
+        second = subprocess.run([sys.executable, "-m", "qctrain", "train", str(recipe)], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == (f"qctrain: error: output.dir: {tmp_path / 'out'} is in use by another run "
+                                 f"(host {socket.gethostname()}, pid {first.pid}, started "
+                                 + second.stderr.split(", started ")[1])
+        assert first.poll() is None  # the first run trains on
+    finally:
+        first.send_signal(signal.SIGTERM)
+    result = finish(first)
+    assert result.returncode == 75, result.stderr  # stopped cleanly, checkpoint saved
