@@ -95,15 +95,22 @@ print("ok")
 # --- validate and check without torch ---
 
 def test_validate_and_check_import_no_torch(tmp_path, tiny_model_dir):
+    from hub_double import HubDouble, Token
+
     data_path = write_json(tmp_path / "d.json", alpaca_records(10))
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data_path, tmp_path / "out")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data_path, tmp_path / "out",
+                          hub={"repo_id": "alice/adapter"})
     code = ("import sys\nfrom qctrain.cli import main\n"
             "for command in ('validate', 'check'):\n"
             "    assert main([command, sys.argv[1]]) == 0, command\n"
             "heavy = sorted(m for m in ('torch', 'trl', 'peft', 'bitsandbytes', 'datasets', 'accelerate')"
             " if m in sys.modules)\n"
             "print('heavy:', heavy)\n")
-    result = python(code, str(recipe), env={"PYTHONPATH": str(REPO / "entrypoint")})
+    with HubDouble({"hf_FAKEquiet_DO_NOT_LEAK_42": Token("alice")}) as hub:
+        result = python(code, str(recipe), env={
+            "PYTHONPATH": str(REPO / "entrypoint"), "HF_TOKEN": "hf_FAKEquiet_DO_NOT_LEAK_42", "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"})
+        assert "alice/adapter" in hub.repos  # the Hub check ran
     assert "preflight: ok" in result.stdout, result.stderr
     assert "heavy: []" in result.stdout, result.stdout
     assert result.stderr == ""

@@ -26,6 +26,12 @@ def _quiet_libraries(debug: bool) -> None:
         return
     warnings.simplefilter("ignore")  # library deprecations and notes: not the user's to act on
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(levelname)s: %(message)s")
+    ours = logging.getLogger("qctrain")  # our own warnings (Hub retries, a checkpoint not pushed) still show
+    ours.setLevel(logging.WARNING)
+    ours.propagate = False
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("qctrain: %(message)s"))
+    ours.addHandler(handler)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -151,7 +157,7 @@ def _train_held(recipe, args, stop) -> int:
         print("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes "
               "train as DDP)", file=sys.stderr)
     if recipe.hub and recipe.hub.push == "checkpoints" and (token := publish.resolve_token()):
-        trainer.add_callback(publish.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private,
+        trainer.add_callback(train.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private,
                                                       stopping=lambda: stop.signum is not None))
     result = train.run(trainer, plan, stop)
     adapter_state = distributed.full_adapter_state(trainer)  # FSDP: gathered by every rank, else None

@@ -28,7 +28,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
-from transformers import TrainerCallback
 
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
@@ -172,27 +171,6 @@ def push_folder(
     if not files:
         raise InputError(f"{folder} holds no files: nothing to push")
     return _push(files, repo_id, token, private, revision or "main", commit_message, endpoint, retry)
-
-
-class CheckpointPusher(TrainerCallback):
-    """hub.push: checkpoints: after each save, push the checkpoint so a lost node loses nothing.
-    A failed checkpoint push is reported and training goes on; the final push still happens."""
-
-    def __init__(self, repo_id: str, token: str, private: bool = True, endpoint: str | None = None,
-                 stopping: Callable[[], bool] = lambda: False):
-        self.repo_id, self.token, self.private, self.endpoint = repo_id, token, private, endpoint
-        self.stopping = stopping  # true once a SIGTERM arrived: the grace period is for the local save
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or self.stopping():
-            return
-        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        try:
-            result = push_checkpoint(checkpoint_dir, self.repo_id, self.token, private=self.private,
-                                     endpoint=self.endpoint, retry=CHECKPOINT_RETRY)
-            print(f"pushed checkpoint {checkpoint_dir.name} to {result.url}", flush=True)
-        except Exception as err:  # noqa: BLE001 - a checkpoint push must never end the training run
-            log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name, redact(str(err), self.token))
 
 
 def validate_card_metadata(

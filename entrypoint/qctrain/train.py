@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from qctrain import checkpoint
+from qctrain import checkpoint, publish
 from qctrain.checkpoint import checkpoints_dir
 from qctrain.data import PreparedData
 from qctrain.errors import InputError, Preempted
@@ -160,6 +161,28 @@ class PreemptionCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.last_save = self.clock()
+
+
+class CheckpointPusher(TrainerCallback):
+    """hub.push: checkpoints: after each save, push the checkpoint so a lost node loses nothing.
+    A failed checkpoint push is reported and training goes on; the final push still happens."""
+
+    def __init__(self, repo_id: str, token: str, private: bool = True, endpoint: str | None = None,
+                 stopping: Callable[[], bool] = lambda: False):
+        self.repo_id, self.token, self.private, self.endpoint = repo_id, token, private, endpoint
+        self.stopping = stopping  # true once a SIGTERM arrived: the grace period is for the local save
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.stopping():
+            return
+        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        try:
+            result = publish.push_checkpoint(checkpoint_dir, self.repo_id, self.token, private=self.private,
+                                             endpoint=self.endpoint, retry=publish.CHECKPOINT_RETRY)
+            print(f"pushed checkpoint {checkpoint_dir.name} to {result.url}", flush=True)
+        except Exception as err:  # noqa: BLE001 - a checkpoint push must never end the training run
+            publish.log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name,
+                                publish.redact(str(err), self.token))
 
 
 def _barrier() -> None:
