@@ -1,4 +1,4 @@
-"""Run the four benchmarks in turn (`make bench`); each prints its table and appends a row to bench/RESULTS.md.
+"""Run the benchmarks in turn (`make bench`); each prints its table and appends a row to bench/RESULTS.md.
 
     python bench/run_all.py            # full sizes: about 15-20 minutes on 2 cores, GPU one skipped there
     python bench/run_all.py --quick    # small sizes, a few minutes (numbers only indicative)
@@ -17,13 +17,14 @@ QUICK = {
     "packing.py": ["--records", "5000"],
     "train_cpu.py": ["--rounds", "2", "--steps", "12", "--warmup", "3", "--records", "400"],
     "gpu_qlora.py": ["--steps", "4", "--warmup", "1"],
+    "check.py": ["--rounds", "3"],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
-    parser.add_argument("--only", default="prep.py,packing.py,train_cpu.py,gpu_qlora.py")
+    parser.add_argument("--only", default="check.py,prep.py,packing.py,train_cpu.py,gpu_qlora.py")
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
     args = parser.parse_args(argv)
 

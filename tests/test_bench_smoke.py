@@ -79,3 +79,16 @@ def test_gpu_benchmark_skips_without_a_gpu_and_run_all_goes_on(tmp_path, capfd):
     out = capfd.readouterr().out
     assert "gpu_qlora: skipped: no CUDA GPU" in out and "exit 0" in out
     assert not (tmp_path / "R.md").exists()
+
+
+def test_check_timing_against_an_earlier_commit(tiny_model_dir, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    assert bench_module("check").main(["--rounds", "1", "--model", str(tiny_model_dir),
+                                       "--results", str(results)]) == 0
+    text = rows_of(results, "check")
+    assert "| qctrain            | check" in text
+    import subprocess
+
+    if subprocess.run(["git", "cat-file", "-e", "29bd231"], cwd=BENCH, capture_output=True).returncode == 0:
+        assert "| qctrain at 29bd231 | check" in text  # a clone with history: the earlier commit is timed too
+    assert "Target check < 3 s:" in text
