@@ -233,7 +233,7 @@ def test_changed_recipe_refuses_to_resume(runs, capsys):
     assert code == 2
     [line] = err.strip().splitlines()
     assert line.startswith("qctrain: error: ") and "checkpoint-8" in line
-    assert "changed: lora.r, train.learning_rate" in line and "--restart" in line
+    assert "changed: lora.r (8 -> 4), train.learning_rate (0.005 -> 0.001))" in line and "--restart" in line
     assert tree_digest(runs.out) == before  # nothing touched: checkpoints, adapter, metrics
 
 

@@ -47,6 +47,7 @@ def test_a_dead_runs_lock_does_not_block(tmp_path):
     assert json.loads((tmp_path / "out" / rundir.LOCK_NAME).read_text())["pid"] == proc.pid
     with rundir.hold(tmp_path / "out"):
         assert json.loads((tmp_path / "out" / rundir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "out" / rundir.LOCK_NAME).exists()  # a run that ends leaves no lock file
 
 
 def test_the_same_process_cannot_hold_twice_and_ranks_other_than_main_do_not_hold(tmp_path):

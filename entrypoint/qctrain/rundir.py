@@ -2,8 +2,9 @@
 the temporary files and folders a dead run left there.
 
 The lock is an flock on `<output.dir>/.qctrain.lock`, held by the run's main process (the ranks of one
-distributed run are one run). The kernel drops it when that process ends, however it ends, so a lock
-left by a dead run never blocks; the file's content (host, pid, start time) only names the holder.
+distributed run are one run) and removed when the run ends. The kernel drops the flock when that process
+ends, however it ends, so a lock file left by a dead run never blocks; its content (host, pid, start
+time) only names the holder.
 """
 
 import fcntl
@@ -42,13 +43,7 @@ def hold(output_dir: Path, enabled: bool = True) -> Iterator[None]:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise InputError(f"output.dir: {output_dir} is in use by another run ({_holder(path)}); wait for it "
-                         "to end or set another output.dir") from None
+    fd = _lock(path)
     try:
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -56,7 +51,26 @@ def hold(output_dir: Path, enabled: bool = True) -> Iterator[None]:
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with the next holder)
+        path.unlink(missing_ok=True)  # before the lock goes: a run that opens the path now gets a new file
+        os.close(fd)
+
+
+def _lock(path: Path) -> int:
+    """An fd holding the flock of the file at `path`, or InputError if a live run holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(f"output.dir: {path.parent} is in use by another run ({_holder(path)}); wait for "
+                             "it to end or set another output.dir") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder unlinked this file as we opened it: lock the new one
 
 
 def remove_leftovers(output_dir: Path) -> list[Path]:
