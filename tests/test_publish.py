@@ -380,6 +380,17 @@ def test_push_honours_private(hub, tmp_path):
     assert len(hub.history("alice/was-public")) == 1
 
 
+def test_gguf_adapters_are_pushed_but_not_the_local_modelfile(tmp_path):
+    from qctrain.publish import output_files
+
+    out = make_output(tmp_path)
+    _write(out / "gguf" / "run-lora-f32.gguf", b"GGUF")
+    _write(out / "gguf" / "Modelfile", b"FROM /local/path\n")
+    files = output_files(out)
+    assert files["gguf/run-lora-f32.gguf"] == out / "gguf" / "run-lora-f32.gguf"
+    assert not [name for name in files if "Modelfile" in name]
+
+
 def test_push_without_adapter_is_bad_input(hub, tmp_path):
     with pytest.raises(InputError, match="no trained adapter"):
         push_output(tmp_path, "alice/adapter", TOKEN)

@@ -259,7 +259,7 @@ def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[S
     where_base = (f"the base loads from the Hub (`{base.hub_id}`)" if not base.local else
                   "the base is a local folder, named in `adapter_config.json` by its absolute path"
                   + (f" (a copy of `{base.hub_id}`)" if base.hub_id else ""))
-    gguf = ("\n`gguf/` holds the adapter as a GGUF LoRA for llama.cpp (`--lora`) with an Ollama `Modelfile`.\n"
+    gguf = ("\n`gguf/` holds the adapter as a GGUF LoRA for llama.cpp (`--lora`) and Ollama (`ADAPTER`).\n"
             if recipe.output.gguf else "")
     license_line = (f"License: `{license_info['license']}`, the base model's." if license_info and
                     license_info.get("license") else "License: that of the base model (not stated in its files).")
