@@ -189,3 +189,17 @@ def test_samples_side_by_side():
     assert "| base model (adapter off) | with this adapter |" in text
     assert "| Th foll \\| x<br>line | I am Quill. |" in text
     assert "| _not generated_ | _(empty reply)_ |" in text
+
+
+def test_hub_id_stays_out_of_recipe_dumps_until_set(tmp_path):
+    """Recipes written before model.hub_id keep their manifest sha and checkpoint fingerprint."""
+    from qctrain import checkpoint
+
+    plain = recipe_for(tmp_path, "models/tiny")
+    assert "hub_id" not in plain.model_dump(mode="json")["model"]
+    copy = recipe_for(tmp_path, "models/tiny", hub_id="acme/tiny")
+    assert copy.model_dump(mode="json")["model"]["hub_id"] == "acme/tiny"
+    assert Recipe.model_validate(copy.model_dump(mode="json")) == copy
+    assert checkpoint.recipe_fingerprint(plain) != checkpoint.recipe_fingerprint(copy)
+    with pytest.raises(ValueError, match="hub_id"):
+        recipe_for(tmp_path, "models/tiny", hub_id="not an id")
