@@ -380,6 +380,17 @@ def test_push_honours_private(hub, tmp_path):
     assert len(hub.history("alice/was-public")) == 1
 
 
+def test_base_license_is_read_from_the_base_card_on_the_hub(hub):
+    from qctrain.export import base_license
+    from qctrain.model import BaseReference
+
+    card = b"---\nlicense: other\nlicense_name: acme-community\nlicense_link: LICENSE.md\n---\n# base\n"
+    hub.add_repo("acme/base-7b", files={"README.md": card, "config.json": b"{}"})
+    found = base_license(BaseReference("acme/base-7b", None, "acme/base-7b"))
+    assert found == {"license": "other", "license_name": "acme-community", "license_link": "LICENSE.md"}
+    assert base_license(BaseReference("acme/missing", None, "acme/missing")) == {}  # 404: unknown, no error
+
+
 def test_gguf_adapters_are_pushed_but_not_the_local_modelfile(tmp_path):
     from qctrain.publish import output_files
 
