@@ -222,6 +222,16 @@ def test_missing_base_is_exit_2_with_the_cause(local_run, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_merged_model_card_names_the_hub_base(hub_run, hf_home):
+    from huggingface_hub import ModelCard
+
+    out, elsewhere = hub_run
+    result = qctrain("merge", str(out), "--dest", "merged-hub", cwd=elsewhere, env={"HF_HOME": str(hf_home)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = ModelCard.load(elsewhere / "merged-hub" / "README.md").data
+    assert (card.base_model, card.base_model_relation, card.license) == (HUB_ID, "merge", "mit")
+
+
 def test_hub_base_not_in_the_cache_is_exit_2(hub_run, tmp_path):
     out, elsewhere = hub_run
     result = qctrain("merge", str(out), cwd=elsewhere, env={"HF_HOME": str(tmp_path / "empty")})

@@ -250,7 +250,8 @@ def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[S
     base = base or base_reference(recipe.model)
     data = card_data(recipe, base, metrics, license_info or {})
     train = data_report.get("train", {})
-    wanted = ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second", "epoch")
+    wanted = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_runtime", "train_samples_per_second",
+              "epoch")
     metric_rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items()
                             if k in wanted and isinstance(v, int | float))
     quant = recipe.model.quantization
@@ -441,13 +442,12 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
         tokenizer = AutoTokenizer.from_pretrained(adapter)
     except (OSError, ValueError, RuntimeError) as err:
         raise InputError(f"{adapter}: cannot load the adapter onto {cfg.name}: {str(err).splitlines()[0]}") from None
-    manifest = _read_json(output_dir / "run_manifest.json")
-    hub_id = (manifest.get("base_model") or {}).get("hub_id")
+    reference = base_reference(cfg)  # cfg: as resolved from here, its hub_id included
+    hub_id = reference.hub_id
     staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    reference = BaseReference(cfg.name, cfg.revision, hub_id)
     card_data = ModelCardData(base_model=hub_id, base_model_relation="merge" if hub_id else None,
                               library_name="transformers", **base_license(reference),
                               tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
