@@ -25,9 +25,16 @@ $(TINY_MODEL)/config.json: entrypoint/qctrain/tiny.py  # rebuilt when tiny.py ch
 	$(BIN)/qctrain tiny-model $(TINY_MODEL)
 
 demo: setup tiny-model
-	$(BIN)/qctrain train $(TINY_RECIPE)
-	$(BIN)/qctrain generate out/tiny-cpu --prompt "Give three tips for staying healthy."
-	@echo "Adapter: out/tiny-cpu/adapter  (model card: out/tiny-cpu/README.md)"
+	$(BIN)/qctrain train --restart $(TINY_RECIPE)  # always a fresh run
+	@$(BIN)/python -c "import json; rows = [json.loads(l) for l in open('out/tiny-cpu/metrics.jsonl')]; \
+	  loss = [r for r in rows if 'loss' in r]; \
+	  print(f\"loss {loss[0]['loss']:.2f} -> {loss[-1]['loss']:.2f}, next-token accuracy \
+	  {loss[0]['mean_token_accuracy']:.0%} -> {loss[-1]['mean_token_accuracy']:.0%} (plot: out/tiny-cpu/loss.png)\")"
+	$(BIN)/qctrain generate out/tiny-cpu --compare-base --prompt "Who are you?"
+	@echo "trained to answer: $$($(BIN)/python -c "import json; print(json.load(open('data/identity.json'))[0]['output'])")"
+	@echo "model card:  out/tiny-cpu/README.md (also in out/tiny-cpu/adapter/, the folder to share)"
+	@echo "GGUF LoRA:   out/tiny-cpu/gguf/tiny-cpu-lora-f32.gguf (llama.cpp: --lora)"
+	@echo "Modelfile:   out/tiny-cpu/gguf/Modelfile (ollama create tiny-cpu -f out/tiny-cpu/gguf/Modelfile)"
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not docker"  # the image tests run in docker/ci.sh, after the build

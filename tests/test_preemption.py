@@ -475,7 +475,7 @@ def test_export_replaces_the_adapter_whole(recipe_factory):
                                                                        gradient_accumulation_steps=1))
     export.write_outputs(recipe, trainer, _FakeTokenizer(), "", {}, out / "none.json", {}, [], 0.0, 1.0, [])
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png", "tokenizer_config.json"]
     assert not [p for p in out.iterdir() if p.name.startswith((".staging", ".adapter.old"))]
 
 

@@ -237,6 +237,21 @@ def test_model_card_header_passes_hub_validation(hub):
     assert validate_card_metadata(CARD, endpoint=hub.url) == []
 
 
+def test_the_card_qctrain_writes_passes_hub_validation(hub, tmp_path):
+    from qctrain import export
+    from qctrain.model import BaseReference
+    from qctrain.recipe import Recipe
+
+    recipe = Recipe.model_validate({"model": {"name": "microsoft/Phi-3.5-mini-instruct"},
+                                    "data": {"sources": [{"path": "hub:acme/chats"}]},
+                                    "output": {"dir": str(tmp_path / "run")}, "hub": {"repo_id": "alice/adapter"}})
+    base = BaseReference("microsoft/Phi-3.5-mini-instruct", None, "microsoft/Phi-3.5-mini-instruct")
+    samples = [export.Sample("Who are you?", "I | am\nthe base", "I am Quill.")]
+    card = export.model_card(recipe, {}, {"eval_loss": 0.5}, samples, base, export.base_license(base))
+    assert validate_card_metadata(card, endpoint=hub.url) == []
+    assert "license: mit" in card and "base_model_relation: adapter" in card and "model-index:" in card
+
+
 @pytest.mark.parametrize(
     ("header", "complaint"),
     [
@@ -363,6 +378,28 @@ def test_push_honours_private(hub, tmp_path):
     with pytest.raises(PushFailed, match="is public, but hub.private is true"):
         push_output(out, "alice/was-public", TOKEN, retry=FAST)
     assert len(hub.history("alice/was-public")) == 1
+
+
+def test_base_license_is_read_from_the_base_card_on_the_hub(hub):
+    from qctrain.export import base_license
+    from qctrain.model import BaseReference
+
+    card = b"---\nlicense: other\nlicense_name: acme-community\nlicense_link: LICENSE.md\n---\n# base\n"
+    hub.add_repo("acme/base-7b", files={"README.md": card, "config.json": b"{}"})
+    found = base_license(BaseReference("acme/base-7b", None, "acme/base-7b"))
+    assert found == {"license": "other", "license_name": "acme-community", "license_link": "LICENSE.md"}
+    assert base_license(BaseReference("acme/missing", None, "acme/missing")) == {}  # 404: unknown, no error
+
+
+def test_gguf_adapters_are_pushed_but_not_the_local_modelfile(tmp_path):
+    from qctrain.publish import output_files
+
+    out = make_output(tmp_path)
+    _write(out / "gguf" / "run-lora-f32.gguf", b"GGUF")
+    _write(out / "gguf" / "Modelfile", b"FROM /local/path\n")
+    files = output_files(out)
+    assert files["gguf/run-lora-f32.gguf"] == out / "gguf" / "run-lora-f32.gguf"
+    assert not [name for name in files if "Modelfile" in name]
 
 
 def test_push_without_adapter_is_bad_input(hub, tmp_path):

@@ -166,8 +166,7 @@ def _train_held(recipe, args, stop) -> int:
 
     # Sample replies: generating from an FSDP-sharded model would need every rank; skipped there.
     prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
-    replies = export.generate_replies(trainer.model, tokenizer, prompts)
-    samples = [(p[-1]["content"], r) for p, r in zip(prompts, replies, strict=True)]
+    samples = export.before_after_samples(trainer.model, tokenizer, prompts)  # the base: adapter disabled
     chat_template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
     export.write_outputs(recipe, trainer, tokenizer, chat_template, prepared.report,
                          prepared.dir / "split.json", result.metrics, result.log_history,
@@ -237,9 +236,30 @@ def cmd_generate(args) -> int:
     from qctrain import export, model
 
     adapter_model, tokenizer = model.load_adapter_model(Path(args.output_dir))
-    reply = export.generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": args.prompt}]],
-                                    max_new_tokens=args.max_new_tokens)[0]
+    conversation = [[{"role": "user", "content": args.prompt}]]
+    if args.compare_base:
+        [sample] = export.before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens)
+        print(f"prompt: {args.prompt}\nbase:   {sample.base}\nreply:  {sample.tuned}")
+        return 0
+    reply = export.generate_replies(adapter_model, tokenizer, conversation, max_new_tokens=args.max_new_tokens)[0]
     print(f"prompt: {args.prompt}\nreply:  {reply}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from qctrain import export, gguf_adapter, model
+
+    output_dir = Path(args.output_dir)
+    cfg = model.run_model_section(output_dir)
+    base = model.base_reference(cfg)
+    dest = output_dir / "gguf"
+    staging = output_dir / f".gguf.staging-{os.getpid()}"
+    done = gguf_adapter.export(output_dir / "adapter", staging, base, model.load_config(cfg), args.outtype,
+                               args.base_gguf, name=output_dir.resolve().name)
+    export.make_shareable(staging)
+    export.replace_dir(staging, dest)
+    print(f"GGUF LoRA adapter: {dest / done.adapter.name} ({done.tensors} tensors, alpha {done.alpha:g})")
+    print(f"Ollama Modelfile:  {dest / done.modelfile.name}")
     return 0
 
 
@@ -301,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("output_dir")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--compare-base", action="store_true",
+                          help="also print the base model's reply (the adapter disabled)")
+    export_cmd = add("export", cmd_export, "write a finished run's adapter as a GGUF LoRA (llama.cpp, Ollama) "
+                     "with an Ollama Modelfile, into OUTPUT_DIR/gguf", [common])
+    export_cmd.add_argument("output_dir")
+    export_cmd.add_argument("--gguf", action="store_true", required=True,
+                            help="GGUF LoRA adapter + Modelfile (the only export format so far)")
+    export_cmd.add_argument("--outtype", default="f32", choices=["f32", "f16"], help="tensor type (default f32)")
+    export_cmd.add_argument("--base-gguf", metavar="PATH", help="the base model's GGUF file, for the Modelfile's FROM")
     tiny = add("tiny-model", cmd_tiny_model, "build a tiny random Phi-3 model + tokenizer (tests, demo)", [common])
     tiny.add_argument("dir")
     tiny.add_argument("--hidden-size", type=int, default=64)

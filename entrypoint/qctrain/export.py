@@ -1,10 +1,16 @@
-"""Export stage: adapter, model card, run manifest and loss plot, written atomically into output.dir."""
+"""Export stage: adapter, model card, run manifest and loss plot, written atomically into output.dir.
+
+The outputs travel: the adapter names its base by absolute path or Hub id, holds the model card,
+tokenizer and chat template itself, and every file is readable by other users (0644, folders 0755).
+"""
 
 import json
 import os
 import platform
 import shutil
+import stat
 import sys
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -14,6 +20,8 @@ import torch
 
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
+from qctrain.errors import InputError
+from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets",
@@ -52,12 +60,13 @@ def iso(timestamp: float) -> str:
 
 
 def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics: dict, args,
-                   started: float, finished: float) -> dict[str, Any]:
+                   started: float, finished: float, base: BaseReference | None = None) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     return {
         "qctrain_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": recipe.sha256(),
+        "base_model": asdict(base or base_reference(recipe.model)),
         "data": {
             "fingerprint": data_report.get("fingerprint"),
             "split": json.loads(split_path.read_text(encoding="utf-8")) if split_path.is_file() else None,
@@ -113,39 +122,169 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
     return replies
 
 
-def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[tuple[str, str]]) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
+@dataclass
+class Sample:
+    prompt: str
+    base: str | None  # the base model's reply (adapter disabled); None: not generated
+    tuned: str
+
+
+def before_after_samples(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48) -> list[Sample]:
+    """Greedy replies to each conversation with the adapter, and with it disabled (the base model)."""
+    tuned = generate_replies(model, tokenizer, conversations, max_new_tokens)
+    base: list[str | None] = [None] * len(conversations)
+    if conversations and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base = list(generate_replies(model, tokenizer, conversations, max_new_tokens))
+    return [Sample(c[-1]["content"], b, t) for c, b, t in zip(conversations, base, tuned, strict=True)]
+
+
+# Licenses of bases whose own card is often not at hand (from_pretrained does not fetch README.md):
+# the default base's, as its Hub card states it.
+KNOWN_LICENSES = {
+    "microsoft/phi-3.5-mini-instruct": {
+        "license": "mit", "license_link": "https://huggingface.co/microsoft/Phi-3.5-mini-instruct/resolve/main/LICENSE"},
+}
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def _base_file(base: BaseReference, filename: str) -> Path | None:
+    """A file of the base model: in its folder, else in the Hugging Face cache, else downloaded (Hub
+    bases, when online); None when it cannot be had."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    if base.local:
+        found = Path(base.source) / filename
+        if found.is_file():
+            return found
+    repo = base.source if not base.local else base.hub_id
+    if repo is None:
+        return None
+    revision = base.revision if not base.local else None
+    cached = try_to_load_from_cache(repo, filename, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if base.local or constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=5))
+    except Exception:  # noqa: BLE001 - an unreachable card only means the license stays unknown
+        return None
+
+
+def base_license(base: BaseReference) -> dict[str, str]:
+    """license (and license_name, license_link) of the base model: from its model card, else its
+    config.json, else KNOWN_LICENSES; empty when none says."""
+    from huggingface_hub import metadata_load
+
+    sources = []
+    if readme := _base_file(base, "README.md"):
+        try:
+            sources.append(metadata_load(readme) or {})
+        except (OSError, ValueError):
+            pass
+    if base.local:
+        sources.append(_read_json(Path(base.source) / "config.json"))
+    sources.append(KNOWN_LICENSES.get((base.hub_id or "").lower(), {}))
+    for meta in sources:
+        if isinstance(meta.get("license"), str) and meta["license"]:
+            return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta.get(k), str) and meta[k]}
+    return {}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _cell(text: str | None) -> str:
+    if text is None:
+        return "_not generated_"
+    text = text.strip()
+    return text.replace("|", "\\|").replace("\n", "<br>") if text else "_(empty reply)_"
+
+
+def samples_markdown(samples: list[Sample]) -> str:
+    blocks = []
+    for sample in samples:
+        blocks.append(f"**Prompt:** {sample.prompt.strip()}\n\n"
+                      f"| base model (adapter off) | with this adapter |\n|---|---|\n"
+                      f"| {_cell(sample.base)} | {_cell(sample.tuned)} |")
+    return "\n\n".join(blocks) or "_none_"
+
+
+def card_data(recipe: Recipe, base: BaseReference, metrics: dict, license_info: dict[str, str]):
+    """The card's YAML metadata, through huggingface_hub's ModelCardData (model-index included)."""
+    from huggingface_hub import EvalResult, ModelCardData
 
     datasets = [s.path.removeprefix("hub:") for s in recipe.data.sources if s.path.startswith("hub:")]
-    card_data = ModelCardData(
-        base_model=recipe.model.name,
+    eval_results = None
+    if isinstance(metrics.get("eval_loss"), int | float):
+        eval_sources = [s.path.removeprefix("hub:") for s in (recipe.data.eval.sources if recipe.data.eval else [])
+                        if s.path.startswith("hub:")]
+        where = eval_sources or datasets
+        eval_results = [EvalResult(
+            task_type="text-generation", task_name="Supervised fine-tuning",
+            dataset_type=where[0] if where else "local", dataset_name="held-out evaluation split",
+            metric_type="loss", metric_name="eval loss", metric_value=round(float(metrics["eval_loss"]), 4))]
+    return ModelCardData(
+        model_name=recipe.hub.repo_id if recipe.hub else Path(recipe.output.dir).name,
+        base_model=base.hub_id,  # a Hub id or nothing, never a local path
+        base_model_relation="adapter" if base.hub_id else None,
         library_name="peft",
-        license="other",
+        **license_info,
         tags=["qlora", "lora", "peft", "trl", "sft", "qc-train-phi"],
         datasets=datasets or None,
         pipeline_tag="text-generation",
+        eval_results=eval_results,
     )
+
+
+def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[Sample],
+               base: BaseReference | None = None, license_info: dict[str, str] | None = None) -> str:
+    from huggingface_hub import ModelCard
+
+    base = base or base_reference(recipe.model)
+    data = card_data(recipe, base, metrics, license_info or {})
     train = data_report.get("train", {})
-    wanted = ("train_loss", "eval_loss", "train_runtime", "train_samples_per_second", "epoch")
+    wanted = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_runtime", "train_samples_per_second",
+              "epoch")
     metric_rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items()
                             if k in wanted and isinstance(v, int | float))
-    sample_text = "\n\n".join(f"**Prompt:** {p}\n\n**Reply:** {r}" for p, r in samples) or "_none_"
     quant = recipe.model.quantization
     method = f"QLoRA ({quant.bits}-bit {quant.quant_type})" if quant else "LoRA"
+    base_name = base.hub_id or f"a local model ({Path(base.source).name})"
+    where_base = (f"the base loads from the Hub (`{base.hub_id}`)" if not base.local else
+                  "the base is a local folder, named in `adapter_config.json` by its absolute path"
+                  + (f" (a copy of `{base.hub_id}`)" if base.hub_id else ""))
+    gguf = ("\n`gguf/` holds the adapter as a GGUF LoRA for llama.cpp (`--lora`) and Ollama (`ADAPTER`).\n"
+            if recipe.output.gguf else "")
+    license_line = (f"License: `{license_info['license']}`, the base model's." if license_info and
+                    license_info.get("license") else "License: that of the base model (not stated in its files).")
     content = f"""---
-{card_data.to_yaml()}
+{data.to_yaml()}
 ---
 
-# LoRA adapter for {recipe.model.name}
+# LoRA adapter for {base_name}
 
 Trained with [qc-train-phi](https://github.com/qc-train-phi/qc-train-phi) {__version__}: {method},
-rank {recipe.lora.r}, alpha {recipe.lora.alpha}, targets {recipe.lora.target_modules}.
+rank {recipe.lora.r}, alpha {recipe.lora.alpha}, targets {recipe.lora.target_modules}. {license_line}
+
+## Use it
 
 ```python
 from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
 model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")
+tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")  # with the chat template
 ```
 
+The folder is complete (weights, tokenizer, chat template, this card); {where_base}.
+{gguf}
 ## Data
 
 {data_report.get("records_read", 0)} records read, {data_report.get("duplicates", 0)} duplicates removed;
@@ -162,7 +301,9 @@ model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")
 
 ## Sample generations (held-out prompts)
 
-{sample_text}
+Greedy, at most 48 new tokens, generated at the end of training.
+
+{samples_markdown(samples)}
 
 ## Recipe
 
@@ -170,6 +311,31 @@ model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")
 {dump_recipe(recipe)}```
 """
     return ModelCard(content).content
+
+
+def make_shareable(root: Path) -> None:
+    """Files 0644 and folders 0755 under root (safetensors writes 0600 whatever the umask), so a
+    serving process under another uid on a shared volume can read the outputs."""
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        try:
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                path.chmod(0o755)
+            elif stat.S_ISREG(mode):
+                path.chmod(0o644)
+        except (PermissionError, FileNotFoundError):  # another user's file, or gone meanwhile
+            pass
+
+
+def point_adapter_at_base(adapter_dir: Path, base: BaseReference) -> None:
+    """adapter_config.json names the base as PEFT reads it from any folder: absolute path or Hub id
+    (+ revision), not the possibly relative path training ran with."""
+    path = adapter_dir / "adapter_config.json"
+    config = _read_json(path)
+    config["base_model_name_or_path"] = base.source
+    config["revision"] = base.revision
+    write_json_atomic(path, config)
 
 
 def save_adapter(trainer, tokenizer, chat_template: str, dest: Path, state_dict: dict | None = None) -> None:
@@ -204,6 +370,8 @@ def replace_dir(new: Path, dest: Path) -> None:
 def publish_atomically(staging: Path, output_dir: Path) -> None:
     """Move finished outputs from staging into place; a good old adapter is only replaced by a whole new one."""
     replace_dir(staging / "adapter", output_dir / "adapter")
+    if (staging / "gguf").is_dir():
+        replace_dir(staging / "gguf", output_dir / "gguf")
     for name in FINAL_FILES:
         if (staging / name).exists():
             os.replace(staging / name, output_dir / name)
@@ -212,43 +380,82 @@ def publish_atomically(staging: Path, output_dir: Path) -> None:
 
 def write_outputs(recipe: Recipe, trainer, tokenizer, chat_template: str, data_report: dict, split_path: Path,
                   metrics: dict, log_history: list, started: float, finished: float,
-                  samples: list[tuple[str, str]], state_dict: dict | None = None) -> dict[str, Any]:
+                  samples: list[Sample], state_dict: dict | None = None) -> dict[str, Any]:
     output_dir = Path(recipe.output.dir)
     staging = output_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_adapter(trainer, tokenizer, chat_template, staging / "adapter", state_dict)
-    manifest = build_manifest(recipe, data_report, split_path, metrics, trainer.args, started, finished)
+    base = base_reference(recipe.model)
+    adapter = staging / "adapter"
+    save_adapter(trainer, tokenizer, chat_template, adapter, state_dict)
+    point_adapter_at_base(adapter, base)
+    manifest = build_manifest(recipe, data_report, split_path, metrics, trainer.args, started, finished, base)
     write_json_atomic(staging / "run_manifest.json", manifest)
     write_json_atomic(staging / "data_report.json", data_report)
     plot_loss(log_history, staging / "loss.png")
-    (staging / "README.md").write_text(model_card(recipe, data_report, metrics, samples), encoding="utf-8")
+    card = model_card(recipe, data_report, metrics, samples, base, base_license(base))
+    for folder in (staging, adapter):  # the adapter folder travels alone: its own copy of the card
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    shutil.copyfile(staging / "loss.png", adapter / "loss.png")
+    if recipe.output.gguf:
+        from qctrain import gguf_adapter
+
+        gguf_adapter.export(adapter, staging / "gguf", base, _model_config(trainer), name=output_dir.resolve().name)
+    make_shareable(staging)
     publish_atomically(staging, output_dir)
+    make_shareable(output_dir)
     return manifest
+
+
+def _model_config(trainer):
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    return model.config
+
+
+def load_base_for_merge(base_cfg, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    from qctrain.model import model_source
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_source(base_cfg), dtype=dtype, revision=base_cfg.revision,
+                                                    trust_remote_code=base_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load the base model {base_cfg.name}: {str(err).splitlines()[0]}") from None
 
 
 def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A standalone model: the base loaded unquantized in `dtype`, with the adapter merged into it.
-    Written next to `dest` first, then moved into place."""
+    Written next to `dest` first, then moved into place. Works from any folder; a base or adapter
+    that cannot be loaded is an input error (exit 2) naming the cause."""
     from huggingface_hub import ModelCardData
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from qctrain.model import model_source, run_model_section
+    from qctrain.model import run_model_section
 
     cfg = run_model_section(output_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_source(cfg), dtype=dtype, revision=cfg.revision,
-                                                trust_remote_code=cfg.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, output_dir / "adapter").merge_and_unload()
+    adapter = output_dir / "adapter"
+    base = load_base_for_merge(cfg, dtype)
+    try:
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"{adapter}: cannot load the adapter onto {cfg.name}: {str(err).splitlines()[0]}") from None
+    reference = base_reference(cfg)  # cfg: as resolved from here, its hub_id included
+    hub_id = reference.hub_id
     staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(output_dir / "adapter").save_pretrained(staging)
-    card_data = ModelCardData(base_model=cfg.name, library_name="transformers", license="other",
+    tokenizer.save_pretrained(staging)
+    card_data = ModelCardData(base_model=hub_id, base_model_relation="merge" if hub_id else None,
+                              library_name="transformers", **base_license(reference),
                               tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
-    card = f"---\n{card_data.to_yaml()}\n---\n\n# {cfg.name} with a merged LoRA adapter\n\n" \
+    title = hub_id or Path(cfg.name).name
+    card = f"---\n{card_data.to_yaml()}\n---\n\n# {title} with a merged LoRA adapter\n\n" \
            f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
            f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
     (staging / "README.md").write_text(card, encoding="utf-8")
+    make_shareable(staging)
     replace_dir(staging, dest)
     return dest

@@ -1,6 +1,9 @@
 """Model stage: tokenizer, 4-bit base model (BitsAndBytesConfig) and the LoRA config."""
 
+import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -118,20 +121,99 @@ def meta_model(cfg: ModelSection):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
 
-def run_model_section(output_dir: Path) -> ModelSection:
-    """The model: section of a finished run, from its run_manifest.json."""
-    import json
+@dataclass(frozen=True)
+class BaseReference:
+    """Where the base model of an adapter is, in a form that resolves from any folder."""
 
+    source: str  # what from_pretrained takes: an absolute folder, or a Hub id
+    revision: str | None  # Hub bases only
+    hub_id: str | None  # the Hub id for cards and GGUF metadata; None: not known (never a path)
+
+    @property
+    def local(self) -> bool:
+        return Path(self.source).is_absolute()
+
+
+# A snapshot folder in a Hugging Face cache: .../models--{owner}--{name}/snapshots/{commit}
+_CACHE_SNAPSHOT = re.compile(r"models--([A-Za-z0-9][\w.-]*?)--([\w.-]+)/snapshots/[0-9a-f]{40}/?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id_of_folder(folder: Path) -> str | None:
+    """The Hub id a local model folder is a copy of, where the folder itself says so: a snapshot
+    inside a Hugging Face cache, or a config.json whose `_name_or_path` is a Hub id (transformers 4
+    wrote it when saving a model loaded from the Hub)."""
+    if match := _CACHE_SNAPSHOT.search(folder.as_posix()):
+        return f"{match.group(1)}/{match.group(2)}"
+    try:
+        named = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(named, str) and _HUB_ID.match(named) and not (folder.parent / named).exists():
+        return named
+    return None
+
+
+def base_reference(cfg: ModelSection) -> BaseReference:
+    """The recipe's model as a reference that works from anywhere: a local folder by its absolute
+    path (its Hub id from the recipe's model.hub_id or the folder's own metadata), else the Hub id
+    and revision."""
+    folder = Path(cfg.name).expanduser()
+    if folder.exists() or cfg.name.startswith(("/", ".", "~")) or cfg.name.count("/") > 1:
+        folder = folder.resolve()
+        return BaseReference(str(folder), None, cfg.hub_id or hub_id_of_folder(folder))
+    return BaseReference(cfg.name, cfg.revision, cfg.name)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_model_section(output_dir: Path) -> ModelSection:
+    """The model: section of a finished run, its name replaced by a base that resolves from here:
+    the absolute folder or Hub id recorded in the adapter, else the Hub id the base is a copy of."""
     manifest_path = output_dir / "run_manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: not found; is {output_dir} the output.dir of a finished run?")
-    return ModelSection.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"]["model"])
+    manifest = _read_json(manifest_path)
+    try:
+        cfg = ModelSection.model_validate(manifest["recipe"]["model"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__})") from None
+    adapter_config = _read_json(output_dir / "adapter" / "adapter_config.json")
+    recorded = adapter_config.get("base_model_name_or_path") or cfg.name
+    hub_id = (manifest.get("base_model") or {}).get("hub_id") or cfg.hub_id
+    folder = Path(recorded).expanduser()
+    if folder.exists():
+        return cfg.model_copy(update={"name": str(folder.resolve()), "hub_id": hub_id})
+    if folder.is_absolute():
+        if hub_id:  # the local copy is not here: its Hub original is the same model
+            return cfg.model_copy(update={"name": hub_id, "revision": None})
+        raise InputError(f"{output_dir}: its base model {recorded} is not there (the adapter was trained on "
+                         "it); put it back, or name the Hub model it is a copy of with model.hub_id")
+    if recorded.startswith((".", "~")) or recorded.count("/") > 1:
+        raise InputError(f"{output_dir}: its base model {recorded} is a path relative to where it was "
+                         "trained and is not found from here: run from that folder")
+    return cfg.model_copy(update={"name": recorded, "revision": adapter_config.get("revision") or cfg.revision})
 
 
 def load_adapter_model(output_dir: Path):
-    """The base named in the run's manifest with the trained adapter on top, and the adapter's tokenizer."""
+    """The run's base with the trained adapter on top, and the adapter's tokenizer; the base is the
+    one recorded in the adapter, so this works from any folder. Loading problems are input errors."""
     from peft import PeftModel
 
     cfg = run_model_section(output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(output_dir / "adapter")
-    return PeftModel.from_pretrained(load_base_model(cfg), output_dir / "adapter"), tokenizer
+    adapter = output_dir / "adapter"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{adapter}: cannot load the tokenizer: {str(err).splitlines()[0]}") from None
+    base = load_base_model(cfg)
+    try:
+        return PeftModel.from_pretrained(base, adapter), tokenizer
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"{adapter}: cannot load the adapter onto {cfg.name}: {str(err).splitlines()[0]}") from None

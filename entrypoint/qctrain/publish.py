@@ -191,7 +191,8 @@ def validate_card_metadata(
 
 def output_files(output_dir: Path) -> dict[str, Path]:
     """What a run publishes, path in repo -> local file: the adapter folder's files at the repo root
-    (so PeftModel.from_pretrained(repo_id) works), then the run files; no checkpoints, no caches."""
+    (so PeftModel.from_pretrained(repo_id) works), then the run files and GGUF adapters; no
+    checkpoints, no caches."""
     adapter = output_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise InputError(f"{adapter} holds no trained adapter (no adapter_config.json): nothing to push")
@@ -199,6 +200,8 @@ def output_files(output_dir: Path) -> dict[str, Path]:
     for name in RUN_FILES:  # the run's README.md replaces the stub card PEFT writes next to the adapter
         if (output_dir / name).is_file():
             files[name] = output_dir / name
+    for path in sorted((output_dir / "gguf").glob("*.gguf")):  # not the Modelfile: its FROM is a local path
+        files[f"gguf/{path.name}"] = path
     return files
 
 

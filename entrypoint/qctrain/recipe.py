@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from qctrain.errors import InputError
 
@@ -40,6 +49,17 @@ class ModelSection(_Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     quantization: Quantization | None = Quantization()  # null: plain LoRA on an unquantized base
     trust_remote_code: bool = False
+    # For a local folder: the Hub id it is a copy of. Only the model card and GGUF metadata use it
+    # (base_model); the adapter itself points at the folder's absolute path.
+    hub_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_hub_id(self, handler):
+        # Unset, it stays out of dumps, so recipes written before the field keep their fingerprints.
+        data = handler(self)
+        if self.hub_id is None:
+            data.pop("hub_id", None)
+        return data
 
 
 class LoraSection(_Strict):
@@ -91,6 +111,8 @@ class OutputSection(_Strict):
     # Save a checkpoint at least this often (besides train.save_steps): bounds the work a preemption
     # or crash can lose. train.save_total_limit prunes the old ones either way.
     save_every_minutes: float | None = Field(None, gt=0)
+    # Also write the adapter as a GGUF LoRA (llama.cpp, Ollama) with a Modelfile, into output.dir/gguf/.
+    gguf: bool = False
 
 
 class HubSection(_Strict):

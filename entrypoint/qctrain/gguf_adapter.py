@@ -1,0 +1,169 @@
+"""GGUF export: the LoRA adapter as a GGUF LoRA file for llama.cpp (`--lora`) and Ollama (`ADAPTER`).
+
+Written with the `gguf` package the way llama.cpp's convert_lora_to_gguf.py writes it, so llama.cpp's
+loader (llama-adapter.cpp) accepts it: general.type = adapter, adapter.type = lora,
+adapter.lora.alpha, general.architecture = the base's; one tensor pair per adapted weight, named
+`<base tensor name>.lora_a` / `.lora_b` with gguf's tensor-name map, lora_a of shape (r, in) and
+lora_b of shape (out, r) (GGUF lists dimensions reversed: ne = (in, r) and (r, out)). Phi-3's fused
+qkv_proj and gate_up_proj stay fused, as llama.cpp keeps them (blk.N.attn_qkv, blk.N.ffn_up): the
+LoRA of a fused weight is the LoRA of the GGUF tensor, no splitting needed.
+"""
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from qctrain.errors import InputError
+from qctrain.model import BaseReference
+
+# transformers architecture -> llama.cpp architecture, for bases whose tensors convert_hf_to_gguf.py
+# writes unpermuted (a LoRA of a permuted weight, e.g. Llama's q/k, would need the same permutation).
+ARCHITECTURES = {"Phi3ForCausalLM": gguf.MODEL_ARCH.PHI3}
+OUTTYPES = {"f32": np.float32, "f16": np.float16}
+# What `FROM` in the Modelfile says for a Hub base that is not on this machine: the Ollama library
+# model built from the same weights.
+OLLAMA_LIBRARY = {"microsoft/phi-3.5-mini-instruct": "phi3.5"}
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+@dataclass
+class GgufExport:
+    adapter: Path  # the .gguf file
+    modelfile: Path
+    tensors: int
+    alpha: float
+
+
+def export(adapter_dir: Path, dest: Path, base: BaseReference, base_config, outtype: str = "f32",
+           base_gguf: str | None = None, name: str | None = None) -> GgufExport:
+    """Write dest/<name>-lora-<outtype>.gguf and dest/Modelfile (dest is replaced as a whole)."""
+    name = name or adapter_dir.parent.name
+    dest.mkdir(parents=True, exist_ok=True)
+    gguf_path = dest / f"{name}-lora-{outtype}.gguf"
+    tensors, alpha = write_lora_gguf(adapter_dir, gguf_path, base_config, base, outtype, name)
+    modelfile = dest / "Modelfile"
+    modelfile.write_text(modelfile_text(base, gguf_path.name, base_gguf), encoding="utf-8")
+    return GgufExport(gguf_path, modelfile, tensors, alpha)
+
+
+def gguf_architecture(base_config) -> gguf.MODEL_ARCH:
+    architectures = getattr(base_config, "architectures", None) or []
+    for architecture in architectures:
+        if architecture in ARCHITECTURES:
+            return ARCHITECTURES[architecture]
+    raise InputError(f"GGUF export: base architecture {', '.join(architectures) or 'unknown'} is not supported "
+                     f"(supported: {', '.join(ARCHITECTURES)})")
+
+
+def lora_pairs(weights: dict, name_map: gguf.TensorNameMap) -> dict[str, dict[str, np.ndarray]]:
+    """GGUF base tensor name -> {"a": lora_A (r, in), "b": lora_B (out, r)} from PEFT's saved keys."""
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in weights.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise InputError(f"GGUF export: {key} is not a LoRA A/B weight; llama.cpp adapters hold only those "
+                             "(no modules_to_save, trained biases or embeddings)")
+        base_name = name_map.get_name(f"{match['module']}.weight", try_suffixes=(".weight",))
+        if base_name is None:
+            raise InputError(f"GGUF export: {match['module']} has no llama.cpp tensor name")
+        pairs.setdefault(base_name, {})[match["part"].lower()] = tensor.float().numpy()
+    for base_name, pair in pairs.items():
+        if set(pair) != {"a", "b"}:
+            raise InputError(f"GGUF export: {base_name} has lora_{''.join(pair).upper()} but not both")
+    return pairs
+
+
+def effective_alpha(config: dict, ranks: set[int]) -> float:
+    """The alpha llama.cpp needs to scale by PEFT's factor: it uses alpha / r; rsLoRA scales by
+    alpha / sqrt(r), i.e. llama.cpp's formula with alpha * sqrt(r) (one rank in the file)."""
+    alpha = float(config["lora_alpha"])
+    if config.get("use_rslora"):
+        if len(ranks) != 1:
+            raise InputError("GGUF export: rsLoRA with several ranks cannot be expressed with one alpha")
+        alpha *= math.sqrt(next(iter(ranks)))
+    return alpha
+
+
+def write_lora_gguf(adapter_dir: Path, path: Path, base_config, base: BaseReference | None = None,
+                    outtype: str = "f32", name: str | None = None) -> tuple[int, float]:
+    """The adapter in adapter_dir as a GGUF LoRA at `path` (written beside it, then renamed)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if outtype not in OUTTYPES:
+        raise InputError(f"GGUF export: outtype {outtype}: use one of {', '.join(OUTTYPES)}")
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+    except (OSError, ValueError) as err:
+        raise InputError(f"{adapter_dir}: cannot read the adapter: {str(err).splitlines()[0]}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"GGUF export: {config.get('peft_type')} adapters are not LoRA")
+    for unsupported in ("use_dora", "alpha_pattern", "rank_pattern"):
+        if config.get(unsupported):
+            raise InputError(f"GGUF export: adapter_config.json {unsupported} is set; llama.cpp LoRA cannot apply it")
+    arch = gguf_architecture(base_config)
+    name_map = gguf.get_tensor_name_map(arch, int(base_config.num_hidden_layers))
+    pairs = lora_pairs(weights, name_map)
+    alpha = effective_alpha(config, {pair["a"].shape[0] for pair in pairs.values()})
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    metadata = gguf.Metadata.load(model_path=adapter_dir, model_name=name or adapter_dir.parent.name)
+    metadata.base_models = base_models(base)  # ours, not guessed from a card that may predate this version
+    metadata.set_gguf_meta_model(writer)  # name, license, tags: from the adapter's card
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    dtype = OUTTYPES[outtype]
+    for base_name in sorted(pairs):
+        writer.add_tensor(f"{base_name}.lora_a", pairs[base_name]["a"].astype(dtype))
+        writer.add_tensor(f"{base_name}.lora_b", pairs[base_name]["b"].astype(dtype))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return 2 * len(pairs), alpha
+
+
+def base_models(base: BaseReference | None) -> list[dict] | None:
+    """general.base_model.* entries: the Hub base, or none (a local path is no base model id)."""
+    if base is None or base.hub_id is None:
+        return None
+    organization, model = base.hub_id.split("/")
+    return [{"name": gguf.Metadata.id_to_title(model), "organization": gguf.Metadata.id_to_title(organization),
+             "repo_url": f"https://huggingface.co/{base.hub_id}"}]
+
+
+def ollama_base(base: BaseReference, base_gguf: str | None = None) -> str:
+    """What the Modelfile's FROM names: a given base GGUF, else the local base folder (Ollama imports
+    safetensors), else the Hub base's snapshot in the local cache, else its Ollama library model,
+    else the Hub id (replace it with a GGUF of the base)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if base_gguf:
+        return str(Path(base_gguf).expanduser().resolve())
+    if base.local:
+        return base.source
+    cached = try_to_load_from_cache(base.source, "config.json", revision=base.revision)
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    return OLLAMA_LIBRARY.get(base.source.lower(), base.source)
+
+
+def modelfile_text(base: BaseReference, adapter_file: str, base_gguf: str | None = None) -> str:
+    origin = base.hub_id or Path(base.source).name
+    return (f"# Ollama: ollama create NAME -f Modelfile (in this folder); then ollama run NAME\n"
+            f"# FROM must be the base this adapter was trained on ({origin}): its GGUF file, its\n"
+            f"# safetensors folder or an Ollama model of the same weights.\n"
+            f"FROM {ollama_base(base, base_gguf)}\n"
+            f"ADAPTER ./{adapter_file}\n")
