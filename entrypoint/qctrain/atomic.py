@@ -1,4 +1,5 @@
-"""Atomic JSON files: written beside the target, fsynced, then renamed over it (readers see old or new)."""
+"""JSON files: written atomically (beside the target, fsynced, then renamed over it: readers see old or new),
+and read leniently where a missing or broken file means "nothing recorded"."""
 
 import json
 import os
@@ -14,3 +15,12 @@ def write_json_atomic(path: Path, value: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when the file is missing, unreadable or holds no object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

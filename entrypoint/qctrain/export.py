@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qctrain import __version__
-from qctrain.atomic import write_json_atomic
+from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
@@ -184,20 +184,12 @@ def base_license(base: BaseReference) -> dict[str, str]:
         except (OSError, ValueError):
             pass
     if base.local:
-        sources.append(_read_json(Path(base.source) / "config.json"))
+        sources.append(read_json_object(Path(base.source) / "config.json"))
     sources.append(KNOWN_LICENSES.get((base.hub_id or "").lower(), {}))
     for meta in sources:
         if isinstance(meta.get("license"), str) and meta["license"]:
             return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta.get(k), str) and meta[k]}
     return {}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _cell(text: str | None) -> str:
@@ -332,7 +324,7 @@ def point_adapter_at_base(adapter_dir: Path, base: BaseReference) -> None:
     """adapter_config.json names the base as PEFT reads it from any folder: absolute path or Hub id
     (+ revision), not the possibly relative path training ran with."""
     path = adapter_dir / "adapter_config.json"
-    config = _read_json(path)
+    config = read_json_object(path)
     config["base_model_name_or_path"] = base.source
     config["revision"] = base.revision
     write_json_atomic(path, config)

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qctrain.atomic import read_json_object
 from qctrain.errors import InputError
 from qctrain.modelfiles import check_lora_targets, model_source  # noqa: F401 - part of this stage's API
 from qctrain.recipe import LoraSection, ModelSection
@@ -165,26 +166,18 @@ def base_reference(cfg: ModelSection) -> BaseReference:
     return BaseReference(cfg.name, cfg.revision, cfg.name)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def run_model_section(output_dir: Path) -> ModelSection:
     """The model: section of a finished run, its name replaced by a base that resolves from here:
     the absolute folder or Hub id recorded in the adapter, else the Hub id the base is a copy of."""
     manifest_path = output_dir / "run_manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: not found; is {output_dir} the output.dir of a finished run?")
-    manifest = _read_json(manifest_path)
+    manifest = read_json_object(manifest_path)
     try:
         cfg = ModelSection.model_validate(manifest["recipe"]["model"])
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__})") from None
-    adapter_config = _read_json(output_dir / "adapter" / "adapter_config.json")
+    adapter_config = read_json_object(output_dir / "adapter" / "adapter_config.json")
     recorded = adapter_config.get("base_model_name_or_path") or cfg.name
     hub_id = (manifest.get("base_model") or {}).get("hub_id") or cfg.hub_id
     folder = Path(recorded).expanduser()

@@ -77,29 +77,43 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def weight_shapes(cfg: ModelSection) -> dict[str, list[int]] | None:
-    """Every tensor's shape, from the safetensors headers alone; None when the model has no safetensors."""
+    """Every tensor's shape, from the safetensors headers alone; None when the model has no safetensors
+    (or, offline, none in the Hub cache)."""
     source = model_source(cfg)
     if not Path(source).is_dir():
         return _hub_weight_shapes(cfg, source)
-    index = Path(source) / SAFETENSORS_INDEX
-    if index.is_file():
-        files = sorted(set(_read_json(index, SAFETENSORS_INDEX).get("weight_map", {}).values()))
-    elif (Path(source) / SAFETENSORS_SINGLE).is_file():
-        files = [SAFETENSORS_SINGLE]
+    return _shapes_in_folder(lambda filename: Path(source) / filename)
+
+
+def _shapes_in_folder(locate) -> dict[str, list[int]] | None:
+    """Shapes from the safetensors files that `locate(filename)` finds (a Path, or None if it has none)."""
+    index = locate(SAFETENSORS_INDEX)
+    if index is not None and index.is_file():
+        names = sorted(set(_read_json(index, SAFETENSORS_INDEX).get("weight_map", {}).values()))
     else:
+        names = [SAFETENSORS_SINGLE]
+    files = [locate(name) for name in names]
+    if not all(path is not None and path.is_file() for path in files):
         return None
     shapes: dict[str, list[int]] = {}
-    for name in files:
-        header = safetensors_header(Path(source) / name)
+    for path in files:
+        header = safetensors_header(path)
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     return shapes
 
 
 def _hub_weight_shapes(cfg: ModelSection, repo_id: str) -> dict[str, list[int]] | None:
-    from huggingface_hub import get_safetensors_metadata
+    from huggingface_hub import constants, get_safetensors_metadata, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, NotASafetensorsRepoError
 
-    try:
+    def cached(filename: str) -> Path | None:
+        found = try_to_load_from_cache(repo_id, filename, revision=cfg.revision)
+        return Path(found) if isinstance(found, str) else None
+
+    shapes = _shapes_in_folder(cached)  # a base downloaded before: its files are on disk
+    if shapes is not None or constants.HF_HUB_OFFLINE:
+        return shapes
+    try:  # the headers alone, by HTTP range requests
         metadata = get_safetensors_metadata(repo_id, revision=cfg.revision)
     except NotASafetensorsRepoError:
         return None

@@ -7,7 +7,6 @@ finished run in one commit with retries; when it still fails the outputs stay as
 wrong. The token is never logged, printed or written: messages pass through `redact`.
 """
 
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
 from qctrain import __version__
-from qctrain.atomic import write_json_atomic
+from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.errors import InputError, PushFailed
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ def push_checkpoint(
     files = {f"checkpoints/{checkpoint_dir.name}/{rel}": path for rel, path in _files_under(checkpoint_dir)}
     if not files:
         raise InputError(f"checkpoint {checkpoint_dir} holds no files")
-    step = _read_json(checkpoint_dir / "trainer_state.json").get("global_step")
+    step = read_json_object(checkpoint_dir / "trainer_state.json").get("global_step")
     message = f"qctrain: checkpoint {checkpoint_dir.name}" + (f" (step {step})" if step is not None else "")
     return _push(files, repo_id, token, private, branch, message, endpoint, retry)
 
@@ -208,7 +207,7 @@ def output_files(output_dir: Path) -> dict[str, Path]:
 def default_commit_message(output_dir: Path) -> str:
     """qctrain: adapter from run <id or finish time> (recipe <sha>), final loss X, eval loss Y;
     each part only when run_manifest.json holds it."""
-    manifest = _read_json(output_dir / "run_manifest.json")
+    manifest = read_json_object(output_dir / "run_manifest.json")
     run = _first(manifest, "run_id", "finished")
     recipe = _first(manifest, "recipe_sha256")
     message = "qctrain: adapter"
@@ -384,14 +383,6 @@ def _files_under(folder: Path) -> list[tuple[str, Path]]:
         if path.is_file() and not any(part.startswith(".") for part in rel.parts):
             found.append((rel.as_posix(), path))
     return found
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _first(data: dict[str, Any], *keys: str) -> Any:
