@@ -203,3 +203,24 @@ def test_real_entrypoint(name, real_runs):
     assert lines and all(line.startswith("qctrain: error: ") for line in lines), stderr
     assert all(any(text in line for line in lines) for text in spec["expect"]), stderr
     assert outputs_unchanged
+
+
+def test_output_dir_apart_from_data_in_preflight_and_prepare(tmp_path, model_dir):
+    """The same refusal where a Recipe is built without load_recipe (the library path): preflight's checks
+    and data.prepare say so before anything is written."""
+    from qctrain import data, preflight
+    from qctrain.errors import InputError
+    from qctrain.recipe import Recipe
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "good.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
+    for out, relation in ((folder, "is the data source"), (folder / "run", "is inside the data folder"),
+                          (tmp_path, "contains the data source")):
+        recipe = Recipe.model_validate({"model": {"name": str(model_dir)}, "output": {"dir": str(out)},
+                                        "data": {"sources": [{"path": str(folder)}], "eval": None}})
+        problems = preflight.run_checks(recipe, env={}, hub=False)
+        assert any(relation in p and p.startswith("output.dir: ") for p in problems), problems
+        with pytest.raises(InputError, match=relation):
+            data.prepare(recipe.data, None, out)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "good.jsonl"]
