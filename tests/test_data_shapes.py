@@ -183,6 +183,8 @@ def test_native_tool_template_gets_the_canonical_conversation(tokenizer):
     for template in (qwen, phi):
         expected = data.tokenize_reference(conversations, tokenizer, template, "assistant")
         assert data.tokenize(conversations, tokenizer, template, "assistant") == expected
+        in_workers = data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=2, chunk=2)
+        assert in_workers.to_lists() == expected
     ids, labels = data.tokenize(conversations[:1], tokenizer, qwen, "assistant")
     marked = data.render_marked(ids[0], labels[0], tokenizer)
     assert "<tools>" in marked and '"name": "get_weather", "description": "Current weather in a city"' in marked

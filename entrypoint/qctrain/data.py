@@ -316,8 +316,12 @@ def _tools(value: Any, where: str, at: str = "tools") -> list[dict]:
         raise BadRecord(where, f"{at}: must be a list of function schemas, got {type(value).__name__}", "bad_tools")
     tools = []
     for i, tool in enumerate(value):
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
-        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]):
+        if not isinstance(tool, dict) or (tool.get("type") or "function") != "function":
+            raise BadRecord(where, f"{at}[{i}]: a tool must be a function schema, got {abbreviate(tool)}",
+                            "bad_tools")
+        function = (tool["function"] if isinstance(tool.get("function"), dict)
+                    else {k: v for k, v in tool.items() if k != "type"})  # bare, or {"type": "function", "name"...}
+        if not (isinstance(function.get("name"), str) and function["name"]):
             raise BadRecord(where, f"{at}[{i}]: a function schema needs a \"name\", got {abbreviate(tool)}",
                             "bad_tools")
         tools.append({"type": "function", "function": function})
@@ -468,8 +472,9 @@ def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
             calls = [_tool_call(turn["function_call"], where, f"{at}.function_call")]
         if turn.get("content") is None and not calls:
             raise BadRecord(where, f"{at}: field 'content' is " + ("null" if "content" in turn else "missing"))
-        message: dict[str, Any] = {"role": role, "content": _content(turn.get("content") or "", where,
-                                                                     f"{at}.content")}
+        content = turn.get("content")
+        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where,
+                                                                                              f"{at}.content")}
         if calls:
             message["tool_calls"] = calls
         if role == TOOL:
