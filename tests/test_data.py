@@ -29,10 +29,11 @@ def test_alpaca_json_with_system_and_history(tmp_path):
         "instruction": "And now?", "input": "", "output": "Now this.", "system": "Be brief.",
         "history": [["First?", "First answer."]]}])
     convs, counts = conversations(path)
-    assert convs == [[{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "First?"}, {"role": "assistant", "content": "First answer."},
-                      {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Now this."}]]
-    assert counts[str(path)] == {"read": 1, "bad": 0, "kept": 1, "examples": []}
+    assert convs == [{"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "First?"}, {"role": "assistant", "content": "First answer."},
+        {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Now this."}], "tools": []}]
+    assert counts[str(path)] == {"read": 1, "bad": 0, "kept": 1, "by_reason": {}, "examples": []}
 
 
 def test_jsonl_csv_parquet_and_folder_give_the_same_conversations(tmp_path):
@@ -51,7 +52,7 @@ def test_jsonl_csv_parquet_and_folder_give_the_same_conversations(tmp_path):
     write_json(folder / "1.json", records[:3])
     write_json(folder / "2.json", records[3:])
     results = [conversations(tmp_path / name)[0] for name in ("a.jsonl", "a.csv", "a.parquet", "parts")]
-    assert results[0][0] == EXPECTED_FIRST
+    assert results[0][0] == {"messages": EXPECTED_FIRST, "tools": []}
     assert all(result == results[0] for result in results) and len(results[0]) == 6
 
 
@@ -61,8 +62,8 @@ def test_sharegpt_messages_and_auto_detection(tmp_path):
     messages = write_json(tmp_path / "m.json", [{"messages": [
         {"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
         {"role": "assistant", "content": "A"}]}])
-    expected = [[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                 {"role": "assistant", "content": "A"}]]
+    expected = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                              {"role": "assistant", "content": "A"}], "tools": []}]
     assert conversations({"path": str(sharegpt), "format": "sharegpt"})[0] == expected
     assert conversations({"path": str(messages), "format": "messages"})[0] == expected
     assert conversations(sharegpt)[0] == expected and conversations(messages)[0] == expected
@@ -72,7 +73,8 @@ def test_column_mapping(tmp_path):
     path = write_json(tmp_path / "r.json", [{"question": "Q", "answer": "A"}])
     convs, _ = conversations({"path": str(path), "format": "alpaca",
                               "columns": {"instruction": "question", "output": "answer"}})
-    assert convs == [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
+    assert convs == [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                      "tools": []}]
 
 
 @pytest.mark.parametrize("record, message", [

@@ -7,7 +7,7 @@ A case is a recipe overlaying tests/hostile/base.yaml; its header comments say h
     # expect: <text>            a substring of the error output (one `expect:` per line)
     # accept: <text>            instead of expect: the command must succeed and print <text>
     # args: --set a.b=c         extra command-line arguments
-    # setup: chmod000|eio|min-free|no-outputs   see `prepare_case`
+    # setup: chmod000|eio|min-free|no-outputs|data-in-out|symlink-loop   see `prepare_case`
 
 The corpus runs in-process through `qctrain.cli.main` (one Python start instead of 65 starts of ~10 s each on
 this machine); `test_real_entrypoint` runs a case of each command through `python -m qctrain` subprocesses.
@@ -25,6 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "hostile"
 CASES = sorted(CORPUS.glob("cases/*.yaml"))
+MAX_LINE = 400  # characters in one error line: values are abbreviated, whatever the input holds
 
 
 def header(path: Path) -> dict[str, list[str]]:
@@ -80,6 +81,14 @@ def prepare_case(spec: dict, tmp: Path, model_dir: Path, monkeypatch) -> Path:
     if "eio" in setup:
         # A file whose every read fails (EIO) even for root: /proc/self/mem at offset 0 is unmapped.
         os.symlink("/proc/self/mem", tmp / "unreadable.jsonl")
+    if "data-in-out" in setup:  # a data folder inside output.dir (cases put output.dir around or in it)
+        (out / "data").mkdir(parents=True)
+        (out / "data" / "good.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
+    if "symlink-loop" in setup:  # a link to itself, alone and inside a data folder
+        os.symlink(tmp / "loop.jsonl", tmp / "loop.jsonl")
+        (tmp / "loops").mkdir()
+        (tmp / "loops" / "good.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
+        os.symlink(tmp / "loops" / "loop.jsonl", tmp / "loops" / "loop.jsonl")
     if "min-free" in setup:
         monkeypatch.setenv("QCTRAIN_MIN_FREE_BYTES", str(1 << 60))  # an exbibyte: no disk has that free
     return out
@@ -109,6 +118,7 @@ def test_hostile_case(case, tmp_path, model_dir, monkeypatch, capsys):
     assert code == 2, captured.err
     assert lines and all(line.startswith("qctrain: error: ") for line in lines), captured.err
     assert "Traceback" not in captured.err
+    assert all(len(line) <= MAX_LINE for line in lines), max(lines, key=len)[:1000]
     for text in spec["expect"]:
         assert any(text in line for line in lines), f"{text!r} not in:\n{captured.err}"
     assert tree_digest(out) == before  # a failed command leaves the earlier run's outputs alone
@@ -124,6 +134,24 @@ def test_corpus_is_complete():
     used = "".join(case.read_text(encoding="utf-8", errors="replace") for case in CASES)
     for data in (CORPUS / "data").iterdir():
         assert f"tests/hostile/data/{data.name}" in used, f"{data.name} is used by no case"
+
+
+@pytest.mark.parametrize("name", ["yaml-alias-bomb", "yaml-alias-bomb-seed", "yaml-alias-loop"])
+def test_yaml_alias_bombs_are_refused_within_a_second(name, tmp_path, model_dir, monkeypatch, capsys):
+    """A kilobyte of YAML whose aliases stand for billions of values (or for themselves): refused before
+    anything walks the document."""
+    import time
+
+    from qctrain.cli import main
+
+    case = CORPUS / "cases" / f"{name}.yaml"
+    assert case.stat().st_size < 1500
+    spec = header(case)
+    prepare_case(spec, tmp_path, model_dir, monkeypatch)
+    started = time.perf_counter()
+    assert main(run_case(case, spec)) == 2
+    assert time.perf_counter() - started < 1.0
+    assert len(capsys.readouterr().err) < MAX_LINE
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -175,3 +203,24 @@ def test_real_entrypoint(name, real_runs):
     assert lines and all(line.startswith("qctrain: error: ") for line in lines), stderr
     assert all(any(text in line for line in lines) for text in spec["expect"]), stderr
     assert outputs_unchanged
+
+
+def test_output_dir_apart_from_data_in_preflight_and_prepare(tmp_path, model_dir):
+    """The same refusal where a Recipe is built without load_recipe (the library path): preflight's checks
+    and data.prepare say so before anything is written."""
+    from qctrain import data, preflight
+    from qctrain.errors import InputError
+    from qctrain.recipe import Recipe
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "good.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
+    for out, relation in ((folder, "is the data source"), (folder / "run", "is inside the data folder"),
+                          (tmp_path, "contains the data source")):
+        recipe = Recipe.model_validate({"model": {"name": str(model_dir)}, "output": {"dir": str(out)},
+                                        "data": {"sources": [{"path": str(folder)}], "eval": None}})
+        problems = preflight.run_checks(recipe, env={}, hub=False)
+        assert any(relation in p and p.startswith("output.dir: ") for p in problems), problems
+        with pytest.raises(InputError, match=relation):
+            data.prepare(recipe.data, None, out)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "good.jsonl"]

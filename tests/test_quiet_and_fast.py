@@ -144,7 +144,7 @@ def test_unknown_enum_value_is_a_recipe_error_with_a_suggestion(tmp_path):
     assert str(err.value) == (f"{path}: train.lr_scheduler_type: unknown value 'cosin' (did you mean 'cosine'?); "
                               "one of: linear, cosine, cosine_with_restarts, polynomial, constant, "
                               "constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, cosine_with_min_lr, "
-                              "cosine_warmup_with_...")
+                              "cosine_warmup_with_mi…")
 
 
 def _tokenizer_with(template: str):

@@ -47,16 +47,26 @@ def _load(args):
 
 
 def _print_data_summary(report: dict, cached: bool) -> None:
-    train = report["train"]
-    held = report.get("eval", {}).get("records", 0)
-    print(f"data: {report['records_read']} read, {report['duplicates']} duplicates, "
-          f"{train['records']} train / {held} eval records, {train['tokens']} tokens, "
-          f"{train['supervised_fraction']:.1%} supervised, {train['sequences']} sequences"
-          f"{' (cached)' if cached else ''}")
-    dropped = train["overlong_dropped"] + train["unsupervised_dropped"]
-    bad = sum(s["bad"] for s in report["sources"].values())
-    if dropped or bad or train["overlong_truncated"]:
-        print(f"data: skipped {bad} bad records, dropped {dropped}, truncated {train['overlong_truncated']}")
+    """What became of every record read: read = kept (train + eval) + bad + duplicates + overlong (+ records
+    left with no supervised token), in total, by reason and per source (the same counts as data_report.json)."""
+    train, counts = report["train"], report["counts"]
+    unsupervised = f", {counts['unsupervised']} unsupervised" if counts["unsupervised"] else ""
+    print(f"data: {counts['read']} read, {counts['duplicates']} duplicates, {counts['bad']} bad, "
+          f"{counts['overlong']} overlong{unsupervised} -> {counts['kept']} kept: {counts['train']} train / "
+          f"{counts['eval']} eval records; {train['tokens']} train tokens, {train['supervised_fraction']:.1%} "
+          f"supervised, {train['sequences']} sequences{' (cached)' if cached else ''}")
+    if counts["bad_by_reason"]:
+        print("data: bad records by reason: "
+              + ", ".join(f"{reason} {n}" for reason, n in counts["bad_by_reason"].items()))
+        first_bad = next(e for s in report["sources"].values() for e in s["examples"])
+        print(f"data: first bad record: {first_bad}")
+    if counts["truncated"]:
+        print(f"data: {counts['truncated']} records truncated to data.max_seq_length (data.on_overlong: truncate)")
+    if len(report["sources"]) > 1:
+        for name, source in report["sources"].items():
+            print(f"data: {name}: {source['read']} read = {source['kept']} kept ({source['train']} train, "
+                  f"{source['eval']} eval) + {source['bad']} bad + {source['duplicates']} duplicates + "
+                  f"{source['overlong']} overlong + {source['unsupervised']} unsupervised")
 
 
 def cmd_validate(args) -> int:

@@ -5,6 +5,9 @@ content, the tokenizer, the chat template and every setting that changes the res
 """
 
 import csv
+import dataclasses
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -27,29 +30,48 @@ import xxhash
 
 from qctrain.atomic import write_json_atomic
 from qctrain.errors import InputError
-from qctrain.recipe import DataSection, DataSource, canonical_json
+from qctrain.recipe import DataSection, DataSource, abbreviate, canonical_json, output_data_overlap
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-PREP_VERSION = "2"  # bump when the preparation logic changes what it writes
+PREP_VERSION = "3"  # bump when the preparation logic changes what it writes
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "model": "assistant", "system": "system"}
 IGNORE = -100
 
 
 class BadRecord(ValueError):
-    """One record that cannot be used; `where` is file:line or file[index]."""
+    """One record that cannot be used; `where` is file:line or file[index], `reason` a short key counted in
+    data_report.json (see BAD_REASONS)."""
 
-    def __init__(self, where: str, message: str):
+    def __init__(self, where: str, message: str, reason: str = "bad_field"):
         super().__init__(f"{where}: {message}")
+        self.reason = reason
+
+
+# Why a record is bad: the keys the report counts them under.
+BAD_REASONS = {
+    "invalid_json": "a JSONL line that is not JSON (or not UTF-8)",
+    "not_an_object": "a record that is not an object",
+    "unknown_format": "keys that match no format",
+    "bad_field": "a field missing, null or of the wrong type",
+    "unknown_role": "a turn with a role we do not know",
+    "non_text_content": "an image, audio or other non-text content part",
+    "bad_tools": "a tools field that is not a list of function schemas",
+    "bad_tool_call": "a tool call without a name or with arguments that are not a JSON object",
+    "no_assistant_text": "no assistant turn with text or a tool call",
+    "empty_assistant_turn": "an empty or blank assistant turn",
+    "no_user_before_assistant": "an assistant turn before any user turn",
+    "orphan_tool_result": "a tool result with no tool call before it",
+    "last_turn_not_assistant": "a conversation that does not end with the assistant",
+}
 
 
 @dataclass
 class Record:
     where: str
-    fields: dict[str, Any]
+    fields: Any
+    problem: str | None = None  # set when the record could not even be parsed (a bad JSONL line)
 
 
 @dataclass
@@ -62,6 +84,16 @@ class PreparedData:
     cached: bool
 
 
+def os_error_text(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop (a link that leads back to itself)"
+    if err.errno == errno.EACCES:
+        return "permission denied"
+    if err.errno == errno.ENOENT:
+        return "not found"
+    return f"cannot read: {err.strerror or err}"
+
+
 # --- reading sources ---
 
 def is_hub_source(path: str) -> bool:
@@ -70,13 +102,20 @@ def is_hub_source(path: str) -> bool:
 
 def source_files(src: DataSource) -> list[Path]:
     path = Path(src.path)
-    if not path.exists():
-        raise InputError(f"{path}: data source not found")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: data source not found") from None
+    except OSError as err:  # a symlink loop, a folder we may not enter...
+        raise InputError(f"{path}: {os_error_text(err)}") from None
     if path.is_file():
         if path.suffix.lower() not in FILE_TYPES:
             raise InputError(f"{path}: unsupported data file type (use {', '.join(FILE_TYPES)})")
         return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_TYPES and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_TYPES and not p.name.startswith("."))
+    except OSError as err:
+        raise InputError(f"{path}: {os_error_text(err)}") from None
     if not files:
         raise InputError(f"{path}: folder holds no {', '.join(FILE_TYPES)} files")
     kinds = sorted({".json" if p.suffix.lower() == ".jsonl" else p.suffix.lower() for p in files})
@@ -94,35 +133,42 @@ def _decode(path: Path, raw: bytes) -> str:
         raise InputError(f"{path}:{line}: invalid UTF-8 (byte {err.start}); save the file as UTF-8") from None
 
 
-def _read_json(path: Path, text: str) -> Iterator[Record]:
+def _read_json(path: Path, raw: bytes) -> Iterator[Record]:
+    text = _decode(path, raw)
     if not text.strip():
         raise InputError(f"{path}: file is empty")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
+    except json.JSONDecodeError as err:  # one document: nothing after the error can be trusted
         raise InputError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
     if isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON array of records, got an object "
-                         f"(keys: {', '.join(list(data)[:5])}); for one record per line use .jsonl")
+                         f"(keys: {abbreviate(list(data)[:5])}); for one record per line use .jsonl")
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     for index, item in enumerate(data):
         yield Record(f"{path}[{index}]", item)
 
 
-def _read_jsonl(path: Path, text: str) -> Iterator[Record]:
-    if not text.strip():
+def _read_jsonl(path: Path, raw: bytes) -> Iterator[Record]:
+    """One record per line; a line that is not UTF-8 JSON is a bad record (data.on_bad_record), not the end."""
+    if not raw.strip():
         raise InputError(f"{path}: file is empty")
-    for number, line in enumerate(text.splitlines(), start=1):
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            yield Record(f"{path}:{number}", json.loads(line))
+            yield Record(where, json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            yield Record(where, None, f"invalid UTF-8 (byte {err.start} of the line); save the file as UTF-8")
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}:{err.colno}: invalid JSON: {err.msg}") from None
+            yield Record(where, None, f"invalid JSON: {err.msg} (column {err.colno})")
 
 
-def _read_csv(path: Path, text: str) -> Iterator[Record]:
+def _read_csv(path: Path, raw: bytes) -> Iterator[Record]:
+    text = _decode(path, raw)
     if not text.strip():
         raise InputError(f"{path}: file is empty")
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -138,8 +184,12 @@ def _read_parquet(path: Path) -> Iterator[Record]:
 
     try:
         rows = pq.read_table(path).to_pylist()
+    except OSError as err:
+        if err.errno is not None:
+            raise InputError(f"{path}: {os_error_text(err)}") from None
+        raise InputError(f"{path}: cannot read Parquet: {abbreviate(str(err), 200)}") from None
     except Exception as err:  # pyarrow raises several types for a broken file
-        raise InputError(f"{path}: cannot read Parquet: {err}") from None
+        raise InputError(f"{path}: cannot read Parquet: {abbreviate(str(err), 200)}") from None
     if not rows:
         raise InputError(f"{path}: file is empty")
     for index, row in enumerate(rows):
@@ -151,14 +201,12 @@ def read_file(path: Path) -> Iterator[Record]:
     if suffix == ".parquet":
         return _read_parquet(path)
     try:
-        text = _decode(path, path.read_bytes())
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
-    except OSError as err:  # EIO, a folder named like a file, a vanished mount...
-        raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
-    readers: dict[str, Callable[[Path, str], Iterator[Record]]] = {
+        raw = path.read_bytes()
+    except OSError as err:  # EACCES, ELOOP, EIO, a folder named like a file, a vanished mount...
+        raise InputError(f"{path}: {os_error_text(err)}") from None
+    readers: dict[str, Callable[[Path, bytes], Iterator[Record]]] = {
         ".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
-    return readers[suffix](path, text)
+    return readers[suffix](path, raw)
 
 
 def read_hub(src: DataSource) -> Iterator[Record]:
@@ -168,7 +216,8 @@ def read_hub(src: DataSource) -> Iterator[Record]:
     try:
         ds = load_dataset(name, split=src.split, revision=src.revision)
     except Exception as err:
-        raise InputError(f"{src.path}: cannot load Hub data set: {str(err).splitlines()[0]}") from None
+        raise InputError(f"{src.path}: cannot load Hub data set: {abbreviate(str(err).splitlines()[0], 200)}") \
+            from None
     for index, row in enumerate(ds):
         yield Record(f"{src.path}[{index}]", row)
 
@@ -190,14 +239,24 @@ def source_fingerprint(src: DataSource) -> str:
                 with open(path, "rb") as handle:
                     for block in iter(lambda: handle.read(1 << 20), b""):
                         digest.update(block)
-            except PermissionError:
-                raise InputError(f"{path}: permission denied") from None
             except OSError as err:
-                raise InputError(f"{path}: cannot read: {err.strerror or err}") from None
+                raise InputError(f"{path}: {os_error_text(err)}") from None
     return digest.hexdigest()
 
 
-# --- normalising to messages ---
+# --- normalising: one canonical conversation per record ---
+#
+# Every format maps a record's fields to the shape `tokenizer.apply_chat_template(messages, tools=tools)`
+# takes: {"messages": [...], "tools": [...]}. Roles system / user / assistant / tool; an assistant message
+# may carry "tool_calls": [{"type": "function", "function": {"name", "arguments": {...}}}] (its content is
+# "" when it only calls); a tool message carries the result as content and the "name" of the function it
+# answers. tools: JSON schemas, {"type": "function", "function": {"name", "description", "parameters"}}.
+# One pure function per format (record fields -> conversation), then the same turn checks for all.
+
+USER, ASSISTANT, SYSTEM, TOOL, CALL = "user", "assistant", "system", "tool", "call"
+ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "model": ASSISTANT,
+                "system": SYSTEM, "tool": TOOL, "function": TOOL, "observation": TOOL, "function_call": CALL}
+
 
 def _text(fields: dict[str, Any], name: str, where: str, required: bool = True) -> str:
     value = fields.get(name)
@@ -211,48 +270,220 @@ def _text(fields: dict[str, Any], name: str, where: str, required: bool = True) 
     return value
 
 
-def _alpaca(fields: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _content(value: Any, where: str, at: str) -> str:
+    """A turn's text: a string, or typed parts that are all text ({"type": "text", "text"|"value": ...}), joined
+    as chat templates join them (nothing in between)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise BadRecord(where, f"{at}: must be a string or a list of text parts, got {type(value).__name__}")
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind is None:
+            raise BadRecord(where, f"{at}[{i}]: a content part must be an object with a \"type\", "
+                                   f"got {abbreviate(part)}")
+        if kind != "text":
+            raise BadRecord(where, f"{at}[{i}]: a content part of type {abbreviate(kind)}; only text can be "
+                                   "trained on (this is a text model)", "non_text_content")
+        text = part["text"] if part.get("text") is not None else part.get("value")
+        if not isinstance(text, str):
+            raise BadRecord(where, f"{at}[{i}]: a text part needs a string \"text\" (or \"value\")")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _json_value(value: Any, where: str, at: str, reason: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise BadRecord(where, f"{at}: not valid JSON ({err.msg}): {abbreviate(value)}", reason) from None
+
+
+def _tools(value: Any, where: str, at: str = "tools") -> list[dict]:
+    """Function schemas, given as a list or a JSON string of one; bare {"name", "parameters"} objects (glaive,
+    LLaMA-Factory) get the {"type": "function", "function": ...} wrapper."""
+    if value is None or value == "":
+        return []
+    value = _json_value(value, where, at, "bad_tools")
+    if not isinstance(value, list):
+        raise BadRecord(where, f"{at}: must be a list of function schemas, got {type(value).__name__}", "bad_tools")
+    tools = []
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict) or (tool.get("type") or "function") != "function":
+            raise BadRecord(where, f"{at}[{i}]: a tool must be a function schema, got {abbreviate(tool)}",
+                            "bad_tools")
+        function = (tool["function"] if isinstance(tool.get("function"), dict)
+                    else {k: v for k, v in tool.items() if k != "type"})  # bare, or {"type": "function", "name"...}
+        if not (isinstance(function.get("name"), str) and function["name"]):
+            raise BadRecord(where, f"{at}[{i}]: a function schema needs a \"name\", got {abbreviate(tool)}",
+                            "bad_tools")
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _tool_call(call: Any, where: str, at: str) -> dict:
+    """{"type": "function", "function": {"name", "arguments"}} (OpenAI, HF) or {"name", "arguments"} (glaive);
+    arguments as an object or as a JSON string of one."""
+    function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
+    if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]):
+        raise BadRecord(where, f"{at}: a tool call needs a function \"name\", got {abbreviate(call)}",
+                        "bad_tool_call")
+    arguments = function.get("arguments")
+    arguments = {} if arguments is None or arguments == "" else _json_value(arguments, where, f"{at}.arguments",
+                                                                            "bad_tool_call")
+    if not isinstance(arguments, dict):
+        raise BadRecord(where, f"{at}.arguments: must be a JSON object, got {abbreviate(arguments)}",
+                        "bad_tool_call")
+    canonical: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if isinstance(call, dict) and isinstance(call.get("id"), str):
+        canonical["id"] = call["id"]
+    return canonical
+
+
+def _tool_calls(value: Any, where: str, at: str) -> list[dict]:
+    calls = _json_value(value, where, at, "bad_tool_call")
+    calls = calls if isinstance(calls, list) else [calls]
+    return [_tool_call(call, where, f"{at}[{i}]" if len(calls) > 1 else at) for i, call in enumerate(calls)]
+
+
+def _role(value: Any, where: str, at: str) -> str:
+    role = ROLE_ALIASES.get(value) if isinstance(value, str) else None
+    if role is None:
+        raise BadRecord(where, f"{at}: unknown role {abbreviate(value)}", "unknown_role")
+    return role
+
+
+def check_turns(messages: list[dict], tools: list[dict], where: str, turns: list[str]) -> dict[str, Any]:
+    """The conversation, once its turns make sense for training: it ends with a non-empty assistant turn,
+    every assistant turn says something (text or a tool call) and follows a user turn, and every tool result
+    answers an earlier call (whose function name it takes). `turns` names each message's place in the record."""
+    if not any(m["role"] == ASSISTANT and (m["content"].strip() or m.get("tool_calls")) for m in messages):
+        raise BadRecord(where, "no assistant turn with text to learn from", "no_assistant_text")
+    prompted = False
+    pending: list[dict] = []  # calls not yet answered, oldest first
+    for message, at in zip(messages, turns, strict=True):
+        role = message["role"]
+        if role == ASSISTANT:
+            if not prompted:
+                raise BadRecord(where, f"{at}: an assistant turn before any user turn", "no_user_before_assistant")
+            if not message["content"].strip() and not message.get("tool_calls"):
+                raise BadRecord(where, f"{at}: empty assistant turn (nothing to learn; drop the turn or fill it)",
+                                "empty_assistant_turn")
+            pending += message.get("tool_calls", [])
+        elif role == USER:
+            prompted = True
+        elif role == TOOL:
+            answered = _answered_call(message, pending)
+            if answered is None:
+                raise BadRecord(where, f"{at}: a tool result with no tool call before it", "orphan_tool_result")
+            pending.remove(answered)
+            message.setdefault("name", answered["function"]["name"])
+            prompted = True
+    if messages[-1]["role"] != ASSISTANT:
+        raise BadRecord(where, f"{turns[-1]}: the last turn must be the assistant's", "last_turn_not_assistant")
+    return {"messages": messages, "tools": tools}
+
+
+def _answered_call(result: dict, pending: list[dict]) -> dict | None:
+    """The call a tool result answers: by tool_call_id, else by function name, else the oldest open one."""
+    if "tool_call_id" in result:
+        return next((c for c in pending if c.get("id") == result["tool_call_id"]), None)
+    if "name" in result:
+        return next((c for c in pending if c["function"]["name"] == result["name"]), None)
+    return pending[0] if pending else None
+
+
+def alpaca_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """{instruction, input?, output, system?, history?: [[user, assistant], ...]}"""
     instruction = _text(fields, "instruction", where)
     output = _text(fields, "output", where)
     extra = _text(fields, "input", where, required=False)
     system = _text(fields, "system", where, required=False)
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": SYSTEM, "content": system}] if system else []
+    turns = ["system"] if system else []
     history = fields.get("history") or []
     if not isinstance(history, list):
         raise BadRecord(where, "field 'history' must be a list of [user, assistant] pairs")
-    for turn in history:
+    for i, turn in enumerate(history):
         if not (isinstance(turn, list | tuple) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
             raise BadRecord(where, "field 'history' must be a list of [user, assistant] string pairs")
-        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+        messages += [{"role": USER, "content": turn[0]}, {"role": ASSISTANT, "content": turn[1]}]
+        turns += [f"history[{i}][0]", f"history[{i}][1]"]
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    messages += [{"role": USER, "content": prompt}, {"role": ASSISTANT, "content": output}]
+    return check_turns(messages, [], where, [*turns, "instruction", "output"])
 
 
-def _turns(fields: dict[str, Any], where: str, list_key: str, role_key: str,
-           content_key: str) -> list[dict[str, str]]:
-    turns = fields.get(list_key)
-    if not isinstance(turns, list) or not turns:
-        raise BadRecord(where, f"field '{list_key}' must be a non-empty list of turns")
-    messages = []
-    for i, turn in enumerate(turns):
+def sharegpt_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """{conversations: [{from, value}], system?, tools?}: from human/user, gpt/assistant/model, system,
+    function_call (value: JSON {"name", "arguments"} or a list of them), observation/tool (a tool result);
+    tools as a list or a JSON string."""
+    system = _text(fields, "system", where, required=False)
+    messages = [{"role": SYSTEM, "content": system}] if system else []
+    turns = ["system"] if system else []
+    conversation = fields.get("conversations")
+    if not isinstance(conversation, list) or not conversation:
+        raise BadRecord(where, "field 'conversations' must be a non-empty list of turns")
+    for i, turn in enumerate(conversation):
+        at = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise BadRecord(where, f"{list_key}[{i}] must be an object")
-        role = ROLE_ALIASES.get(str(turn.get(role_key)))
-        if role is None:
-            raise BadRecord(where, f"{list_key}[{i}].{role_key}: unknown role {turn.get(role_key)!r}")
-        messages.append({"role": role, "content": _text(turn, content_key, f"{where} {list_key}[{i}]")})
-    return messages
+            raise BadRecord(where, f"{at} must be an object")
+        role = _role(turn.get("from"), where, f"{at}.from")
+        if turn.get("value") is None:
+            raise BadRecord(where, f"{at}: field 'value' is " + ("null" if "value" in turn else "missing"))
+        if role == CALL:
+            messages.append({"role": ASSISTANT, "content": "", "tool_calls": _tool_calls(turn["value"], where,
+                                                                                          f"{at}.value")})
+        else:
+            messages.append({"role": role, "content": _content(turn["value"], where, f"{at}.value")})
+        turns.append(at)
+    return check_turns(messages, _tools(fields.get("tools"), where), where, turns)
 
 
-def _sharegpt(fields: dict[str, Any], where: str) -> list[dict[str, str]]:
-    return _turns(fields, where, "conversations", "from", "value")
+def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """{messages: [{role, content, tool_calls?, name?, tool_call_id?}], tools?} (OpenAI, HF, TRL): content a
+    string or typed text parts; assistant tool_calls (or the older function_call); tool (or function) results."""
+    conversation = fields.get("messages")
+    if not isinstance(conversation, list) or not conversation:
+        raise BadRecord(where, "field 'messages' must be a non-empty list of turns")
+    messages, turns = [], []
+    for i, turn in enumerate(conversation):
+        at = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRecord(where, f"{at} must be an object")
+        role = _role(turn.get("role"), where, f"{at}.role")
+        if role == CALL:
+            raise BadRecord(where, f"{at}.role: unknown role 'function_call' (use an assistant turn with "
+                                   "tool_calls)", "unknown_role")
+        calls = []
+        if role == ASSISTANT and turn.get("tool_calls") is not None:
+            if not isinstance(turn["tool_calls"], list):
+                raise BadRecord(where, f"{at}.tool_calls: must be a list, got {type(turn['tool_calls']).__name__}",
+                                "bad_tool_call")
+            calls = [_tool_call(c, where, f"{at}.tool_calls[{j}]") for j, c in enumerate(turn["tool_calls"])]
+        elif role == ASSISTANT and turn.get("function_call") is not None:
+            calls = [_tool_call(turn["function_call"], where, f"{at}.function_call")]
+        if turn.get("content") is None and not calls:
+            raise BadRecord(where, f"{at}: field 'content' is " + ("null" if "content" in turn else "missing"))
+        content = turn.get("content")
+        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where,
+                                                                                              f"{at}.content")}
+        if calls:
+            message["tool_calls"] = calls
+        if role == TOOL:
+            for key in ("name", "tool_call_id"):
+                if isinstance(turn.get(key), str) and turn[key]:
+                    message[key] = turn[key]
+        messages.append(message)
+        turns.append(at)
+    return check_turns(messages, _tools(fields.get("tools"), where), where, turns)
 
 
-def _messages(fields: dict[str, Any], where: str) -> list[dict[str, str]]:
-    return _turns(fields, where, "messages", "role", "content")
-
-
-NORMALISERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
+NORMALISERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "alpaca": alpaca_conversation, "sharegpt": sharegpt_conversation, "messages": messages_conversation}
 
 
 def detect_format(fields: dict[str, Any], where: str) -> str:
@@ -262,70 +493,92 @@ def detect_format(fields: dict[str, Any], where: str) -> str:
         return "sharegpt"
     if "instruction" in fields:
         return "alpaca"
-    raise BadRecord(where, f"cannot tell the format from keys {sorted(fields)[:6]}; "
-                           "set format: alpaca|sharegpt|messages or a columns: mapping")
+    raise BadRecord(where, f"cannot tell the format from keys {abbreviate(sorted(fields)[:6])}; "
+                           "set format: alpaca|sharegpt|messages or a columns: mapping", "unknown_format")
 
 
-def to_messages(record: Record, fmt: str, columns: dict[str, str]) -> list[dict[str, str]]:
+def to_conversation(record: Record, fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+    if record.problem is not None:
+        raise BadRecord(record.where, record.problem, "invalid_json")
     fields = record.fields
     if not isinstance(fields, dict):
-        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}")
+        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
     if columns:
         fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
     if fmt == "auto":
         fmt = detect_format(fields, record.where)
-    messages = NORMALISERS[fmt](fields, record.where)
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise BadRecord(record.where, "no assistant turn with text to learn from")
-    if messages[-1]["role"] != "assistant":
-        raise BadRecord(record.where, "the last turn must be the assistant's")
-    return messages
+    return NORMALISERS[fmt](fields, record.where)
+
+
+to_messages = to_conversation  # the older name (bench/packing.py)
+
+
+def conversation_messages(conversation: dict[str, Any] | list[dict]) -> list[dict]:
+    return conversation["messages"] if isinstance(conversation, dict) else conversation
 
 
 @dataclass
 class SourceCounts:
+    """What became of one source's records: read = kept + bad + duplicates + overlong + unsupervised."""
+
     read: int = 0
     bad: int = 0
     kept: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
 
 
-def load_conversations(sources: list[DataSource], on_bad: str) -> tuple[list[list[dict]], dict[str, Any]]:
-    conversations: list[list[dict]] = []
-    counts: dict[str, Any] = {}
-    for src in sources:
-        tally = SourceCounts()
+def load_sources(sources: list[DataSource], on_bad: str) -> tuple[list[dict], list[int], dict[str, SourceCounts]]:
+    """The conversations of every source, the index of the source each came from, and per-source counts."""
+    conversations: list[dict] = []
+    origins: list[int] = []
+    counts: dict[str, SourceCounts] = {}
+    for index, src in enumerate(sources):
+        tally = counts.setdefault(src.path, SourceCounts())
         for record in read_source(src):
             tally.read += 1
             try:
-                conversations.append(to_messages(record, src.format, src.columns))
+                conversations.append(to_conversation(record, src.format, src.columns))
+                origins.append(index)
                 tally.kept += 1
             except BadRecord as err:
                 if on_bad == "error":
                     raise InputError(f"{err} (set data.on_bad_record: skip to skip such records)") from None
                 tally.bad += 1
+                tally.by_reason[err.reason] = tally.by_reason.get(err.reason, 0) + 1
                 if len(tally.examples) < 5:
                     tally.examples.append(str(err))
-        counts[src.path] = tally.__dict__
-    return conversations, counts
+    return conversations, origins, counts
+
+
+def load_conversations(sources: list[DataSource], on_bad: str) -> tuple[list[dict], dict[str, Any]]:
+    conversations, _, counts = load_sources(sources, on_bad)
+    return conversations, {path: dataclasses.asdict(tally) for path, tally in counts.items()}
 
 
 # --- dedup and split ---
 
-def conversation_id(messages: list[dict[str, str]]) -> str:
-    return hashlib.blake2b(canonical_json(messages).encode(), digest_size=8).hexdigest()
+def conversation_id(conversation: dict[str, Any] | list[dict]) -> str:
+    """A content hash; a conversation without tools hashes as its messages (the ids of PREP_VERSION 2)."""
+    key = conversation["messages"] if isinstance(conversation, dict) and not conversation["tools"] else conversation
+    return hashlib.blake2b(canonical_json(key).encode(), digest_size=8).hexdigest()
 
 
-def dedup(conversations: list[list[dict]]) -> tuple[list[list[dict]], list[str], int]:
+def unique_indices(ids: list[str]) -> list[int]:
+    """Positions of the first occurrence of each id."""
     seen: set[str] = set()
-    unique, ids = [], []
-    for messages in conversations:
-        cid = conversation_id(messages)
+    first = []
+    for index, cid in enumerate(ids):
         if cid not in seen:
             seen.add(cid)
-            unique.append(messages)
-            ids.append(cid)
-    return unique, ids, len(conversations) - len(unique)
+            first.append(index)
+    return first
+
+
+def dedup(conversations: list) -> tuple[list, list[str], int]:
+    ids = [conversation_id(c) for c in conversations]
+    keep = unique_indices(ids)
+    return [conversations[i] for i in keep], [ids[i] for i in keep], len(conversations) - len(keep)
 
 
 def split_ids(ids: list[str], seed: int, fraction: float | None, count: int | None) -> set[str]:
@@ -363,8 +616,9 @@ def resolve_chat_template(setting: str, tokenizer) -> str:
     if setting not in names:
         from qctrain.recipe import did_you_mean
 
-        raise InputError(f"data.chat_template: unknown template '{setting}'{did_you_mean(setting, names)}; "
-                         f"known: model, {', '.join(names)}, or a .jinja file")
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} TRL templates)" if len(names) > 12 else "")
+        raise InputError(f"data.chat_template: unknown template {abbreviate(setting)}"
+                         f"{did_you_mean(setting[:100], names)}; known: model, {shown}, or a .jinja file")
     return resources.files("trl").joinpath(f"chat_templates/{setting}.jinja").read_text(encoding="utf-8")
 
 
@@ -384,6 +638,95 @@ def training_template(template: str, tokenizer, loss_on: str) -> str:
                          "data.loss_on: all") from None
     finally:
         tokenizer.chat_template = original
+
+
+# --- tools: the template's own way, or one fallback that keeps everything ---
+#
+# A template that renders `tools=` (Qwen, Llama 3.1...) gets the canonical conversation as it is. Phi-3.5's
+# renders only system/user/assistant content and silently drops tools, tool_calls and tool turns, so for
+# such a template every conversation that uses tools is rewritten into plain turns first:
+#   - the tool definitions go into the system turn (after its text): TOOLS_HEADER, then the list as JSON;
+#   - an assistant turn that calls tools says so as JSON after its text: {"tool_calls": [{"name", "arguments"}]}
+#     (trained on, like any assistant text);
+#   - each tool result is a user turn of its own, {"tool_result": {"name", "content"}} (not trained on).
+# Call ids only pair results with calls (check_turns) and are not rendered.
+
+TOOLS_HEADER = ('You can call these tools. To call them, answer with {"tool_calls": [{"name": ..., '
+                '"arguments": {...}}]}; each result comes back as {"tool_result": {"name": ..., "content": ...}}.'
+                "\nTools: ")
+
+
+def _uses_tools(conversation: dict[str, Any]) -> bool:
+    return bool(conversation["tools"]) or any(m["role"] == TOOL or m.get("tool_calls")
+                                              for m in conversation["messages"])
+
+
+def fallback_messages(conversation: dict[str, Any]) -> list[dict]:
+    """Plain system/user/assistant turns that carry the tools, calls and results as text (see above)."""
+    if not _uses_tools(conversation):
+        return conversation["messages"]
+    out = []
+    for message in conversation["messages"]:
+        if message.get("tool_calls"):
+            calls = json.dumps({"tool_calls": [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                                               for c in message["tool_calls"]]}, ensure_ascii=False)
+            text = f"{message['content']}\n{calls}" if message["content"].strip() else calls
+            out.append({"role": ASSISTANT, "content": text})
+        elif message["role"] == TOOL:
+            result = {"tool_result": {"name": message["name"], "content": message["content"]}}
+            out.append({"role": USER, "content": json.dumps(result, ensure_ascii=False)})
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    if conversation["tools"]:
+        block = TOOLS_HEADER + json.dumps(conversation["tools"], ensure_ascii=False)
+        if out[0]["role"] == SYSTEM:
+            out[0] = {"role": SYSTEM, "content": f"{out[0]['content']}\n\n{block}" if out[0]["content"].strip()
+                      else block}
+        else:
+            out.insert(0, {"role": SYSTEM, "content": block})
+    return out
+
+
+_PROBE = "qctrain_probe"
+
+
+@functools.lru_cache(maxsize=16)
+def template_renders_tools(template: str) -> bool:
+    """Whether the template renders `tools=`, assistant tool_calls and tool results itself: `tools=` changes
+    its output, and the tool, the call, its arguments and the result all show in the text."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tool = {"type": "function", "function": {"name": f"{_PROBE}_tool", "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    call = {"type": "function", "function": {"name": f"{_PROBE}_call", "arguments": {"x": f"{_PROBE}_argument"}}}
+    messages = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": f"{_PROBE}_call", "content": f"{_PROBE}_result"},
+                {"role": "assistant", "content": "pong"}]
+    try:
+        (with_tools,), _ = render_jinja_template(conversations=[messages], tools=[tool], chat_template=template)
+        (without,), _ = render_jinja_template(conversations=[messages], chat_template=template)
+    except Exception:  # a template that raises on tools or on the tool role cannot render them
+        return False
+    marks = ("tool", "call", "argument", "result")
+    return with_tools != without and all(f"{_PROBE}_{mark}" in with_tools for mark in marks)
+
+
+def template_inputs(conversations: list, native_tools: bool) -> tuple[list[list[dict]], list[list[dict] | None]]:
+    """What the template renders for each conversation (a canonical one or a plain list of messages): its
+    messages and its tools (None when there are none or the fallback put them into the messages)."""
+    messages: list[list[dict]] = []
+    tools: list[list[dict] | None] = []
+    for conversation in conversations:
+        if isinstance(conversation, list):
+            messages.append(conversation)
+            tools.append(None)
+        elif native_tools:
+            messages.append(conversation["messages"])
+            tools.append(conversation["tools"] or None)
+        else:
+            messages.append(fallback_messages(conversation))
+            tools.append(None)
+    return messages, tools
 
 
 # --- tokenizing ---
@@ -443,24 +786,28 @@ class Tokenized:
         return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]), bounds)
 
 
-def tokenize_reference(conversations: list[list[dict]], tokenizer, template: str, loss_on: str,
+def tokenize_reference(conversations: list, tokenizer, template: str, loss_on: str,
                        batch_size: int = 512) -> tuple[list[list[int]], list[list[int]]]:
-    """The plain-library way (`apply_chat_template` with the assistant mask): the definition the fast
-    path must match, and the path for tokenizers without a Rust backend."""
+    """The plain-library way (`apply_chat_template` with the assistant mask, and `tools=` per record): the
+    definition the fast path must match, and the path for tokenizers without a Rust backend."""
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     masked = loss_on == "assistant"
-    for start in range(0, len(conversations), batch_size):
-        batch = conversations[start:start + batch_size]
-        out = tokenizer.apply_chat_template(batch, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=masked)
-        for i, ids in enumerate(out["input_ids"]):
-            input_ids.append(ids)
-            if masked:
-                mask = out["assistant_masks"][i]
-                labels.append([t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
-            else:
-                labels.append(list(ids))
+    all_messages, all_tools = template_inputs(conversations, template_renders_tools(template))
+    for start in range(0, len(all_messages), batch_size):
+        batch, batch_tools = all_messages[start:start + batch_size], all_tools[start:start + batch_size]
+        groups = [(batch, None)] if not any(batch_tools) else [([m], t) for m, t in zip(batch, batch_tools,
+                                                                                          strict=True)]
+        for group, tools in groups:
+            out = tokenizer.apply_chat_template(group, tools=tools, chat_template=template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=masked)
+            for i, ids in enumerate(out["input_ids"]):
+                input_ids.append(ids)
+                if masked:
+                    mask = out["assistant_masks"][i]
+                    labels.append([t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
+                else:
+                    labels.append(list(ids))
     return input_ids, labels
 
 
@@ -532,12 +879,25 @@ def _without_none(conversation: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in conversation]
 
 
-def _encode(conversations: list[list[dict]], tokenizer, backend, template: str, masked: bool) -> Tokenized:
+def _render(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
+            special_tokens: dict) -> tuple[list[str], list]:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    texts, spans = render_jinja_template(conversations=[_without_none(c) for c in conversations],
-                                         chat_template=template, return_assistant_tokens_mask=masked,
-                                         **tokenizer.special_tokens_map)
+    kwargs = {"chat_template": template, "return_assistant_tokens_mask": masked, **special_tokens}
+    if not any(tools):
+        return render_jinja_template(conversations=[_without_none(c) for c in messages], **kwargs)
+    texts, spans = [], []
+    for conversation, record_tools in zip(messages, tools, strict=True):
+        (text,), (span,) = render_jinja_template(conversations=[_without_none(conversation)], tools=record_tools,
+                                                 **kwargs)
+        texts.append(text)
+        spans.append(span)
+    return texts, spans
+
+
+def _encode(messages: list[list[dict]], tools: list[list[dict] | None], tokenizer, backend, template: str,
+            masked: bool) -> Tokenized:
+    texts, spans = _render(messages, tools, template, masked, tokenizer.special_tokens_map)
     encodings = backend.encode_batch(texts, add_special_tokens=False)
     lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     bounds = np.zeros(len(encodings) + 1, dtype=np.int64)
@@ -551,12 +911,13 @@ def _encode(conversations: list[list[dict]], tokenizer, backend, template: str, 
     return Tokenized(ids, labels, bounds)
 
 
-_JOB: tuple | None = None  # what forked workers read: (conversations, tokenizer, backend, template, masked)
+_JOB: tuple | None = None  # what forked workers read: (messages, tools, tokenizer, backend, template, masked)
 
 
 def _encode_range(bounds: tuple[int, int]) -> Tokenized:
-    conversations, tokenizer, backend, template, masked = _JOB
-    return _encode(conversations[bounds[0]:bounds[1]], tokenizer, backend, template, masked)
+    messages, tools, tokenizer, backend, template, masked = _JOB
+    lo, hi = bounds
+    return _encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
 
 
 def prep_workers(records: int) -> int:
@@ -576,26 +937,27 @@ def prep_workers(records: int) -> int:
     return max(1, min(wanted, -(-records // CHUNK_RECORDS)))
 
 
-def tokenize_flat(conversations: list[list[dict]], tokenizer, template: str, loss_on: str,
+def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
                   workers: int | None = None, chunk: int = CHUNK_RECORDS) -> Tokenized:
     """Token ids and labels (IGNORE outside the assistant turns when loss_on is 'assistant') of every
-    conversation, the same as `tokenize_reference`, fast."""
+    conversation (canonical, or a plain list of messages), the same as `tokenize_reference`, fast."""
     global _JOB
     masked = loss_on == "assistant"
     backend = _rust_backend(tokenizer)
     if backend is None:
         return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on))
     workers = prep_workers(len(conversations)) if workers is None else workers
+    messages, tools = template_inputs(conversations, template_renders_tools(template))
     n = len(conversations)
     ranges = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
     if workers <= 1 or len(ranges) <= 1:
-        return Tokenized.concat([_encode(conversations[lo:hi], tokenizer, backend, template, masked)
+        return Tokenized.concat([_encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
                                  for lo, hi in ranges])
     # Forked workers inherit the job (nothing is pickled on the way in) and each tokenizes on one thread;
     # the variable keeps tokenizers quiet about the fork and out of its thread pool in the children.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _JOB = (conversations, tokenizer, backend, template, masked)
+    _JOB = (messages, tools, tokenizer, backend, template, masked)
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             return Tokenized.concat(pool.map(_encode_range, ranges, chunksize=1))
@@ -607,7 +969,7 @@ def tokenize_flat(conversations: list[list[dict]], tokenizer, template: str, los
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def tokenize(conversations: list[list[dict]], tokenizer, template: str, loss_on: str,
+def tokenize(conversations: list, tokenizer, template: str, loss_on: str,
              batch_size: int = 512) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids and labels per conversation, as lists (see tokenize_flat)."""
     return tokenize_flat(conversations, tokenizer, template, loss_on).to_lists()
@@ -628,6 +990,13 @@ def _any_per_record(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
 
 def fit_length_flat(tok: Tokenized, max_len: int, policy: str) -> tuple[Tokenized, dict[str, int]]:
     """Drop or truncate records longer than max_len, then drop records with no supervised token."""
+    fitted, counts, _ = fit_length_outcomes(tok, max_len, policy)
+    return fitted, counts
+
+
+def fit_length_outcomes(tok: Tokenized, max_len: int, policy: str) -> tuple[Tokenized, dict[str, int], np.ndarray]:
+    """fit_length_flat, and per input record what became of it: KEPT, TRUNCATED (kept), OVERLONG (dropped) or
+    UNSUPERVISED (dropped: no supervised token left)."""
     lengths = tok.lengths
     overlong = lengths > max_len
     keep = ~overlong if policy == "drop" else np.ones(len(tok), dtype=bool)
@@ -638,15 +1007,19 @@ def fit_length_flat(tok: Tokenized, max_len: int, policy: str) -> tuple[Tokenize
               "overlong_truncated": int(np.count_nonzero(overlong)) if policy != "drop" else 0,
               "unsupervised_dropped": int(np.count_nonzero(unsupervised))}
     keep &= ~unsupervised
+    outcomes = np.select([unsupervised, ~keep, overlong], [UNSUPERVISED, OVERLONG, TRUNCATED], KEPT).astype(np.int8)
     if keep.all() and not overlong.any():
-        return tok, counts
+        return tok, counts, outcomes
     token_keep = np.repeat(keep, lengths)
     truncated = keep & overlong
     for start, length in zip(starts[truncated].tolist(), lengths[truncated].tolist(), strict=True):
         token_keep[start + max_len:start + length] = False  # a truncated record loses its tail
     bounds = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     np.cumsum(kept_lengths[keep], out=bounds[1:])
-    return Tokenized(tok.ids[token_keep], tok.labels[token_keep], bounds), counts
+    return Tokenized(tok.ids[token_keep], tok.labels[token_keep], bounds), counts, outcomes
+
+
+KEPT, TRUNCATED, OVERLONG, UNSUPERVISED = 0, 1, 2, 3  # record outcomes of fit_length_outcomes
 
 
 def fit_length(input_ids: list[list[int]], labels: list[list[int]], max_len: int,
@@ -804,52 +1177,101 @@ def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
 
+COUNT_KEYS = ("read", "kept", "bad", "duplicates", "overlong", "unsupervised")  # read = the sum of the others
+
+
+def _source_counts(tally: SourceCounts) -> dict[str, Any]:
+    return {"read": tally.read, "kept": 0, "bad": tally.bad, "duplicates": 0, "overlong": 0, "unsupervised": 0,
+            "train": 0, "eval": 0, "truncated": 0, "bad_by_reason": dict(sorted(tally.by_reason.items())),
+            "examples": tally.examples}
+
+
+def _load_split(sources: list[DataSource], cfg: DataSection, prefix: str
+                ) -> tuple[list[dict], list[str], list[str], int, dict[str, dict]]:
+    """Conversations (deduplicated when data.dedup), their ids, the report key of the source each came from,
+    the number read from all sources, and per-source counts."""
+    conversations, origins, tallies = load_sources(sources, cfg.on_bad_record)
+    counts = {prefix + path: _source_counts(tally) for path, tally in tallies.items()}
+    keys = [prefix + sources[i].path for i in origins]
+    ids = [conversation_id(c) for c in conversations]
+    if cfg.dedup:
+        keep = unique_indices(ids)
+        kept = set(keep)
+        for index, key in enumerate(keys):
+            if index not in kept:
+                counts[key]["duplicates"] += 1
+        conversations, ids, keys = ([values[i] for i in keep] for values in (conversations, ids, keys))
+    return conversations, ids, keys, sum(c["read"] for c in counts.values()), counts
+
+
+def _count_outcomes(counts: dict[str, dict], keys: list[str], outcomes: np.ndarray, split: str) -> None:
+    names = {KEPT: split, TRUNCATED: split, OVERLONG: "overlong", UNSUPERVISED: "unsupervised"}
+    for key, outcome in zip(keys, outcomes.tolist(), strict=True):
+        counts[key][names[outcome]] += 1
+        counts[key]["kept"] += outcome in (KEPT, TRUNCATED)
+        counts[key]["truncated"] += outcome == TRUNCATED
+
+
+def count_totals(per_source: dict[str, dict]) -> dict[str, Any]:
+    """All sources together; read = kept + bad + duplicates + overlong + unsupervised, kept = train + eval."""
+    totals: dict[str, Any] = {k: sum(s[k] for s in per_source.values())
+                              for k in (*COUNT_KEYS, "train", "eval", "truncated")}
+    reasons: dict[str, int] = {}
+    for counts in per_source.values():
+        for reason, n in counts["bad_by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    totals["bad_by_reason"] = dict(sorted(reasons.items()))
+    return totals
+
+
 def build(cfg: DataSection, tokenizer, template: str) -> tuple["Dataset", "Dataset | None", dict, dict]:
     """Everything that is cached: returns train, eval, report and the recorded split."""
-    conversations, per_source = load_conversations(cfg.sources, cfg.on_bad_record)
-    read = len(conversations)
-    duplicates = 0
-    if cfg.dedup:
-        conversations, ids, duplicates = dedup(conversations)
-    else:
-        ids = [conversation_id(m) for m in conversations]
+    conversations, ids, keys, read, per_source = _load_split(cfg.sources, cfg, "")
+    duplicates = sum(c["duplicates"] for c in per_source.values())
     if not conversations:
         bad = sum(s["bad"] for s in per_source.values())
         examples = [e for s in per_source.values() for e in s["examples"]]
-        raise InputError(f"data: no usable records ({sum(s['read'] for s in per_source.values())} read, {bad} bad "
-                         f"and skipped, {duplicates} duplicates); sources: {', '.join(s.path for s in cfg.sources)}"
+        raise InputError(f"data: no usable records ({read} read, {bad} bad and skipped, {duplicates} duplicates); "
+                         f"sources: {', '.join(s.path for s in cfg.sources)}"
                          + (f"; first bad record: {examples[0]}" if examples else ""))
 
     split: dict[str, Any] = {"seed": cfg.seed}
     eval_cfg = cfg.eval
+    parts: dict[str, tuple[list[dict], list[str]]]
     if eval_cfg and eval_cfg.sources:
-        eval_conversations, eval_counts = load_conversations(eval_cfg.sources, cfg.on_bad_record)
-        per_source.update({f"eval:{k}": v for k, v in eval_counts.items()})
-        train_conversations = conversations
+        eval_conversations, _, eval_keys, _, eval_counts = _load_split(eval_cfg.sources, cfg, "eval:")
+        per_source.update(eval_counts)
+        parts = {"train": (conversations, keys), "eval": (eval_conversations, eval_keys)}
         split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
     elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
         try:
             eval_ids = split_ids(ids, cfg.seed, eval_cfg.fraction, eval_cfg.count)
         except InputError as err:
             raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
-        train_conversations = [m for m, cid in zip(conversations, ids, strict=True) if cid not in eval_ids]
-        eval_conversations = [m for m, cid in zip(conversations, ids, strict=True) if cid in eval_ids]
+        in_eval = [cid in eval_ids for cid in ids]
+        parts = {name: ([c for c, e in zip(conversations, in_eval, strict=True) if e == wanted],
+                        [k for k, e in zip(keys, in_eval, strict=True) if e == wanted])
+                 for name, wanted in (("train", False), ("eval", True))}
         split.update(method="fraction" if eval_cfg.fraction else "count",
                      fraction=eval_cfg.fraction, count=eval_cfg.count,
                      eval_ids=[cid for cid in ids if cid in eval_ids])
     else:
-        train_conversations, eval_conversations = conversations, []
+        parts = {"train": (conversations, keys), "eval": ([], [])}
         split.update(method="none")
 
-    report: dict[str, Any] = {"sources": per_source, "records_read": read, "duplicates": duplicates,
-                              "heldout_prompts": [c[:-1] for c in eval_conversations[:3]]}
+    native_tools = template_renders_tools(template)
+    report: dict[str, Any] = {"sources": per_source, "records_read": 0, "duplicates": 0,
+                              "tools_rendered_by": "template" if native_tools else "fallback",
+                              "heldout_prompts": [template_inputs([c], native_tools)[0][0][:-1]
+                                                  for c in parts["eval"][0][:3]]}
     datasets: dict[str, Dataset | None] = {}
-    for name, convs in (("train", train_conversations), ("eval", eval_conversations)):
+    for name, (convs, origin_keys) in parts.items():
         if not convs:
             datasets[name] = None
             continue
         tokens = tokenize_flat(convs, tokenizer, template, cfg.loss_on)
-        tokens, fit_counts = fit_length_flat(tokens, cfg.max_seq_length, cfg.on_overlong)
+        tokens, fit_counts, outcomes = fit_length_outcomes(tokens, cfg.max_seq_length, cfg.on_overlong)
+        _count_outcomes(per_source, origin_keys, outcomes, name)
         report[name] = {"conversations": len(convs), **fit_counts, **token_stats_flat(tokens)}
         if name == "train":
             if not len(tokens):
@@ -870,12 +1292,16 @@ def build(cfg: DataSection, tokenizer, template: str) -> tuple["Dataset", "Datas
         datasets[name] = dataset
     if report["train"]["supervised_tokens"] == 0:
         raise InputError("data: no token is supervised; check data.loss_on and the chat template")
+    report["counts"] = count_totals(per_source)
+    report["records_read"], report["duplicates"] = report["counts"]["read"], report["counts"]["duplicates"]
     return datasets["train"], datasets["eval"], report, split
 
 
 def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
     from datasets import load_from_disk
 
+    if problems := output_data_overlap(cfg, output_dir):
+        raise InputError("\n".join(problems))
     template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
     cache_root = output_dir / "prepared"

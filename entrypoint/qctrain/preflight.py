@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qctrain import data, modelfiles, templates
 from qctrain.errors import QcError
-from qctrain.recipe import Recipe
+from qctrain.recipe import Recipe, output_data_overlap
 
 MIN_FREE_BYTES = 1 << 30  # adapter, checkpoints and prepared data of a LoRA run fit well inside 1 GiB
 MIN_FREE_ENV = "QCTRAIN_MIN_FREE_BYTES"  # overrides MIN_FREE_BYTES (bigger runs, tests)
@@ -37,6 +37,11 @@ def check_sources(recipe: Recipe) -> list[str]:
             continue
         try:
             for path in data.source_files(src):
+                try:
+                    os.stat(path)  # a symlink loop inside a folder: say so, not "permission denied"
+                except OSError as err:
+                    problems.append(f"{path}: {data.os_error_text(err)}")
+                    continue
                 if not os.access(path, os.R_OK):
                     problems.append(f"{path}: permission denied")
         except QcError as err:
@@ -139,7 +144,8 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     setting = env.get(MIN_FREE_ENV, "").strip()
     if setting and not setting.isdigit():
         return [f"{MIN_FREE_ENV}={setting!r}: expected a number of bytes"]
-    problems = check_sources(recipe) + check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
+    problems = output_data_overlap(recipe.data, recipe.output.dir) + check_sources(recipe)
+    problems += check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
     problems += check_packages(recipe)
     model_problems = _problem_of(lambda: modelfiles.model_source(recipe.model) and None)
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).

@@ -71,6 +71,9 @@ class LoraSection(_Strict):
     use_rslora: bool = False
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 class DataSource(_Strict):
     path: str = Field(min_length=1)  # file, folder, or hub:org/name
     format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
@@ -78,6 +81,17 @@ class DataSource(_Strict):
     columns: dict[str, str] = {}
     split: str = "train"  # Hub data sets only
     revision: str | None = None  # Hub data sets only
+
+    @field_validator("path")
+    @classmethod
+    def _not_a_url(cls, path: str) -> str:
+        url = _URL.match(path)
+        if url is None:
+            return path
+        repo = re.match(r"^hf://datasets/([^/@]+/[^/@]+)", path)
+        hub = f"hub:{repo.group(1)}" if repo else "hub:ORG/NAME"
+        raise ValueError(f"a {url.group(1)}:// URL is not read as data; use {hub} for a data set on the Hugging "
+                         "Face Hub, or download the file and give its local path")
 
 
 class EvalSplit(_Strict):
@@ -199,6 +213,15 @@ def sft_field_types() -> dict[str, Any]:
     return field_types()
 
 
+def shorten(text: str, limit: int = 60) -> str:
+    """text cut to `limit` characters: an error line stays short whatever it quotes."""
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
+
+
+def abbreviate(value: Any, limit: int = 60) -> str:
+    return shorten(repr(value), limit)
+
+
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -208,10 +231,6 @@ class _TrainProblems(ValueError):
     def __init__(self, problems: list[tuple[str, str]]):
         super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
         self.problems = problems
-
-
-def abbreviate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
@@ -229,14 +248,14 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
             try:
                 checked[key] = TypeAdapter(fields[key]).validate_python(value)  # "1e-5" -> 1e-05
             except ValidationError as err:
-                problems.append((key, f"{err.errors()[0]['msg']} (got {value!r})"))
+                problems.append((key, f"{err.errors()[0]['msg']} (got {abbreviate(value)})"))
                 continue
             except Exception:  # a field type pydantic cannot check; SFTConfig checks it at train time
                 continue
             choices = enum_choices().get(key)
             if choices and isinstance(value, str) and value not in choices:
                 problems.append((key, f"unknown value {value!r}{did_you_mean(value, choices)}; one of: "
-                                      f"{abbreviate(', '.join(choices), 160)}"))
+                                      f"{shorten(', '.join(choices), 160)}"))
     if problems:
         raise _TrainProblems(problems)
     return checked
@@ -247,6 +266,45 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+MAX_YAML_VALUES = 100_000  # a recipe holds a few hundred; aliases (*name) may not multiply that past sanity
+
+
+def _expanded_size(node: yaml.Node, path: Path, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values the node stands for once every alias is written out (stops counting past the bound)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise InputError(f"{path}: a YAML alias (*name) refers to a value that contains it; write the value out")
+    open_nodes.add(key)
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, path, sizes, open_nodes)
+        if total > MAX_YAML_VALUES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _safe_load_bounded(text: str, path: Path) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand it beyond MAX_YAML_VALUES (an alias bomb: a
+    kilobyte that stands for billions of values) or that refers to itself, before anything walks it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, path, {}, set()) > MAX_YAML_VALUES:
+            raise InputError(f"{path}: YAML aliases (*name) expand the recipe beyond {MAX_YAML_VALUES:,} values; "
+                             "write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -255,12 +313,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read recipe: {err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load_bounded(text, path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise InputError(f"{path}{where}: malformed YAML: {problem}") from None
+        raise InputError(f"{path}{where}: malformed YAML: {shorten(problem, 200)}") from None
+    except RecursionError:
+        raise InputError(f"{path}: malformed YAML: nested too deeply") from None
     if data is None:
         raise InputError(f"{path}: recipe is empty")
     if not isinstance(data, dict):
@@ -287,7 +347,7 @@ def load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return data
     if not isinstance(base, str):
-        raise InputError(f"{path}: base: expected a file name, got {base!r}")
+        raise InputError(f"{path}: base: expected a file name, got {abbreviate(base)}")
     return deep_merge(load_with_bases(path.parent / base, (*seen, path)), data)
 
 
@@ -308,7 +368,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     except ValueError:
         parts = []
     if not parts:
-        raise InputError(f"--set {assignment}: expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-4")
+        raise InputError(f"--set {shorten(assignment, 100)}: expected KEY.PATH=VALUE, "
+                         "e.g. train.learning_rate=1e-4")
     node: Any = data
     for part, following in zip(parts[:-1], parts[1:], strict=True):
         try:
@@ -316,7 +377,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                 node[part] = [] if isinstance(following, int) else {}
             node = node[part]
         except (IndexError, KeyError, TypeError):
-            raise InputError(f"--set {assignment}: {part} does not exist in the recipe") from None
+            raise InputError(f"--set {shorten(assignment, 100)}: {shorten(str(part))} does not exist in the "
+                         "recipe") from None
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
@@ -324,7 +386,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     try:
         node[parts[-1]] = value
     except (IndexError, TypeError):
-        raise InputError(f"--set {assignment}: {parts[-1]} does not exist in the recipe") from None
+        raise InputError(f"--set {shorten(assignment, 100)}: {shorten(str(parts[-1]))} does not exist in the "
+                         "recipe") from None
 
 
 def expand_env(value: Any, env: typing.Mapping[str, str], where: str = "") -> Any:
@@ -354,7 +417,7 @@ def expand_env(value: Any, env: typing.Mapping[str, str], where: str = "") -> An
 # --- validation errors, one line each ---
 
 def _loc(loc: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{shorten(str(p))}" for p in loc).lstrip(".")
 
 
 def _section_fields(loc: tuple) -> list[str]:
@@ -381,13 +444,13 @@ def describe_errors(err: ValidationError) -> list[str]:
         if isinstance(ctx_error, _TrainProblems):
             problems += [f"train.{key}: {msg}" for key, msg in ctx_error.problems]
         elif item["type"] == "extra_forbidden":
-            problems.append(f"{_loc(loc)}: unknown key{did_you_mean(str(loc[-1]), _section_fields(loc))}")
+            problems.append(f"{_loc(loc)}: unknown key{did_you_mean(str(loc[-1])[:100], _section_fields(loc))}")
         elif item["type"] == "missing":
             problems.append(f"{_loc(loc)}: required")
         else:
             got = item.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            problems.append(f"{_loc(loc)}: {item['msg']}{shown}")
+            shown = "" if isinstance(got, dict) else f" (got {abbreviate(got)})"
+            problems.append(f"{_loc(loc)}: {shorten(item['msg'], 300)}{shown}")
     return problems
 
 
@@ -419,6 +482,29 @@ def _reject_secrets(data: dict[str, Any]) -> list[str]:
             for k in keys]
 
 
+def output_data_overlap(data: DataSection, output_dir: str | Path) -> list[str]:
+    """output.dir equal to, inside or containing a local data source: the run would write its reports and
+    checkpoints among the data (and read them back as data next time). Paths only, nothing is read."""
+    out = Path(os.path.realpath(output_dir))
+    sources = [*data.sources, *(data.eval.sources if data.eval else [])]
+    problems = []
+    for src in sources:
+        if src.path.startswith("hub:"):
+            continue
+        source = Path(os.path.realpath(src.path))
+        if out == source:
+            relation = "is the data source"
+        elif out in source.parents:
+            relation = "contains the data source"
+        elif source in out.parents:
+            relation = "is inside the data folder"
+        else:
+            continue
+        problems.append(f"output.dir: {shorten(str(output_dir), 100)} {relation} {shorten(src.path, 100)}; "
+                        "use a folder apart from the data (the run writes reports and checkpoints there)")
+    return problems
+
+
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (),
                 env: typing.Mapping[str, str] | None = None) -> Recipe:
     path = Path(path)
@@ -432,6 +518,8 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (),
     except ValidationError as err:
         flagged = {p.split(":")[0] for p in problems}
         problems += [p for p in describe_errors(err) if p.split(":")[0] not in flagged]
+    else:
+        problems += output_data_overlap(recipe.data, recipe.output.dir)
     if problems:
         raise RecipeError(path, problems)
     return recipe
