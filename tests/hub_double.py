@@ -683,3 +683,25 @@ def point_client_at(double: HubDouble, monkeypatch: Any, home: Path) -> None:
         monkeypatch.setenv(name, value)
     for name in ("HF_TOKEN", "HF_TOKEN_FILE", "HF_HUB_OFFLINE", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
+
+
+# ---- the Hub's card check, as a client calls it ------------------------------------------------
+_CARD_HEADER = re.compile(r"^\s*---[\r\n]+[\S\s]*?[\r\n]+---(\r\n|\n|$)")
+
+
+def validate_card_metadata(readme_text: str, token: str | None = None, endpoint: str | None = None) -> list[str]:
+    """The Hub's objections to a model card's YAML header (empty: it passes /api/validate-yaml)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    if not _CARD_HEADER.match(readme_text):
+        return ["README.md has no YAML metadata header (a block between '---' lines at the top)"]
+    url = f"{(endpoint or constants.ENDPOINT).rstrip('/')}/api/validate-yaml"
+    body = {"content": readme_text, "repoType": "model"}
+    headers = build_hf_headers(token=token) if token else {}
+    response = get_session().post(url, json=body, headers=headers, timeout=10.0)
+    if response.status_code == 400:
+        errors = response.json().get("errors") or [{"message": response.text}]
+        return [str(e.get("message", e)) for e in errors]
+    hf_raise_for_status(response)
+    return []

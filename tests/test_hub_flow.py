@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 from conftest import alpaca_records, run_cli, write_json, write_recipe
-from hub_double import HubDouble, Token
-from qctrain import publish
+from hub_double import HubDouble, Token, validate_card_metadata
 
 TOKEN = "hf_FAKEflow_DO_NOT_LEAK_9f8e7d"
 
@@ -48,7 +47,7 @@ def test_adapter_and_run_files_pushed_byte_identical(pushed_run, double, monkeyp
         assert remote[name] == (out / name).read_bytes(), name
     assert not any(path.startswith(("checkpoints/", "prepared/")) for path in remote)
     assert double.repos["alice/tiny-adapter"].private
-    assert publish.validate_card_metadata(remote["README.md"].decode(), TOKEN, endpoint=double.url) == []
+    assert validate_card_metadata(remote["README.md"].decode(), TOKEN, endpoint=double.url) == []
 
 
 def test_each_checkpoint_pushed_to_its_branch(pushed_run, double):

@@ -8,18 +8,16 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_double import HubDouble, Token, point_client_at
+from hub_double import HubDouble, Token, point_client_at, validate_card_metadata
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from qctrain.errors import ExitCode, InputError, PushFailed
+from qctrain.hubtoken import redact, resolve_token
 from qctrain.publish import (
     RetryPolicy,
     check_hub_access,
     default_commit_message,
     push_checkpoint,
     push_output,
-    redact,
-    resolve_token,
-    validate_card_metadata,
 )
 
 TOKEN = "hf_FAKEtoken_DO_NOT_LEAK_123"  # alice, write; member of acme (write) and guests (read)

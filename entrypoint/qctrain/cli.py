@@ -11,7 +11,9 @@ from pathlib import Path
 
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
+from qctrain.console import say
 from qctrain.errors import ExitCode, InputError, Preempted, PushFailed, QcError
+from qctrain.hubtoken import resolve_token
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -151,7 +153,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, publish, train
+    from qctrain import checkpoint, data, distributed, export, model, train
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
@@ -166,7 +168,7 @@ def _train_held(recipe, args, stop) -> int:
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
         print("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes "
               "train as DDP)", file=sys.stderr)
-    if recipe.hub and recipe.hub.push == "checkpoints" and (token := publish.resolve_token()):
+    if recipe.hub and recipe.hub.push == "checkpoints" and (token := resolve_token()):
         trainer.add_callback(train.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private,
                                                       stopping=lambda: stop.signum is not None))
     result = train.run(trainer, plan, stop)
@@ -199,7 +201,7 @@ def _push(output_dir: Path, hub) -> int:
     from qctrain import export, publish
 
     export.restore_interrupted_swap(output_dir / "adapter")
-    token = publish.resolve_token()
+    token = resolve_token()
     if not token:
         raise PushFailed("no Hub token: set HF_TOKEN or HF_TOKEN_FILE, then run `qctrain push "
                          f"{output_dir}`")
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except QcError as err:
         if args.debug:
             traceback.print_exc()
-        _say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
+        say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
         return int(err.exit_code)
     except KeyboardInterrupt:
         print("qctrain: interrupted", file=sys.stderr)
@@ -367,25 +369,5 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         first_line = str(err).splitlines()[0] if str(err) else ""
-        _say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
+        say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)
-
-
-def _token_in_file() -> str:
-    try:
-        return Path(os.environ["HF_TOKEN_FILE"]).read_text(encoding="utf-8")
-    except (KeyError, OSError, UnicodeDecodeError):
-        return ""
-
-
-def _say(text: str) -> None:
-    """Write to stderr in one system call, so the lines of parallel ranks never interleave.
-    A Hub token that a library put into an error message is masked first."""
-    for token in (os.environ.get("HF_TOKEN", ""), _token_in_file()):
-        if token.strip():
-            text = text.replace(token.strip(), "hf_***")
-    sys.stderr.flush()
-    try:
-        os.write(sys.stderr.fileno(), text.encode())
-    except (AttributeError, OSError, ValueError):  # a captured stderr (tests) has no file descriptor
-        sys.stderr.write(text)

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from qctrain.console import say
 from qctrain.errors import ExitCode, InputError
 
 # Any of these in the environment: a multi-node rendezvous is configured (torchrun reads PET_<FLAG>).
@@ -52,16 +53,16 @@ def _env_int(name: str, default: int, env: Mapping[str, str] | None = None) -> i
         return default
 
 
-def world_size() -> int:
-    return _env_int("WORLD_SIZE", 1)
+def world_size(env: Mapping[str, str] | None = None) -> int:
+    return _env_int("WORLD_SIZE", 1, env)
 
 
-def rank() -> int:
-    return _env_int("RANK", 0)
+def rank(env: Mapping[str, str] | None = None) -> int:
+    return _env_int("RANK", 0, env)
 
 
-def local_rank() -> int:
-    return _env_int("LOCAL_RANK", 0)
+def local_rank(env: Mapping[str, str] | None = None) -> int:
+    return _env_int("LOCAL_RANK", 0, env)
 
 
 def is_main() -> bool:
@@ -294,8 +295,7 @@ class SignalForwarder:
 
 
 def _say(text: str) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        os.write(sys.stderr.fileno(), f"qctrain: {text}\n".encode())
+    say(f"qctrain: {text}\n")
 
 
 def launcher_exit_code(failures: Mapping[int, Any], first_rank: int, signalled: bool) -> int:

@@ -16,14 +16,10 @@ import shutil
 import sys
 from typing import TextIO
 
-from qctrain.errors import ExitCode
+from qctrain import PROVENANCE_VARS
+from qctrain.errors import ExitCode, InputError
+from qctrain.hubtoken import resolve_token
 
-PROVENANCE_VARS = (
-    "QCTRAIN_IMAGE_VERSION",
-    "QCTRAIN_GIT_REVISION",
-    "QCTRAIN_BUILD_DATE",
-    "QCTRAIN_IMAGE_DIGEST",
-)
 # NF4 round trips of N(0, 1) data lose about 9% (mean |error| / mean |x|); far beyond that the
 # kernels compute garbage.
 MAX_ROUNDTRIP_REL_ERROR = 0.25
@@ -163,17 +159,17 @@ def run_doctor(out: TextIO = sys.stdout) -> int:
 
     hf_home = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
     say("HF_HOME", f"{hf_home} ({_disk_free(hf_home) if os.path.isdir(hf_home) else 'does not exist yet'})")
-    token_var = next((name for name in ("HF_TOKEN_FILE", "HF_TOKEN_PATH") if os.environ.get(name)), None)
-    token_file = os.environ.get(token_var) if token_var else None
-    if os.environ.get("HF_TOKEN"):
-        say("HF token", "set (HF_TOKEN)")
-    elif token_file:
-        readable = os.path.isfile(token_file) and os.access(token_file, os.R_OK)
-        say("HF token", f"{token_var}={token_file} ({'readable' if readable else 'NOT READABLE'})")
-        if not readable:
-            warnings.append(f"{token_var}={token_file} is not a readable file")
+    try:
+        token = resolve_token()
+    except InputError as err:  # HF_TOKEN_FILE names a file that cannot be read, or an empty one
+        say("HF token", f"{err} (NOT READABLE)")
+        warnings.append(str(err))
     else:
-        say("HF token", "not set (fine for public models and no Hub push)")
+        if token is None:
+            say("HF token", "not set (fine for public models and no Hub push)")
+        else:
+            say("HF token", "set (HF_TOKEN)" if os.environ.get("HF_TOKEN", "").strip()
+                else f"HF_TOKEN_FILE={os.environ['HF_TOKEN_FILE']} (readable)")
     say("working dir", f"{os.getcwd()} ({_disk_free(os.getcwd())})")
 
     return _finish(out, problems, warnings)

@@ -30,10 +30,6 @@ class InputError(QcError):
     """Bad recipe, data, template or path (exit 2)."""
 
 
-class EnvironmentProblem(QcError):
-    exit_code = ExitCode.ENVIRONMENT
-
-
 class PushFailed(QcError):
     exit_code = ExitCode.NOT_PUSHED
 

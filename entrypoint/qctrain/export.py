@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qctrain import __version__
+from qctrain import PROVENANCE_VARS, __version__, distributed
 from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
@@ -26,7 +26,6 @@ from qctrain.recipe import Recipe, dump_recipe
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets",
             "huggingface-hub", "pydantic", "tokenizers", "safetensors"]
-PROVENANCE_ENV = ["QCTRAIN_IMAGE_VERSION", "QCTRAIN_GIT_REVISION", "QCTRAIN_IMAGE_DIGEST", "QCTRAIN_BUILD_DATE"]
 FINAL_FILES = ["README.md", "run_manifest.json", "loss.png", "data_report.json"]
 
 
@@ -47,12 +46,12 @@ def machine_facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "torch_cuda": torch.version.cuda,
         "gpus": gpus,
-        "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        "world_size": distributed.world_size(),
     }
 
 
 def provenance() -> dict[str, str | None]:
-    return {name.removeprefix("QCTRAIN_").lower(): os.environ.get(name) for name in PROVENANCE_ENV}
+    return {name.removeprefix("QCTRAIN_").lower(): os.environ.get(name) for name in PROVENANCE_VARS}
 
 
 def iso(timestamp: float) -> str:
@@ -61,7 +60,7 @@ def iso(timestamp: float) -> str:
 
 def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics: dict, args,
                    started: float, finished: float, base: BaseReference | None = None) -> dict[str, Any]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = distributed.world_size()
     return {
         "qctrain_version": __version__,
         "recipe": recipe.model_dump(mode="json"),

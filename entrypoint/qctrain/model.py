@@ -1,7 +1,6 @@
 """Model stage: tokenizer, 4-bit base model (BitsAndBytesConfig) and the LoRA config."""
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qctrain import distributed
 from qctrain.atomic import read_json_object
 from qctrain.errors import InputError
 from qctrain.modelfiles import check_lora_targets, model_source  # noqa: F401 - part of this stage's API
@@ -60,7 +60,7 @@ def bnb_config(cfg: ModelSection) -> BitsAndBytesConfig | None:
 def device_map() -> dict[str, int | str]:
     """Each rank's whole model on its own device (DDP), or the CPU when there is no GPU."""
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+        return {"": distributed.local_rank()}
     return {"": "cpu"}
 
 

@@ -13,8 +13,9 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, modelfiles, templates
+from qctrain import data, distributed, modelfiles, templates
 from qctrain.errors import QcError
+from qctrain.hubtoken import resolve_token
 from qctrain.recipe import Recipe, output_data_overlap
 
 MIN_FREE_BYTES = 1 << 30  # adapter, checkpoints and prepared data of a LoRA run fit well inside 1 GiB
@@ -128,12 +129,12 @@ def check_packages(recipe: Recipe) -> list[str]:
 
 
 def check_hub(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
-    if recipe.hub is None or recipe.hub.push == "never" or int(env.get("RANK", "0")) != 0:
+    if recipe.hub is None or recipe.hub.push == "never" or distributed.rank(env) != 0:
         return []  # under torchrun one rank checks (and creates the repo) for all
     from qctrain import publish
 
     try:
-        token = publish.resolve_token(env)
+        token = resolve_token(env)
     except QcError as err:
         return [str(err)]
     return publish.check_hub_access(recipe.hub.repo_id, recipe.hub.private, token)

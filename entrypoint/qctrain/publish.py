@@ -8,10 +8,8 @@ wrong. The token is never logged, printed or written: messages pass through `red
 """
 
 import logging
-import os
-import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +29,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from qctrain import __version__
 from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.errors import InputError, PushFailed
+from qctrain.hubtoken import redact
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ RUN_FILES = ("README.md", "run_manifest.json", "metrics.jsonl", "loss.png", "dat
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CHECK_TIMEOUT_S = 10.0
 MAX_RETRY_AFTER_S = 600.0
-_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-_CARD_HEADER = re.compile(r"^\s*---[\r\n]+[\S\s]*?[\r\n]+---(\r\n|\n|$)")
 T = TypeVar("T")
 
 
@@ -69,30 +66,6 @@ class PushResult:
     skipped_reason: str | None
     url: str
     files: list[str] = field(default_factory=list)  # paths in the repo
-
-
-def redact(text: str, token: str | None) -> str:
-    """`text` with the token, and anything shaped like a Hub token, masked."""
-    if token:
-        text = text.replace(token, "***")
-    return _TOKEN_PATTERN.sub("hf_***", text)
-
-
-def resolve_token(env: Mapping[str, str] = os.environ) -> str | None:
-    """HF_TOKEN, else the contents of the file named by HF_TOKEN_FILE (a mounted Secret), else None."""
-    if token := env.get("HF_TOKEN", "").strip():
-        return token
-    path = env.get("HF_TOKEN_FILE", "").strip()
-    if not path:
-        return None
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else "not a text file"
-        raise InputError(f"HF_TOKEN_FILE={path} cannot be read: {reason}") from None
-    if not token:
-        raise InputError(f"HF_TOKEN_FILE={path} is empty")
-    return token
 
 
 def check_hub_access(
@@ -170,22 +143,6 @@ def push_folder(
     if not files:
         raise InputError(f"{folder} holds no files: nothing to push")
     return _push(files, repo_id, token, private, revision or "main", commit_message, endpoint, retry)
-
-
-def validate_card_metadata(
-    readme_text: str, token: str | None = None, endpoint: str | None = None
-) -> list[str]:
-    """The Hub's objections to a model card's YAML header (empty: it passes /api/validate-yaml)."""
-    if not _CARD_HEADER.match(readme_text):
-        return ["README.md has no YAML metadata header (a block between '---' lines at the top)"]
-    url = f"{(endpoint or constants.ENDPOINT).rstrip('/')}/api/validate-yaml"
-    body = {"content": readme_text, "repoType": "model"}
-    response = get_session().post(url, json=body, headers=_headers(token), timeout=CHECK_TIMEOUT_S)
-    if response.status_code == 400:
-        errors = response.json().get("errors") or [{"message": response.text}]
-        return [str(e.get("message", e)) for e in errors]
-    hf_raise_for_status(response)
-    return []
 
 
 def output_files(output_dir: Path) -> dict[str, Path]:

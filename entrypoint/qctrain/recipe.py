@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from qctrain.errors import InputError
+from qctrain.hubtoken import TOKEN_PATTERN
 
 
 class _Strict(BaseModel):
@@ -460,16 +461,13 @@ class RecipeError(InputError):
         super().__init__("\n".join(self.problems))
 
 
-_HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
-
-
 def _token_like_values(value: Any, where: str) -> list[str]:
     """Paths of values that hold a Hub token (typed in, or brought in by ${HF_TOKEN})."""
     if isinstance(value, dict):
         return [p for k, v in value.items() for p in _token_like_values(v, f"{where}.{k}" if where else str(k))]
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in _token_like_values(v, f"{where}[{i}]")]
-    return [where] if isinstance(value, str) and _HUB_TOKEN.search(value) else []
+    return [where] if isinstance(value, str) and TOKEN_PATTERN.search(value) else []
 
 
 def _reject_secrets(data: dict[str, Any]) -> list[str]:
