@@ -454,7 +454,8 @@ def test_export_crash_never_leaves_a_half_written_adapter(crash_at, recipe_facto
     trainer = SimpleNamespace(model=model, args=SimpleNamespace(per_device_train_batch_size=1,
                                                                 gradient_accumulation_steps=1))
     with pytest.raises(OSError, match="simulated crash"):
-        export.write_outputs(recipe, trainer, tokenizer, "", {}, out / "none.json", {}, [], 0.0, 1.0, [])
+        export.write_outputs(export.FinishedRun(recipe, trainer, tokenizer, "", {}, out / "none.json", {}, [], 0.0, 1.0,
+                                                 []))
     if crash_at != "new_into_place":
         assert tree_digest(good) == before
     else:
@@ -473,7 +474,8 @@ def test_export_replaces_the_adapter_whole(recipe_factory):
     (out / "adapter" / "stale_file.bin").write_bytes(b"old")
     trainer = SimpleNamespace(model=_FakeModel(), args=SimpleNamespace(per_device_train_batch_size=1,
                                                                        gradient_accumulation_steps=1))
-    export.write_outputs(recipe, trainer, _FakeTokenizer(), "", {}, out / "none.json", {}, [], 0.0, 1.0, [])
+    export.write_outputs(export.FinishedRun(recipe, trainer, _FakeTokenizer(), "", {}, out / "none.json", {}, [], 0.0,
+                                             1.0, []))
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png", "tokenizer_config.json"]
     assert not [p for p in out.iterdir() if p.name.startswith((".staging", ".adapter.old"))]

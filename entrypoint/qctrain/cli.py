@@ -180,9 +180,9 @@ def _train_held(recipe, args, stop) -> int:
     prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
     samples = export.before_after_samples(trainer.model, tokenizer, prompts)  # the base: adapter disabled
     chat_template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
-    export.write_outputs(recipe, trainer, tokenizer, chat_template, prepared.report,
-                         prepared.dir / "split.json", result.metrics, result.log_history,
-                         result.started, result.finished, samples, state_dict=adapter_state)
+    export.write_outputs(export.FinishedRun(
+        recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
+        result.log_history, result.started, result.finished, samples, state_dict=adapter_state))
     print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
     if recipe.hub and recipe.hub.push != "never":

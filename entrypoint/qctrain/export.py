@@ -369,22 +369,40 @@ def publish_atomically(staging: Path, output_dir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_outputs(recipe: Recipe, trainer, tokenizer, chat_template: str, data_report: dict, split_path: Path,
-                  metrics: dict, log_history: list, started: float, finished: float,
-                  samples: list[Sample], state_dict: dict | None = None) -> dict[str, Any]:
+@dataclass
+class FinishedRun:
+    """What a finished training run hands to export: what was trained, on which data, and how it went."""
+
+    recipe: Recipe
+    trainer: Any  # the SFTTrainer: its model holds the adapter, its args the batch settings
+    tokenizer: Any
+    chat_template: str  # the inference template (not the masked training twin)
+    data_report: dict
+    split_path: Path
+    metrics: dict
+    log_history: list
+    started: float
+    finished: float
+    samples: list[Sample]
+    state_dict: dict | None = None  # FSDP: the adapter gathered from every rank
+
+
+def write_outputs(run: FinishedRun) -> dict[str, Any]:
+    recipe, trainer, data_report, metrics = run.recipe, run.trainer, run.data_report, run.metrics
     output_dir = Path(recipe.output.dir)
     staging = output_dir / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     base = base_reference(recipe.model)
     adapter = staging / "adapter"
-    save_adapter(trainer, tokenizer, chat_template, adapter, state_dict)
+    save_adapter(trainer, run.tokenizer, run.chat_template, adapter, run.state_dict)
     point_adapter_at_base(adapter, base)
-    manifest = build_manifest(recipe, data_report, split_path, metrics, trainer.args, started, finished, base)
+    manifest = build_manifest(recipe, data_report, run.split_path, metrics, trainer.args, run.started, run.finished,
+                              base)
     write_json_atomic(staging / "run_manifest.json", manifest)
     write_json_atomic(staging / "data_report.json", data_report)
-    plot_loss(log_history, staging / "loss.png")
-    card = model_card(recipe, data_report, metrics, samples, base, base_license(base))
+    plot_loss(run.log_history, staging / "loss.png")
+    card = model_card(recipe, data_report, metrics, run.samples, base, base_license(base))
     for folder in (staging, adapter):  # the adapter folder travels alone: its own copy of the card
         (folder / "README.md").write_text(card, encoding="utf-8")
     shutil.copyfile(staging / "loss.png", adapter / "loss.png")
