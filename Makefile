@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml docker/requirements.lock
 
 tiny-model: setup $(TINY_MODEL)/config.json
 
-$(TINY_MODEL)/config.json:
+$(TINY_MODEL)/config.json: entrypoint/qctrain/tiny.py  # rebuilt when tiny.py changes
 	$(BIN)/qctrain tiny-model $(TINY_MODEL)
 
 demo: setup tiny-model

@@ -135,9 +135,19 @@ def test_assistant_only_masking(tokenizer):
                 {"role": "assistant", "content": "Second answer"}]
     ids, labels = labels_of(tokenizer, messages, "assistant")
     supervised = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != data.IGNORE])
-    assert supervised == "First<|end|>\nSecond answer<|end|>\n<|endoftext|>"
+    # Phi-3.5's <|end|>, <|assistant|>... strip the whitespace after them (rstrip): the "\n" after each is
+    # part of the special token, so decoding shows none.
+    assert supervised == "First<|end|>Second answer<|end|><|endoftext|>"
+    # Exactly the tokens from after each <|assistant|> through its <|end|>, and the final <|endoftext|>.
+    assistant, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|end|>"))
+    expected = set()
+    for start in (i for i, t in enumerate(ids) if t == assistant):
+        expected.update(range(start + 1, ids.index(end, start) + 1))
+    assert ids[-1] == tokenizer.eos_token_id
+    assert {i for i, label in enumerate(labels) if label != data.IGNORE} == expected | {len(ids) - 1}
+    assert all(labels[i] == ids[i] for i in expected)
     marked = data.render_marked(ids, labels, tokenizer)
-    assert marked.startswith("<|system|>\nSys<|end|>\n<|user|>\nQuestion<|end|>\n<|assistant|>\n⟦First<|end|>\n⟧")
+    assert marked.startswith("<|system|>Sys<|end|><|user|>Question<|end|><|assistant|>⟦First<|end|>⟧")
 
 
 def test_loss_on_all_supervises_every_token(tokenizer):

@@ -1,16 +1,22 @@
-"""Build a tiny random Phi-3 model and a locally trained tokenizer, for tests and the CPU demo.
+"""Build a tiny random Phi-3 model with Phi-3.5-mini's tokenizer, for tests and the CPU demo.
 
-Nothing is downloaded: the tokenizer is trained on the spot with `tokenizers`, the chat template
-is the Phi-3.5 one that TRL ships, and the weights are random (seeded).
+Nothing is downloaded: the tokenizer is the copy of Phi-3.5-mini's that this package carries
+(assets/phi-3.5-tokenizer: 32,000 SentencePiece pieces with byte fallback, Phi-3.5's added tokens,
+its chat template, and tokenizer.model for llama.cpp's converters), the vocabulary is padded to
+32,064 as in Phi-3.5's config, and the weights are random (seeded). `build_tokenizer` trains a
+1k-piece byte-level toy tokenizer on the spot, for the few places that want a tiny vocabulary.
 """
 
+import shutil
 from importlib import resources
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+PHI35_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
+PHI35_VOCAB_SIZE = 32064  # Phi-3.5-mini's embedding rows: its 32,011 tokens padded to a multiple of 64
 SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # Enough text that byte-level BPE learns common English and Chinese pieces; any text still
@@ -28,6 +34,15 @@ The quick brown fox jumps over the lazy dog. Python is a programming language. H
 def phi3_5_chat_template() -> str:
     """The original Phi-3.5 template as TRL ships it (TRL swaps in its `_training` twin for masking)."""
     return resources.files("trl").joinpath("chat_templates/phi3_5.jinja").read_text(encoding="utf-8")
+
+
+def phi35_tokenizer_dir() -> Path:
+    """The packaged Phi-3.5-mini tokenizer files (MIT, see assets/phi-3.5-tokenizer/README.md)."""
+    return Path(str(resources.files("qctrain").joinpath("assets/phi-3.5-tokenizer")))
+
+
+def phi35_tokenizer() -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(phi35_tokenizer_dir())
 
 
 def build_tokenizer(vocab_size: int = 1024, corpus: str = _CORPUS) -> PreTrainedTokenizerFast:
@@ -53,10 +68,10 @@ def build_tokenizer(vocab_size: int = 1024, corpus: str = _CORPUS) -> PreTrained
     return fast
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2,
-                seed: int = 0) -> Phi3ForCausalLM:
+def build_model(tokenizer: PreTrainedTokenizerBase, hidden_size: int = 64, num_layers: int = 2,
+                seed: int = 0, vocab_size: int | None = None) -> Phi3ForCausalLM:
     config = Phi3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
@@ -80,8 +95,11 @@ def build_model(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_l
 def write_tiny_model(out_dir: Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    tokenizer = phi35_tokenizer()
+    model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed,
+                        vocab_size=PHI35_VOCAB_SIZE)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    # The tokenizer files as they are (tokenizer.model too: llama.cpp's converters read the vocabulary from it).
+    for name in PHI35_TOKENIZER_FILES:
+        shutil.copyfile(phi35_tokenizer_dir() / name, out_dir / name)
     return out_dir
