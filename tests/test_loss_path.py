@@ -161,6 +161,22 @@ def test_entropy_and_accuracy_only_on_logged_steps(packed):
     metrics.clear()
 
 
+def test_loss_variants_only_trl_implements_go_to_trl(packed):
+    """DFT (and label smoothing, a custom loss function, an MoE router loss) change the loss: TRL computes it."""
+    trainer, examples, tokenizer = packed
+    rows = trainer.data_collator(examples)
+    with torch.no_grad():
+        plain = trainer.compute_loss(trainer.model, dict(rows), num_items_in_batch=supervised_count(rows)).item()
+        trainer.args.loss_type = "dft"
+        try:
+            dft = trainer.compute_loss(trainer.model, dict(rows), num_items_in_batch=supervised_count(rows)).item()
+            reference = SFTTrainer.compute_loss(trainer, trainer.model, dict(rows),
+                                                num_items_in_batch=supervised_count(rows)).item()
+        finally:
+            trainer.args.loss_type = "nll"
+    assert dft == pytest.approx(reference, rel=1e-6) and abs(dft - plain) > 1e-3
+
+
 def test_loss_path_by_device_and_liger():
     assert train.loss_path("cpu", None) == "lean"
     assert train.loss_path("cuda", None) == "trl"  # TRL's Triton head already skips unsupervised positions

@@ -247,7 +247,7 @@ class QcTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The same loss as SFTTrainer.compute_loss (the sum of the supervised tokens' negative
         log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass."""
-        if return_outputs or self.loss_path == "trl":
+        if return_outputs or self.loss_path == "trl" or not self._plain_nll():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         if self.loss_path == "model":
@@ -265,6 +265,12 @@ class QcTrainer(SFTTrainer):
             self._total_train_tokens += self._tokens_in(inputs)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+    def _plain_nll(self) -> bool:
+        """No loss variant that only SFTTrainer.compute_loss implements (DFT, label smoothing, a custom loss
+        function, an MoE router loss)."""
+        return (self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+                and not self.aux_loss_enabled)
 
     def _step_is_logged(self) -> bool:
         """Whether the optimizer step in progress will be logged (DefaultFlowCallback's rule)."""
