@@ -54,7 +54,8 @@ def recipe(path: Path, model: str, data_file: Path, out: Path, args, arm: str) -
     train = {"max_steps": args.steps, "learning_rate": 5.0e-3, "lr_scheduler_type": "linear", "warmup_steps": 0,
              "logging_steps": args.logging_steps, "save_steps": 100_000, "seed": 42,
              "include_num_input_tokens_seen": "non_padding"}
-    data = {"sources": [{"path": str(data_file), "format": "alpaca"}], "eval": None, "seed": 42,
+    # dedup off: TRL trains on all 999 records (14 are duplicates), so both see the same records, batches and order
+    data = {"sources": [{"path": str(data_file), "format": "alpaca"}], "eval": None, "seed": 42, "dedup": False,
             "chat_template": "model", "max_seq_length": args.max_seq_length, "on_overlong": "truncate",
             "loss_on": "assistant"}
     if arm != "ours-default":  # the default arm leaves these to qctrain
