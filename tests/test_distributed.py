@@ -21,8 +21,9 @@ Loss tolerance (LOSS_ATOL = 2e-5): with the same seed, the 2 ranks x 2 sequences
 4 sequences of the single-process step (accelerate shards one seeded permutation), and the loss is
 normalised by the tokens of the whole global batch, so the curves are equal up to float32 summation
 order: measured differences are <= 1e-6 (steps 1-7, 4-bit tiny Phi-3). A step whose global batch differs
-by one sequence of four (step 8 of 31 sequences, where DDP pads the last batch) already differs by
-1.9e-4, so 2e-5 separates "the same computation" from "different data" with ~10x margin either way.
+by one sequence of four (step 8, where DDP pads the last batch; measured with the earlier 1k-piece toy
+tokenizer) already differs by 1.9e-4, so 2e-5 separates "the same computation" from "different data" with
+~10x margin either way.
 """
 
 import json
@@ -156,7 +157,9 @@ def runs(tmp_path_factory):
 
     def recipe(name: str, per_device: int) -> Path:
         return write_recipe(root / f"{name}.yaml", model_dir, data, root / name,
-                            data={"eval": {"count": 4}, "max_seq_length": 128},
+                            # 44 train records pack into 30 sequences of <= 68 Phi-3.5 tokens: 7 full global
+                            # batches of 4, then a padded one
+                            data={"eval": {"count": 4}, "max_seq_length": 68},
                             train={"max_steps": MAX_STEPS, "per_device_train_batch_size": per_device,
                                    "save_steps": 100})
 
