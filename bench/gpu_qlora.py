@@ -11,11 +11,9 @@ quant, bf16 compute, sdpa; LoRA r16 all-linear; max_seq_length 2048; batch 4; gr
 Variants, in this order (Liger patches Phi-3 module-wide, so the unfused ones run first):
 
   padded          records padded per batch (attention mask), no packing
-  packed          BFD packs, padding-free rows (our default)
-  packed-bs1      one pack per row, gradient accumulation 4: the same packs per optimizer step, but sdpa
-                  attends within rows of 2048 (padding-free batch 4 is one row of up to 8192 tokens whose
-                  block-diagonal mask sdpa computes densely: 16x the attention of 4 rows of 2048)
-  packed+liger    + train.use_liger_kernel (RMSNorm, RoPE, SwiGLU; TRL keeps its own fused LM-head loss)
+  packed          BFD packs, batch 4 as 4 rows with sdpa (our default layout), Liger off
+  packed-bs1      one pack per row, gradient accumulation 4: the same packs per optimizer step
+  packed+liger    + Liger's kernels (RMSNorm, RoPE, SwiGLU, fused linear cross entropy), qctrain's default on CUDA
   packed+compile  + train.torch_compile (after liger when it ran)
 
 Reported per variant: real (non-pad) tokens/s, MFU, peak allocated/reserved memory, step time, loss at
@@ -186,8 +184,7 @@ def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer
                      "report_to": "none", "disable_tqdm": True}
     if not args.cpu:
         train_section["bf16"] = True
-    if "liger" in name:
-        train_section["use_liger_kernel"] = True
+    train_section["use_liger_kernel"] = "liger" in name  # on by default on CUDA: off for the unfused variants
     if "compile" in name:
         train_section["torch_compile"] = True
     compute = "float32" if args.cpu else "bfloat16"

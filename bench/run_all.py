@@ -1,6 +1,6 @@
 """Run the benchmarks in turn (`make bench`); each prints its table and appends a row to bench/RESULTS.md.
 
-    python bench/run_all.py            # full sizes: about 15-20 minutes on 2 cores, GPU one skipped there
+    python bench/run_all.py            # full sizes: about 40-50 minutes on 2 cores, GPU one skipped there
     python bench/run_all.py --quick    # small sizes, a few minutes (numbers only indicative)
 """
 
@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 QUICK = {
     "prep.py": ["--records", "10000", "--baseline-records", "2000", "--floor-records", "2000"],
     "packing.py": ["--records", "5000"],
-    "train_cpu.py": ["--rounds", "2", "--steps", "12", "--warmup", "3", "--records", "400"],
+    "train_cpu.py": ["--rounds", "1", "--steps", "12", "--logging-steps", "3", "--warmup", "3", "--records", "400"],
     "gpu_qlora.py": ["--steps", "4", "--warmup", "1"],
     "check.py": ["--rounds", "3"],
 }

@@ -47,10 +47,14 @@ def test_packing(tiny_model_dir, tmp_path):
 def test_train_cpu_ours_against_plain_trl(tiny_model_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert bench_module("train_cpu").main([
-        "--rounds", "1", "--steps", "3", "--warmup", "1", "--records", "40", "--max-seq-length", "128",
-        "--arms", "ours,trl-fp32", "--model", str(tiny_model_dir), "--results", str(results)]) == 0
+        "--rounds", "1", "--steps", "3", "--logging-steps", "1", "--warmup", "1", "--records", "40",
+        "--max-seq-length", "128", "--arms", "ours-on,trl-on,ours-default", "--model", str(tiny_model_dir),
+        "--results", str(results)]) == 0
     text = rows_of(results, "train_cpu")
-    assert "| ours" in text and "| trl-fp32" in text and "ours / trl-fp32: steps/s ratio" in text
+    assert "| ours-on" in text and "| trl-on" in text and "| ours-default" in text
+    assert "ours-on / trl-on: real tokens/s ratio" in text and "target >= 3.0: " in text
+    assert "ours-default / ours-on (the faster explicit arm): real tokens/s ratio" in text
+    assert "loss at step 3: ours-on " in text and "target <= 1%: " in text
 
 
 def test_gpu_qlora_logic_on_a_tiny_model_on_cpu(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Packing with padding-free batches keeps the packed records apart.
+"""Packing keeps the packed records apart, as one padding-free row or as rows.
 
 TRL's padding-free collator concatenates the packed records of a batch into one row, restarts
 position_ids at each record and passes no attention mask. With sdpa (the default) transformers reads
@@ -6,8 +6,9 @@ the record boundaries from those position_ids and builds a block-diagonal causal
 must give the same logits and loss as its records run one by one.
 
 Only without a KV cache: transformers skips that detection when a cache is in use, and a model whose
-config says use_cache: true (Phi-3.5's does) builds one even in training mode. TRL's compute_loss passes
-use_cache=False, which is what keeps packed training correct; the last test checks it through our trainer.
+config says use_cache: true (Phi-3.5's does) builds one even in training mode. TRL's compute_loss and ours
+pass use_cache=False, which is what keeps packed training correct; a test checks it through our trainer,
+which (with sdpa) keeps a batch of packs as rows: the same detection, row by row.
 """
 
 import json
@@ -102,8 +103,9 @@ def test_prepared_packs_keep_boundaries_and_tokens(tokenizer, tmp_path):
     assert len(train) == -(-sum(lengths) // 128) or report["train"]["packing_efficiency"] > 0.7
 
 
-def test_trainer_gets_padding_free_batches(tiny_model_dir, tokenizer, tmp_path):
-    """Our SFTConfig (packing: true, bfd) makes TRL collate padding-free: one row, positions restarting."""
+def test_trainer_gets_packs_as_rows(tiny_model_dir, tokenizer, tmp_path):
+    """With sdpa our trainer collates a batch of packs as rows (padding-free would be one row of every pack,
+    whose block-diagonal mask sdpa computes densely): positions restart per record, no attention mask."""
     from qctrain import train
     from qctrain.recipe import Recipe
 
@@ -116,37 +118,41 @@ def test_trainer_gets_padding_free_batches(tiny_model_dir, tokenizer, tmp_path):
     prepared = data.prepare(recipe.data, tokenizer, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trainer = train.build_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
-    assert trainer.args.packing and trainer.args.packing_strategy == "bfd" and trainer.padding_free
+    assert trainer.args.packing and trainer.args.packing_strategy == "bfd"
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-    positions = batch["position_ids"][0]
-    starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
-    assert len(starts) >= 3  # several records in the row, each starting at position 0
+    assert batch["input_ids"].shape[0] == 2 and "attention_mask" not in batch
+    records = []  # (row, start, end) of every record
+    for row, positions in enumerate(batch["position_ids"]):
+        # Padding: the pad token with no label (a record's closing eos is the same token, with a label).
+        not_padding = (batch["input_ids"][row] != tokenizer.pad_token_id) | (batch["labels"][row] != data.IGNORE)
+        real = int(not_padding.nonzero().max()) + 1
+        starts = (positions[:real] == 0).nonzero().flatten().tolist() + [real]
+        records += [(row, lo, hi) for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+    assert len(records) >= 3  # several records in the rows, each starting at position 0
 
-    # The trainer's own loss on the packed row (TRL's compute_loss: use_cache=False, fused LM head) equals
-    # the loss of its records run one by one.
+    # The trainer's own loss on the rows (use_cache=False, our loss path) equals the loss of their records
+    # run one by one.
     trainer.model.eval()
     with torch.no_grad():
-        packed_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+        rows_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
         total, count = 0.0, 0
-        for lo, hi in zip(starts[:-1], starts[1:], strict=True):
-            ids, labels = batch["input_ids"][:, lo:hi], batch["labels"][0, lo + 1:hi]
+        for row, lo, hi in records:
+            ids, labels = batch["input_ids"][row:row + 1, lo:hi], batch["labels"][row, lo + 1:hi]
             logits = trainer.model(input_ids=ids, use_cache=False).logits[0, :-1]
             total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=data.IGNORE,
                                                        reduction="sum").item()
             count += int((labels != data.IGNORE).sum())
-    assert packed_loss == pytest.approx(total / count, abs=1e-4)
+    assert rows_loss == pytest.approx(total / count, abs=1e-4)
 
 
 def test_liger_switch_goes_through_the_recipe(tiny_model_dir, tokenizer, tmp_path):
-    """train.use_liger_kernel is an SFTConfig field the recipe passes on as it is. TRL applies Liger's layer
-    kernels (RMSNorm, RoPE, SwiGLU) when training starts and keeps its own fused LM-head loss instead of
-    Liger's fused linear cross-entropy. The kernels are Triton (GPU only): without liger-kernel installed
-    training stops at start with an ImportError naming it. Whether they engage on Phi-3 and match the
-    unfused loss can only be checked on a GPU: bench/gpu_qlora.py does (packed vs packed+liger)."""
-    import importlib.util
-
+    """train.use_liger_kernel: we apply Liger ourselves (its fused linear cross entropy included), so TRL's
+    switch, which leaves that out, is never passed on. Liger's kernels are Triton (CUDA only): asking for them
+    on a machine without a GPU is an error at train start; left unset they are off and the run says so.
+    Whether they engage on Phi-3 and match the unfused loss can only be checked on a GPU: bench/gpu_qlora.py
+    does (packed vs packed+liger)."""
     from qctrain import train
+    from qctrain.errors import InputError
     from qctrain.recipe import Recipe
 
     path = write_json(tmp_path / "a.json", alpaca_records(20))
@@ -157,10 +163,7 @@ def test_liger_switch_goes_through_the_recipe(tiny_model_dir, tokenizer, tmp_pat
         "output": {"dir": str(tmp_path / "out")}})
     prepared = data.prepare(recipe.data, tokenizer, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    with pytest.warns(FutureWarning, match="use_liger_kernel"):
-        trainer = train.build_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
-    assert trainer.args.use_liger_kernel
-    assert trainer.args.liger_kernel_config == {"fused_linear_cross_entropy": False}
-    if importlib.util.find_spec("liger_kernel") is None:
-        with pytest.raises(ImportError, match="liger-kernel"):
-            trainer.train()
+    assert not train.sft_config(recipe, tmp_path / "out", has_eval=False).use_liger_kernel
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="train.use_liger_kernel: .*CUDA GPUs"):
+            train.build_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")

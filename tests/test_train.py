@@ -30,6 +30,8 @@ def test_outputs_are_complete(trained):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert "data: 48 read, 0 duplicates" in result.stdout
+    assert ("train: liger-kernel off (its kernels are Triton kernels for CUDA GPUs and there is none here); loss: "
+            "cross entropy over the supervised positions; 2 pack(s) per batch as 2 row(s) (sdpa)") in result.stdout
     assert not list(out.glob(".staging-*"))
 
 

@@ -119,7 +119,10 @@ def check_lora_targets(recipe: Recipe) -> list[str]:
 
 
 def check_packages(recipe: Recipe) -> list[str]:
-    """Recipe switches that need a package the image may not hold: say so now, not at the first step."""
+    """Recipe switches that need a package the image may not hold: say so now, not at the first step.
+    Liger is on by default for Phi-3 on CUDA when liger-kernel is installed (`qctrain train` says whether it
+    is); only an explicit train.use_liger_kernel: true without the package is a problem here. Whether a GPU
+    is present is left to train: finding out would import torch."""
     import importlib.util
 
     if recipe.sft_kwargs().get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:

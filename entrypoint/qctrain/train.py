@@ -1,10 +1,21 @@
 """Train stage: TRL's SFTTrainer on the prepared (tokenized, masked, packed) data.
 
+Faster than TRL as it comes, with TRL's loss as the reference (tests/test_loss_path.py):
+- the loss: a plain cross entropy over the supervised positions only (transformers' boolean
+  `logits_to_keep` keeps the LM head off the others); on CUDA with Liger, its fused linear cross
+  entropy; on CUDA without it, TRL's own chunked head. Entropy and token accuracy are computed only
+  for the steps that are logged (never with Liger's fused loss, where they would cost a pass).
+- the batch layout: with sdpa or eager attention, a batch of N packs stays N rows (position ids
+  restarting per record, so each row gets a block-diagonal causal mask); one padding-free row only
+  with flash-attention kernels, which take variable-length sequences.
+- Liger's kernels on Phi-3 on CUDA, unless the recipe turns them off.
+
 Preemption-safe: SIGTERM/SIGINT during training only sets a flag; the step in progress finishes, a
 full checkpoint is saved (atomically, see checkpoint.py) and the run exits 75. The next `train` with
 the same recipe resumes from the newest complete checkpoint.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qctrain import checkpoint, publish
 from qctrain.checkpoint import checkpoints_dir
-from qctrain.data import PreparedData
+from qctrain.data import IGNORE, PreparedData
 from qctrain.errors import InputError, Preempted
 from qctrain.model import lora_config
 from qctrain.recipe import Recipe
@@ -40,6 +53,9 @@ class TrainResult:
 
 def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
     kwargs = recipe.sft_kwargs()
+    # Liger is applied by build_trainer (TRL's switch would leave out its fused linear cross entropy).
+    kwargs.pop("use_liger_kernel", None)
+    kwargs.pop("liger_kernel_config", None)
     kwargs.update(
         output_dir=str(checkpoints_dir(output_dir)),
         max_length=recipe.data.max_seq_length,
@@ -52,6 +68,8 @@ def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
     if not has_eval:
         kwargs["eval_strategy"] = "no"
     if not torch.cuda.is_available():
+        if not {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.train):
+            kwargs["activation_checkpointing"] = False  # recomputing costs a third of the forward; RAM is not short
         kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
         kwargs.setdefault("fp16", False)
         kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
@@ -192,13 +210,118 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# --- the batch layout ---
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # kernels that take variable-length sequences
+
+
+def packs_as_rows(recipe: Recipe) -> bool:
+    """With sdpa or eager a padding-free row of N packs costs a dense (N x pack)^2 attention mask and
+    matmul; N rows cost N x pack^2. Flash-attention kernels skip across record boundaries either way."""
+    return recipe.data.packing and recipe.model.attn_implementation not in VARLEN_ATTENTION
+
+
+@dataclass
+class PackedRows:
+    """A batch of N packs as N rows: TRL's collator with position ids restarting per record, right-padded to
+    the longest pack, and without an attention mask, so transformers reads each row's record boundaries from
+    the position ids and builds its block-diagonal causal mask (a padding token has position 0: a record of
+    its own that nothing attends to). Labels as TRL's padding-free collator leaves them: a record's first
+    token is not predicted from the record before it."""
+
+    pad_token_id: int
+
+    def __post_init__(self) -> None:
+        self.collate = DataCollatorForLanguageModeling(pad_token_id=self.pad_token_id, return_position_ids=True)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        del batch["attention_mask"]  # with a 2D mask transformers would not look for records in the rows
+        batch["labels"][batch["position_ids"] == 0] = IGNORE
+        return batch
+
+
+# --- the loss ---
+
+def supervised_logits(model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions whose next token is supervised ([n, vocab]) and those tokens ([n]): a boolean
+    `logits_to_keep` makes the model run its LM head on those positions only."""
+    labels = inputs["labels"]
+    supervised = labels[:, 1:] != IGNORE
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = supervised
+    model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
+    return logits, labels[:, 1:][supervised]
+
+
 class QcTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints are atomic: written into a staging folder, fsynced, marked complete,
-    then renamed into place (see checkpoint.py); rotation (save_total_limit) runs after the rename."""
+    """SFTTrainer with a lean loss (see compute_loss) and atomic checkpoints: written into a staging folder,
+    fsynced, marked complete, then renamed into place (see checkpoint.py); rotation (save_total_limit) runs
+    after the rename."""
 
     checkpoint_meta: dict[str, Any] = {}
     last_saved_step: int | None = None
     _staging_root: str | None = None
+    # "lean": cross entropy over the supervised positions; "model": the model's own loss (Liger's fused
+    # linear cross entropy); "trl": SFTTrainer's chunked LM head (Triton on CUDA).
+    loss_path: str = "trl"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The same loss as SFTTrainer.compute_loss (the sum of the supervised tokens' negative
+        log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass."""
+        if return_outputs or self.loss_path == "trl" or not self._plain_nll():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        if self.loss_path == "model":
+            loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
+        else:
+            logits, targets = supervised_logits(model, inputs)
+            count = torch.tensor(targets.numel(), device=logits.device) if num_items_in_batch is None \
+                else num_items_in_batch
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum") / torch.as_tensor(count).clamp(min=1)
+            if mode == "eval" or self._step_is_logged():
+                self._log_token_metrics(mode, logits.detach(), targets)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as SFTTrainer does
+        if mode == "train":
+            self._total_train_tokens += self._tokens_in(inputs)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def _plain_nll(self) -> bool:
+        """No loss variant that only SFTTrainer.compute_loss implements (DFT, label smoothing, a custom loss
+        function, an MoE router loss)."""
+        return (self.args.loss_type == "nll" and self.label_smoother is None and self.compute_loss_func is None
+                and not self.aux_loss_enabled)
+
+    def _step_is_logged(self) -> bool:
+        """Whether the optimizer step in progress will be logged (DefaultFlowCallback's rule)."""
+        step, strategy = self.state.global_step + 1, self.args.logging_strategy
+        if strategy == "steps":
+            return step % self.state.logging_steps == 0 or (step == 1 and self.args.logging_first_step)
+        return strategy == "epoch"
+
+    def _log_token_metrics(self, mode: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """SFTTrainer's entropy and mean_token_accuracy of the next-token distributions."""
+        log_probs = logits.float().log_softmax(-1).flatten()
+        entropy_sum = -torch.dot(log_probs.exp(), log_probs)
+        correct = (logits.argmax(-1) == targets).sum()
+        gather = self.accelerator.gather_for_metrics
+        valid = gather(torch.tensor(targets.numel(), device=logits.device)).sum()
+        entropy_sum, correct = gather(entropy_sum).sum(), gather(correct).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / valid).item() if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+
+    def _tokens_in(self, inputs: dict[str, Any]) -> int:
+        """SFTTrainer's num_tokens metric: the tokens of a batch that are not padding."""
+        if "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        elif inputs["position_ids"].size(0) == 1:  # one padding-free row
+            tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        else:  # packs as rows, right-padded: a padding token is the pad token with no label (an eos has one)
+            tokens = ((inputs["input_ids"] != self.processing_class.pad_token_id) | (inputs["labels"] != IGNORE)).sum()
+        return self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
@@ -240,9 +363,63 @@ class QcTrainer(SFTTrainer):
         self.last_saved_step = self.state.global_step
 
 
+# --- Liger ---
+
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
+                 "cross_entropy": False}  # apply_liger_kernel_to_phi3's switches, our defaults
+
+
+def liger_plan(recipe: Recipe, model) -> tuple[dict[str, bool] | None, str]:
+    """Liger's kernel switches to apply (None: off) and a few words on why. On by default for Phi-3 on CUDA;
+    train.use_liger_kernel: false turns it off; true where it cannot work is an error."""
+    asked = recipe.train.get("use_liger_kernel")
+    if asked is False:
+        return None, "off (train.use_liger_kernel: false)"
+    model_type = model.config.model_type
+    why_not = (f"qctrain applies Liger's kernels to Phi-3 models, not {model_type}" if model_type != "phi3"
+               else "its kernels are Triton kernels for CUDA GPUs and there is none here"
+               if not torch.cuda.is_available()
+               else "the liger-kernel package is not installed here; set it to false or use an image that has it"
+               if importlib.util.find_spec("liger_kernel") is None else None)
+    if why_not:
+        if asked:
+            raise InputError(f"train.use_liger_kernel: {why_not}")
+        return None, f"off ({why_not.split(';')[0]})"
+    config = {**LIGER_KERNELS, **(recipe.train.get("liger_kernel_config") or {})}
+    unknown = sorted(set(config) - set(LIGER_KERNELS))
+    if unknown:
+        raise InputError(f"train.liger_kernel_config: unknown switch {', '.join(unknown)} (known: "
+                         f"{', '.join(LIGER_KERNELS)})")
+    return config, "on (" + ", ".join(name.replace("_", " ") for name, on in config.items() if on) + ")"
+
+
+def apply_liger(model, kernels: dict[str, bool]) -> None:
+    """Liger's kernels on this Phi-3 instance: RoPE, RMSNorm and SwiGLU in its layers, and (with
+    fused_linear_cross_entropy) a forward whose loss never materialises the logits. Before PEFT and TRL wrap
+    the model: both call into this forward."""
+    from liger_kernel.transformers import apply_liger_kernel_to_phi3
+
+    apply_liger_kernel_to_phi3(model=model, **kernels)
+
+
+LOSS_PATHS = {"lean": "cross entropy over the supervised positions",
+              "model": "Liger's fused linear cross entropy", "trl": "TRL's chunked LM head"}
+
+
+def loss_path(device_type: str, kernels: dict[str, bool] | None) -> str:
+    if kernels and kernels["fused_linear_cross_entropy"]:
+        return "model"
+    # TRL's chunked head runs Triton kernels over the supervised positions only on CUDA/XPU; elsewhere it
+    # scores every position and computes entropy and accuracy each step.
+    return "trl" if device_type in ("cuda", "xpu") else "lean"
+
+
 def build_trainer(recipe: Recipe, model, tokenizer, prepared: PreparedData, output_dir: Path,
                   stop: StopOnSignal | None = None) -> SFTTrainer:
     args = sft_config(recipe, output_dir, has_eval=prepared.eval is not None)
+    kernels, liger_state = liger_plan(recipe, model)
+    if kernels:
+        apply_liger(model, kernels)
     set_seed(args.seed)  # before PEFT initialises the adapter weights
     trainer = QcTrainer(
         model=model,
@@ -252,6 +429,16 @@ def build_trainer(recipe: Recipe, model, tokenizer, prepared: PreparedData, outp
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
     )
+    trainer.loss_path = loss_path(args.device.type, kernels)
+    if packs_as_rows(recipe):
+        trainer.data_collator = PackedRows(tokenizer.pad_token_id)
+        trainer.padding_free = False
+    if trainer.args.should_save:
+        batch = args.per_device_train_batch_size
+        layout = (f"{batch} pack(s) per batch as {batch} row(s)" if packs_as_rows(recipe)
+                  else "packs in one padding-free row" if recipe.data.packing else "records padded per batch")
+        print(f"train: liger-kernel {liger_state}; loss: {LOSS_PATHS[trainer.loss_path]}; {layout} "
+              f"({recipe.model.attn_implementation})", flush=True)
     if not torch.cuda.is_available():
         keep_adapter_in_compute_dtype(trainer.model, model.dtype)
     trainer.checkpoint_meta = {
