@@ -178,6 +178,13 @@ def alpaca_records(n: int, seed: int = 0, duplicate_rate: float = 0.02) -> list[
     return records
 
 
+def alpaca_like(lengths: list[list[int]], seed: int = 0) -> list[dict]:
+    """English records of our own text with the given (instruction, input, output) word counts."""
+    rng = random.Random(seed)
+    return [{"instruction": _words(rng, max(1, i), False), "input": _words(rng, n, False) if n else "",
+             "output": _words(rng, max(1, o), False)} for i, n, o in lengths]
+
+
 def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(alpaca_records(n, seed), ensure_ascii=False), encoding="utf-8")

@@ -4,7 +4,8 @@
 
 The job (the same for every arm): the tiny Phi-3 of `make tiny-model` (hidden 64, 2 layers), 4-bit NF4
 double-quant base with float32 compute, LoRA r8 / alpha 16 / dropout 0 on all linear layers, the 999 real
-Alpaca records of bench/data/alpaca_en_demo.json, the Phi-3.5 chat template, max_seq_length 512 (longer
+Alpaca records of ../shared/data/real/alpaca_en_demo.json (read in place; elsewhere our own text with their
+word counts, bench/data/alpaca_en_lengths.json), the Phi-3.5 chat template, max_seq_length 512 (longer
 records truncated), assistant-only loss, batch 4 x accumulation 1, learning rate 5e-3 linear (no warm-up),
 40 steps, logging every 10, no eval, no checkpoint during training, seed 42, no gradient checkpointing.
 Arms, each a fresh process, in rotating order:
@@ -45,7 +46,10 @@ import common  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-DATA = HERE / "data" / "alpaca_en_demo.json"
+# The real records are read by hand where ../shared lies beside the checkout (they may not be copied into the
+# project: CC BY-NC); elsewhere, records of our own text with their exact word counts (bench/data).
+REAL_DATA = common.ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
+LENGTHS = HERE / "data" / "alpaca_en_lengths.json"
 ARMS = ("trl-off", "trl-on", "ours-off", "ours-on", "ours-default")
 TARGETS = {("ours-off", "trl-off"): 1.6, ("ours-on", "trl-on"): 3.0}
 
@@ -171,6 +175,15 @@ class CpuSampler:
         return c0 if t1 == t0 else c0 + (c1 - c0) * (when - t0) / (t1 - t0)
 
 
+def default_data(work: Path) -> Path:
+    if REAL_DATA.is_file():
+        return REAL_DATA
+    lengths = json.loads(LENGTHS.read_text(encoding="utf-8"))["lengths"]
+    path = work / "alpaca_like_en_demo.json"
+    path.write_text(json.dumps(common.alpaca_like(lengths)), encoding="utf-8")
+    return path
+
+
 def job_data(path: Path, records: int | None, work: Path) -> Path:
     """The data file, or its first `records` records (smoke runs)."""
     if records is None:
@@ -187,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=10, help="rates from the log of this step on")
-    parser.add_argument("--data", default=str(DATA), help="Alpaca JSON file")
+    parser.add_argument("--data", default=None, help="Alpaca JSON file (default: the real records in "
+                        "../shared/data/real, else our own text of their lengths)")
     parser.add_argument("--records", type=int, default=None, help="use only the first N records")
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -207,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-train-") as tmp:
         work = Path(tmp)
-        data_file = job_data(Path(args.data), args.records, work)
+        source = Path(args.data) if args.data else default_data(work)
+        data_file = job_data(source, args.records, work)
         for round_ in range(args.rounds):
             order = arms[round_ % len(arms):] + arms[:round_ % len(arms)]
             for arm in order:
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"loss @ step {args.steps}": med(arm, "last_loss")})
     threads = f"{args.threads} torch thread(s) per run" if args.threads else "torch's default threads"
     notes = [f"{args.rounds} rounds, arms in rotating order, {threads}, {args.steps} steps each (rates from the "
-             f"step-{args.warmup} log on), {Path(args.data).name}"
+             f"step-{args.warmup} log on), {source.name}"
              + (f" (first {args.records} records)" if args.records else "")
              + f", max_seq_length {args.max_seq_length} (truncate), batch {args.batch_size} x 1, tiny Phi-3 4-bit "
              "NF4 (float32 compute), LoRA r8 all-linear, assistant-only loss, lr 5e-3 linear, sdpa. 'ours' "

@@ -1,6 +1,6 @@
 """The plain-library baseline: QLoRA SFT written directly against TRL, as its documentation shows.
 
-    python bench/trl_baseline.py --model models/tiny-phi3 --data bench/data/alpaca_en_demo.json --out /tmp/b
+    python bench/trl_baseline.py --model models/tiny-phi3 --data ../shared/data/real/alpaca_en_demo.json --out /tmp/b
 
 A 4-bit NF4 (double-quant) base, SFTTrainer with a peft_config (LoRA on all linear layers), TRL's own
 data preparation (conversational dataset -> chat template -> assistant-only loss mask -> truncation, or BFD
