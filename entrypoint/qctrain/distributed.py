@@ -133,6 +133,18 @@ def main_process_first() -> Iterator[None]:
             barrier()  # B2
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is true on any (all ranks stop and save at the same step)."""
+    if not _distributed():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def all_gather(value: Any) -> list[Any]:
     if not _distributed():
         return [value]

@@ -17,10 +17,8 @@ the same recipe resumes from the newest complete checkpoint.
 
 import importlib.util
 import json
-import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +31,9 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from qctrain import checkpoint, publish
+from qctrain import checkpoint, distributed, publish
 from qctrain.checkpoint import checkpoints_dir
+from qctrain.console import say
 from qctrain.data import IGNORE, PreparedData
 from qctrain.errors import InputError, Preempted
 from qctrain.model import lora_config
@@ -123,32 +122,15 @@ class StopOnSignal:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def _say(self, text: str) -> None:
-        try:
-            os.write(sys.stderr.fileno(), f"qctrain: {text}\n".encode())
-        except (OSError, ValueError):
-            pass
-
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            self._say(f"{signal.Signals(signum).name} again: already stopping, the checkpoint is being saved")
+            say(f"qctrain: {signal.Signals(signum).name} again: already stopping, the checkpoint is being saved\n")
             return
         self.signum = signum
         if not self.defer:
             raise Preempted(f"stopped by {self.name} before training started; nothing to save, "
                             "rerun to start")
-        self._say(f"{self.name} received: finishing the current step, saving a checkpoint, then exiting 75")
-
-
-def _any_rank(flag: bool, device) -> bool:
-    """True on every rank if it is true on any (all ranks stop and save at the same step)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    tensor = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+        say(f"qctrain: {self.name} received: finishing the current step, saving a checkpoint, then exiting 75\n")
 
 
 class PreemptionCallback(TrainerCallback):
@@ -168,8 +150,8 @@ class PreemptionCallback(TrainerCallback):
         stopping = self.stop is not None and self.stop.signum is not None
         due = self.interval is not None and self.clock() - self.last_save >= self.interval
         if self.interval is not None:
-            due = _any_rank(due, args.device)  # ranks' clocks differ: every rank must save together
-        if self.stop is not None and _any_rank(stopping, args.device):
+            due = distributed.any_rank(due, args.device)  # ranks' clocks differ: every rank must save together
+        if self.stop is not None and distributed.any_rank(stopping, args.device):
             if self.stop.signum is None:  # another rank was signalled
                 self.stop.signum = signal.SIGTERM
             control.should_save = True
@@ -201,13 +183,6 @@ class CheckpointPusher(TrainerCallback):
         except Exception as err:  # noqa: BLE001 - a checkpoint push must never end the training run
             publish.log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name,
                                 publish.redact(str(err), self.token))
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 # --- the batch layout ---
@@ -337,7 +312,7 @@ class QcTrainer(SFTTrainer):
         main = self.args.should_save
         if main:
             shutil.rmtree(staging_root, ignore_errors=True)
-        _barrier()
+        distributed.barrier()
         # Trainer writes <run dir>/checkpoint-N: pointing the run dir at the staging folder makes it
         # write everything (adapter, optimizer, scheduler, RNG, trainer state) there instead.
         self._staging_root = str(staging_root)
@@ -345,7 +320,7 @@ class QcTrainer(SFTTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
-        _barrier()
+        distributed.barrier()
         if main:
             written = staging_root / name
             best = self.state.best_global_step
@@ -359,7 +334,7 @@ class QcTrainer(SFTTrainer):
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
                                use_mtime=False)
-        _barrier()
+        distributed.barrier()
         self.last_saved_step = self.state.global_step
 
 
@@ -481,11 +456,11 @@ def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
             plan.apply()
             if plan.checkpoint is not None:
                 print(f"resuming from {plan.checkpoint} (step {plan.step})", flush=True)
-        _barrier()
+        distributed.barrier()
     started = time.time()
     resume_from = str(plan.checkpoint) if plan is not None and plan.checkpoint is not None else None
     output = trainer.train(resume_from_checkpoint=resume_from)
-    if stop is not None and _any_rank(stop.signum is not None, trainer.args.device):
+    if stop is not None and distributed.any_rank(stop.signum is not None, trainer.args.device):
         step = trainer.state.global_step
         if getattr(trainer, "last_saved_step", None) != step:  # signalled after the last step's check
             trainer._save_checkpoint(trainer.model, trial=None)
