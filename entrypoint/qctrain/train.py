@@ -230,14 +230,64 @@ def supervised_logits(model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torc
     return logits, labels[:, 1:][supervised]
 
 
-class QcTrainer(SFTTrainer):
-    """SFTTrainer with a lean loss (see compute_loss) and atomic checkpoints: written into a staging folder,
-    fsynced, marked complete, then renamed into place (see checkpoint.py); rotation (save_total_limit) runs
-    after the rename."""
+class AtomicCheckpoints:
+    """Atomic checkpoints for a transformers Trainer: written into a staging folder, fsynced, marked complete,
+    then renamed into place (see checkpoint.py); rotation (save_total_limit) runs after the rename.
+
+    No public hook serves (a callback's on_save runs after the Trainer has already rotated the old
+    checkpoints away, and nothing lets it choose where a checkpoint is written), so this adapter overrides
+    two private Trainer methods, and only these: `_save_checkpoint(model, trial)`, and `_get_output_dir(trial)`,
+    which `_save_checkpoint` calls for the folder it writes `checkpoint-N` into.
+    tests/test_trainer_private_api.py pins them to the locked transformers and fails when they move.
+    """
 
     checkpoint_meta: dict[str, Any] = {}
     last_saved_step: int | None = None
     _staging_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{checkpoint.PREFIX}-{self.state.global_step}"
+        staging_root = run_dir / f"{checkpoint.PARTIAL_PREFIX}{name}"
+        final = run_dir / name
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        distributed.barrier()
+        # Trainer writes <run dir>/checkpoint-N: pointing the run dir at the staging folder makes it
+        # write everything (adapter, optimizer, scheduler, RNG, trainer state) there instead.
+        self._staging_root = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        distributed.barrier()
+        if main:
+            written = staging_root / name
+            best = self.state.best_global_step
+            best_dir = run_dir / f"{checkpoint.PREFIX}-{best}"
+            if best and (best == self.state.global_step or best_dir.is_dir()):
+                self.state.best_model_checkpoint = str(best_dir)
+                self.state.save_to_json(str(written / TRAINER_STATE_NAME))  # it recorded the staging path
+            marker = {**self.checkpoint_meta, "step": self.state.global_step, "epoch": self.state.epoch,
+                      "saved": round(time.time(), 3)}
+            checkpoint.commit(written, final, marker)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=False)
+        distributed.barrier()
+        self.last_saved_step = self.state.global_step
+
+
+class QcTrainer(AtomicCheckpoints, SFTTrainer):
+    """SFTTrainer with a lean loss (see compute_loss) and atomic checkpoints (AtomicCheckpoints)."""
+
     # "lean": cross entropy over the supervised positions; "model": the model's own loss (Liger's fused
     # linear cross entropy); "trl": SFTTrainer's chunked LM head (Triton on CUDA).
     loss_path: str = "trl"
@@ -297,45 +347,6 @@ class QcTrainer(SFTTrainer):
         else:  # packs as rows, right-padded: a padding token is the pad token with no label (an eos has one)
             tokens = ((inputs["input_ids"] != self.processing_class.pad_token_id) | (inputs["labels"] != IGNORE)).sum()
         return self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
-
-    def _get_output_dir(self, trial) -> str:
-        return self._staging_root or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer import TRAINER_STATE_NAME
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{checkpoint.PREFIX}-{self.state.global_step}"
-        staging_root = run_dir / f"{checkpoint.PARTIAL_PREFIX}{name}"
-        final = run_dir / name
-        main = self.args.should_save
-        if main:
-            shutil.rmtree(staging_root, ignore_errors=True)
-        distributed.barrier()
-        # Trainer writes <run dir>/checkpoint-N: pointing the run dir at the staging folder makes it
-        # write everything (adapter, optimizer, scheduler, RNG, trainer state) there instead.
-        self._staging_root = str(staging_root)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        distributed.barrier()
-        if main:
-            written = staging_root / name
-            best = self.state.best_global_step
-            best_dir = run_dir / f"{checkpoint.PREFIX}-{best}"
-            if best and (best == self.state.global_step or best_dir.is_dir()):
-                self.state.best_model_checkpoint = str(best_dir)
-                self.state.save_to_json(str(written / TRAINER_STATE_NAME))  # it recorded the staging path
-            marker = {**self.checkpoint_meta, "step": self.state.global_step, "epoch": self.state.epoch,
-                      "saved": round(time.time(), 3)}
-            checkpoint.commit(written, final, marker)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
-                               use_mtime=False)
-        distributed.barrier()
-        self.last_saved_step = self.state.global_step
 
 
 # --- Liger ---
