@@ -175,7 +175,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "save_steps": 200,
     "save_total_limit": 3,
     "eval_strategy": "epoch",
-    "activation_checkpointing": True,  # on CPU off unless the recipe names it (train.sft_config)
+    "activation_checkpointing": True,  # on CPU off unless the recipe names it (Recipe.sft_config_kwargs)
     "activation_checkpointing_kwargs": {"use_reentrant": False},
     "report_to": "none",
 }
@@ -228,6 +228,33 @@ class Recipe(_Strict):
         """TRAIN_DEFAULTS overlaid with the recipe's train: section (what SFTConfig receives)."""
         kwargs = {**TRAIN_DEFAULTS, **{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in self.train.items()}}
         kwargs.setdefault("seed", self.data.seed)
+        return kwargs
+
+    def sft_config_kwargs(self, checkpoints_dir: Path, has_eval: bool, cuda: bool) -> dict[str, Any]:
+        """What TRL's SFTConfig gets (train.sft_config builds it): sft_kwargs plus what the other sections
+        decide, with the settings that differ on a machine without CUDA."""
+        kwargs = self.sft_kwargs()
+        # Liger is applied by train.build_trainer (TRL's switch would leave out its fused linear cross entropy).
+        kwargs.pop("use_liger_kernel", None)
+        kwargs.pop("liger_kernel_config", None)
+        kwargs.update(
+            output_dir=str(checkpoints_dir),
+            max_length=self.data.max_seq_length,
+            packing=self.data.packing,
+            packing_strategy="bfd",
+            # The data stage already tokenized, masked, truncated and packed: the trainer takes it as is.
+            dataset_kwargs={"skip_prepare_dataset": True},
+            assistant_only_loss=False,
+        )
+        if not has_eval:
+            kwargs["eval_strategy"] = "no"
+        if not cuda:
+            if not {"activation_checkpointing", "gradient_checkpointing"} & set(self.train):
+                kwargs["activation_checkpointing"] = False  # recomputing costs a third of the forward; RAM is not short
+            kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
+            kwargs.setdefault("fp16", False)
+            kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
+            kwargs.setdefault("use_cpu", True)  # without it, ranks under torchrun on CPUs each train alone
         return kwargs
 
 

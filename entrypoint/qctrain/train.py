@@ -51,28 +51,7 @@ class TrainResult:
 
 
 def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
-    kwargs = recipe.sft_kwargs()
-    # Liger is applied by build_trainer (TRL's switch would leave out its fused linear cross entropy).
-    kwargs.pop("use_liger_kernel", None)
-    kwargs.pop("liger_kernel_config", None)
-    kwargs.update(
-        output_dir=str(checkpoints_dir(output_dir)),
-        max_length=recipe.data.max_seq_length,
-        packing=recipe.data.packing,
-        packing_strategy="bfd",
-        # The data stage already tokenized, masked, truncated and packed: the trainer takes it as is.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        assistant_only_loss=False,
-    )
-    if not has_eval:
-        kwargs["eval_strategy"] = "no"
-    if not torch.cuda.is_available():
-        if not {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.train):
-            kwargs["activation_checkpointing"] = False  # recomputing costs a third of the forward; RAM is not short
-        kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
-        kwargs.setdefault("fp16", False)
-        kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
-        kwargs.setdefault("use_cpu", True)  # without it, ranks under torchrun on CPUs each train alone
+    kwargs = recipe.sft_config_kwargs(checkpoints_dir(output_dir), has_eval, cuda=torch.cuda.is_available())
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
