@@ -1,7 +1,6 @@
 """Command line: wires the stages recipe -> preflight -> data -> model -> train -> export -> publish."""
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
 from qctrain.console import say
-from qctrain.errors import ExitCode, InputError, Preempted, PushFailed, QcError
-from qctrain.hubtoken import resolve_token
+from qctrain.errors import ExitCode, InputError, QcError
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -153,7 +151,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, train
+    from qctrain import checkpoint, data, distributed, export, model, publish, train
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
@@ -166,10 +164,11 @@ def _train_held(recipe, args, stop) -> int:
     model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
-        print("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes "
-              "train as DDP)", file=sys.stderr)
-    if recipe.hub and recipe.hub.push == "checkpoints" and (token := resolve_token()):
-        trainer.add_callback(train.CheckpointPusher(recipe.hub.repo_id, token, recipe.hub.private,
+        say("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes train "
+            "as DDP)\n")
+    publisher = publish.publisher_for(recipe)
+    if publisher is not None and publisher.checkpoints:
+        trainer.add_callback(train.CheckpointPusher(publisher,
                                                       stopping=lambda: stop.signum is not None))
     result = train.run(trainer, plan, stop)
     adapter_state = distributed.full_adapter_state(trainer)  # FSDP: gathered by every rank, else None
@@ -185,51 +184,14 @@ def _train_held(recipe, args, stop) -> int:
         result.log_history, result.started, result.finished, samples, state_dict=adapter_state))
     print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
-    if recipe.hub and recipe.hub.push != "never":
-        if stop.signum is not None and distributed.world_size() > 1:
-            # A rerun would need every rank again (other nodes' pods may have finished): push by hand.
-            raise PushFailed(f"stopped by {stop.name} after training; outputs complete in {recipe.output.dir}, "
-                             f"not pushed: run `qctrain push {recipe.output.dir}`")
-        if stop.signum is not None:
-            raise Preempted(f"stopped by {stop.name} after training; outputs complete in "
-                            f"{recipe.output.dir}, not pushed: rerun the same command to push")
-        return _push(Path(recipe.output.dir), recipe.hub)
-    return 0
-
-
-def _push(output_dir: Path, hub) -> int:
-    from qctrain import export, publish
-
-    export.restore_interrupted_swap(output_dir / "adapter")
-    token = resolve_token()
-    if not token:
-        raise PushFailed("no Hub token: set HF_TOKEN or HF_TOKEN_FILE, then run `qctrain push "
-                         f"{output_dir}`")
-    result = publish.push_output(output_dir, hub.repo_id, token, private=hub.private, revision=hub.revision)
-    print(f"pushed: {result.url}" if result.pushed else f"push: {result.skipped_reason}")
-    if hub.push_merged:
-        merged = export.merge_adapter(output_dir, output_dir / "merged")
-        repo_id = hub.merged_repo_id or f"{hub.repo_id}-merged"
-        result = publish.push_folder(merged, repo_id, token, private=hub.private,
-                                     commit_message=f"qctrain: {hub.repo_id} merged into its base")
-        print(f"pushed merged model: {result.url}" if result.pushed else f"merged: {result.skipped_reason}")
-    return 0
+    return publish.publish_after_training(recipe, Path(recipe.output.dir), stop.name if stop.signum else None,
+                                          distributed.world_size())
 
 
 def cmd_push(args) -> int:
-    from qctrain.recipe import Recipe
+    from qctrain import publish
 
-    manifest_path = Path(args.output_dir) / "run_manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: not found; is {args.output_dir} the output.dir of a finished run?")
-    try:
-        recipe = Recipe.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    if recipe.hub is None:
-        raise InputError(f"{manifest_path}: the run's recipe has no hub: section")
-    return _push(Path(args.output_dir), recipe.hub)
+    return publish.push_again(Path(args.output_dir))
 
 
 def cmd_merge(args) -> int:
@@ -363,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
         return int(err.exit_code)
     except KeyboardInterrupt:
-        print("qctrain: interrupted", file=sys.stderr)
+        say("qctrain: interrupted\n")
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:

@@ -265,7 +265,7 @@ def exec_launcher(qctrain_argv: Sequence[str], nproc: int) -> None:
     """Replace this process with the launcher: the same PID, so SIGTERM from Docker/Kubernetes (via tini)
     reaches it, and it forwards the signal to the workers."""
     cmd = launch_command(qctrain_argv, nproc)
-    print(f"qctrain: launching {nproc} processes per node: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+    say(f"qctrain: launching {nproc} processes per node: {' '.join(cmd[3:])}\n")
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
 

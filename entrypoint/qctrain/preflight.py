@@ -15,7 +15,6 @@ from pathlib import Path
 
 from qctrain import data, distributed, modelfiles, templates
 from qctrain.errors import QcError
-from qctrain.hubtoken import resolve_token
 from qctrain.recipe import Recipe, output_data_overlap
 
 MIN_FREE_BYTES = 1 << 30  # adapter, checkpoints and prepared data of a LoRA run fit well inside 1 GiB
@@ -131,16 +130,14 @@ def check_packages(recipe: Recipe) -> list[str]:
     return []
 
 
-def check_hub(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
-    if recipe.hub is None or recipe.hub.push == "never" or distributed.rank(env) != 0:
-        return []  # under torchrun one rank checks (and creates the repo) for all
+def check_publisher(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
+    """Where the run goes (the Hub): reachable, writable, created. Under torchrun one rank checks for all."""
     from qctrain import publish
 
-    try:
-        token = resolve_token(env)
-    except QcError as err:
-        return [str(err)]
-    return publish.check_hub_access(recipe.hub.repo_id, recipe.hub.private, token)
+    publisher = publish.publisher_for(recipe)
+    if publisher is None or distributed.rank(env) != 0:
+        return []
+    return publisher.check(env)
 
 
 def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool = True) -> list[str]:
@@ -155,7 +152,7 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
     problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe, env)
     if hub:
-        problems += check_hub(recipe, env)
+        problems += check_publisher(recipe, env)
     return list(dict.fromkeys(problems))
 
 

@@ -7,13 +7,14 @@ finished run in one commit with retries; when it still fails the outputs stay as
 wrong. The token is never logged, printed or written: messages pass through `redact`.
 """
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, constants
@@ -28,8 +29,9 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from qctrain import __version__
 from qctrain.atomic import read_json_object, write_json_atomic
-from qctrain.errors import InputError, PushFailed
-from qctrain.hubtoken import redact
+from qctrain.errors import InputError, Preempted, PushFailed
+from qctrain.hubtoken import redact, resolve_token
+from qctrain.recipe import HubSection, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -350,3 +352,108 @@ def _first(data: dict[str, Any], *keys: str) -> Any:
         if value is not None:
             return value
     return None
+
+
+# --- the publishing seam: where a finished run and its checkpoints go ---
+#
+# A destination is one Publisher class (check before training, push the run, push a checkpoint) and one
+# recipe section that `publisher_for` maps to it. The Hub is the one there is; an S3 or GCS bucket would
+# be a class beside HubPublisher and a `bucket:` section.
+
+class Publisher(Protocol):
+    checkpoints: bool  # push every saved checkpoint too
+
+    def check(self, env: Mapping[str, str]) -> list[str]:
+        """Problems that would make the final push fail, found before any weights load (may create the
+        destination)."""
+
+    def push_run(self, output_dir: Path) -> None:
+        """Push a finished run's outputs; PushFailed (exit 4) when it cannot."""
+
+    def push_checkpoint(self, checkpoint_dir: Path) -> str:
+        """Push one saved checkpoint (from inside the training loop: give up fast); returns where it went."""
+
+
+@dataclass
+class HubPublisher:
+    hub: HubSection
+    endpoint: str | None = None
+
+    @property
+    def checkpoints(self) -> bool:
+        return self.hub.push == "checkpoints"
+
+    def check(self, env: Mapping[str, str]) -> list[str]:
+        try:
+            token = resolve_token(env)
+        except InputError as err:
+            return [str(err)]
+        return check_hub_access(self.hub.repo_id, self.hub.private, token, endpoint=self.endpoint)
+
+    def push_run(self, output_dir: Path) -> None:
+        from qctrain import export
+
+        token = resolve_token()
+        if not token:
+            raise PushFailed(f"no Hub token: set HF_TOKEN or HF_TOKEN_FILE, then run `qctrain push {output_dir}`")
+        result = push_output(output_dir, self.hub.repo_id, token, private=self.hub.private,
+                             revision=self.hub.revision, endpoint=self.endpoint)
+        print(f"pushed: {result.url}" if result.pushed else f"push: {result.skipped_reason}")
+        if self.hub.push_merged:
+            merged = export.merge_adapter(output_dir, output_dir / "merged")
+            repo_id = self.hub.merged_repo_id or f"{self.hub.repo_id}-merged"
+            result = push_folder(merged, repo_id, token, private=self.hub.private, endpoint=self.endpoint,
+                                 commit_message=f"qctrain: {self.hub.repo_id} merged into its base")
+            print(f"pushed merged model: {result.url}" if result.pushed else f"merged: {result.skipped_reason}")
+
+    def push_checkpoint(self, checkpoint_dir: Path) -> str:
+        token = resolve_token()
+        if not token:
+            raise PushFailed("no Hub token")
+        return push_checkpoint(checkpoint_dir, self.hub.repo_id, token, private=self.hub.private,
+                               endpoint=self.endpoint, retry=CHECKPOINT_RETRY).url
+
+
+def publisher_for(recipe: Recipe) -> Publisher | None:
+    """Where this recipe's run goes (None: nowhere)."""
+    if recipe.hub is not None and recipe.hub.push != "never":
+        return HubPublisher(recipe.hub)
+    return None
+
+
+def publish_after_training(recipe: Recipe, output_dir: Path, stopped_by: str | None, world_size: int) -> int:
+    """The end of `train`: push the finished run, unless a stop signal came after training."""
+    publisher = publisher_for(recipe)
+    if publisher is None:
+        return 0
+    if stopped_by is not None and world_size > 1:
+        # A rerun would need every rank again (other nodes' pods may have finished): push by hand.
+        raise PushFailed(f"stopped by {stopped_by} after training; outputs complete in {output_dir}, "
+                         f"not pushed: run `qctrain push {output_dir}`")
+    if stopped_by is not None:
+        raise Preempted(f"stopped by {stopped_by} after training; outputs complete in {output_dir}, not pushed: "
+                        "rerun the same command to push")
+    return push_finished(output_dir, publisher)
+
+
+def push_finished(output_dir: Path, publisher: Publisher) -> int:
+    from qctrain import export
+
+    export.restore_interrupted_swap(output_dir / "adapter")
+    publisher.push_run(output_dir)
+    return 0
+
+
+def push_again(output_dir: Path) -> int:
+    """`qctrain push OUTPUT_DIR`: push a finished run where its recipe says."""
+    manifest_path = output_dir / "run_manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{manifest_path}: not found; is {output_dir} the output.dir of a finished run?")
+    try:
+        recipe = Recipe.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if recipe.hub is None:
+        raise InputError(f"{manifest_path}: the run's recipe has no hub: section")
+    return push_finished(output_dir, HubPublisher(recipe.hub))

@@ -17,6 +17,7 @@ the same recipe resumes from the newest complete checkpoint.
 
 import importlib.util
 import json
+import logging
 import shutil
 import signal
 import time
@@ -31,13 +32,16 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from qctrain import checkpoint, distributed, publish
+from qctrain import checkpoint, distributed
 from qctrain.checkpoint import checkpoints_dir
 from qctrain.console import say
 from qctrain.data import IGNORE, PreparedData
 from qctrain.errors import InputError, Preempted
+from qctrain.hubtoken import redact
 from qctrain.model import lora_config
 from qctrain.recipe import Recipe
+
+log = logging.getLogger("qctrain.train")
 
 
 @dataclass
@@ -143,12 +147,12 @@ class PreemptionCallback(TrainerCallback):
 
 
 class CheckpointPusher(TrainerCallback):
-    """hub.push: checkpoints: after each save, push the checkpoint so a lost node loses nothing.
-    A failed checkpoint push is reported and training goes on; the final push still happens."""
+    """After each save, push the checkpoint where the run goes (a publish.Publisher: hub.push: checkpoints),
+    so a lost node loses nothing. A failed push is reported and training goes on; the final push still
+    happens."""
 
-    def __init__(self, repo_id: str, token: str, private: bool = True, endpoint: str | None = None,
-                 stopping: Callable[[], bool] = lambda: False):
-        self.repo_id, self.token, self.private, self.endpoint = repo_id, token, private, endpoint
+    def __init__(self, publisher, stopping: Callable[[], bool] = lambda: False):
+        self.publisher = publisher
         self.stopping = stopping  # true once a SIGTERM arrived: the grace period is for the local save
 
     def on_save(self, args, state, control, **kwargs):
@@ -156,12 +160,10 @@ class CheckpointPusher(TrainerCallback):
             return
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         try:
-            result = publish.push_checkpoint(checkpoint_dir, self.repo_id, self.token, private=self.private,
-                                             endpoint=self.endpoint, retry=publish.CHECKPOINT_RETRY)
-            print(f"pushed checkpoint {checkpoint_dir.name} to {result.url}", flush=True)
+            where = self.publisher.push_checkpoint(checkpoint_dir)
+            print(f"pushed checkpoint {checkpoint_dir.name} to {where}", flush=True)
         except Exception as err:  # noqa: BLE001 - a checkpoint push must never end the training run
-            publish.log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name,
-                                publish.redact(str(err), self.token))
+            log.warning("checkpoint %s not pushed: %s", checkpoint_dir.name, redact(str(err)))
 
 
 # --- the batch layout ---
