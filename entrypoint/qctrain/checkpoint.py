@@ -25,15 +25,15 @@ from typing import Any
 from qctrain.atomic import write_json_atomic
 from qctrain.errors import InputError
 from qctrain.recipe import Recipe, canonical_json, harmless
+from qctrain.rundir import RunDir
 
 MARKER = "qctrain_checkpoint.json"
 PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 PARTIAL_PREFIX = ".partial-"
-METRICS = "metrics.jsonl"
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 
 def checkpoints_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return RunDir(Path(output_dir)).checkpoints
 
 
 def training_recipe(recipe: Recipe) -> dict[str, Any]:
@@ -186,7 +186,7 @@ class ResumePlan:
     def apply(self) -> None:
         """Make the output folder match the plan: called right before training starts."""
         ckpt_dir = checkpoints_dir(self.output_dir)
-        metrics = self.output_dir / METRICS
+        metrics = RunDir(self.output_dir).metrics
         if self.restart:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         else:

@@ -89,6 +89,7 @@ def cmd_check(args) -> int:
 
 def _prepare(recipe):
     from qctrain import data, distributed, model
+    from qctrain.rundir import RunDir
 
     output_dir = Path(recipe.output.dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def _prepare(recipe):
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
         prepared = data.prepare(recipe.data, tokenizer, output_dir)
     if distributed.is_main():
-        write_json_atomic(output_dir / "data_report.json", prepared.report)
+        write_json_atomic(RunDir(output_dir).data_report, prepared.report)
     return tokenizer, prepared
 
 
@@ -198,9 +199,10 @@ def cmd_merge(args) -> int:
     import torch
 
     from qctrain import export
+    from qctrain.rundir import RunDir
 
     output_dir = Path(args.output_dir)
-    dest = export.merge_adapter(output_dir, Path(args.dest) if args.dest else output_dir / "merged",
+    dest = export.merge_adapter(output_dir, Path(args.dest) if args.dest else RunDir(output_dir).merged,
                                 getattr(torch, args.dtype))
     print(f"merged model written to {dest}")
     return 0
@@ -222,13 +224,14 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from qctrain import export, gguf_adapter, model
+    from qctrain.rundir import RunDir
 
     output_dir = Path(args.output_dir)
     cfg = model.run_model_section(output_dir)
     base = model.base_reference(cfg)
-    dest = output_dir / "gguf"
+    dest = RunDir(output_dir).gguf
     staging = output_dir / f".gguf.staging-{os.getpid()}"
-    done = gguf_adapter.export(output_dir / "adapter", staging, base, model.load_config(cfg), args.outtype,
+    done = gguf_adapter.export(RunDir(output_dir).adapter, staging, base, model.load_config(cfg), args.outtype,
                                args.base_gguf, name=output_dir.resolve().name)
     export.make_shareable(staging)
     export.replace_dir(staging, dest)

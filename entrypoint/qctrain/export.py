@@ -23,10 +23,10 @@ from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
+from qctrain.rundir import RunDir
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets",
             "huggingface-hub", "pydantic", "tokenizers", "safetensors"]
-FINAL_FILES = ["README.md", "run_manifest.json", "loss.png", "data_report.json"]
 
 
 def package_versions() -> dict[str, str | None]:
@@ -360,10 +360,11 @@ def replace_dir(new: Path, dest: Path) -> None:
 
 def publish_atomically(staging: Path, output_dir: Path) -> None:
     """Move finished outputs from staging into place; a good old adapter is only replaced by a whole new one."""
-    replace_dir(staging / "adapter", output_dir / "adapter")
-    if (staging / "gguf").is_dir():
-        replace_dir(staging / "gguf", output_dir / "gguf")
-    for name in FINAL_FILES:
+    staged, final = RunDir(staging), RunDir(output_dir)
+    replace_dir(staged.adapter, final.adapter)
+    if staged.gguf.is_dir():
+        replace_dir(staged.gguf, final.gguf)
+    for name in RunDir.FINAL_FILES:
         if (staging / name).exists():
             os.replace(staging / name, output_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
@@ -394,22 +395,23 @@ def write_outputs(run: FinishedRun) -> dict[str, Any]:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     base = base_reference(recipe.model)
-    adapter = staging / "adapter"
+    staged = RunDir(staging)
+    adapter = staged.adapter
     save_adapter(trainer, run.tokenizer, run.chat_template, adapter, run.state_dict)
     point_adapter_at_base(adapter, base)
     manifest = build_manifest(recipe, data_report, run.split_path, metrics, trainer.args, run.started, run.finished,
                               base)
-    write_json_atomic(staging / "run_manifest.json", manifest)
-    write_json_atomic(staging / "data_report.json", data_report)
-    plot_loss(run.log_history, staging / "loss.png")
+    write_json_atomic(staged.manifest, manifest)
+    write_json_atomic(staged.data_report, data_report)
+    plot_loss(run.log_history, staged.loss_plot)
     card = model_card(recipe, data_report, metrics, run.samples, base, base_license(base))
     for folder in (staging, adapter):  # the adapter folder travels alone: its own copy of the card
         (folder / "README.md").write_text(card, encoding="utf-8")
-    shutil.copyfile(staging / "loss.png", adapter / "loss.png")
+    shutil.copyfile(staged.loss_plot, adapter / "loss.png")
     if recipe.output.gguf:
         from qctrain import gguf_adapter
 
-        gguf_adapter.export(adapter, staging / "gguf", base, _model_config(trainer), name=output_dir.resolve().name)
+        gguf_adapter.export(adapter, staged.gguf, base, _model_config(trainer), name=output_dir.resolve().name)
     make_shareable(staging)
     publish_atomically(staging, output_dir)
     make_shareable(output_dir)

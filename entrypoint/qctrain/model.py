@@ -14,6 +14,7 @@ from qctrain.atomic import read_json_object
 from qctrain.errors import InputError
 from qctrain.modelfiles import check_lora_targets, model_source  # noqa: F401 - part of this stage's API
 from qctrain.recipe import LoraSection, ModelSection
+from qctrain.rundir import RunDir
 
 
 def _pretrained_kwargs(cfg: ModelSection) -> dict:
@@ -169,15 +170,13 @@ def base_reference(cfg: ModelSection) -> BaseReference:
 def run_model_section(output_dir: Path) -> ModelSection:
     """The model: section of a finished run, its name replaced by a base that resolves from here:
     the absolute folder or Hub id recorded in the adapter, else the Hub id the base is a copy of."""
-    manifest_path = output_dir / "run_manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: not found; is {output_dir} the output.dir of a finished run?")
-    manifest = read_json_object(manifest_path)
+    run = RunDir(output_dir)
+    manifest = run.read_manifest()
     try:
         cfg = ModelSection.model_validate(manifest["recipe"]["model"])
     except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__})") from None
-    adapter_config = read_json_object(output_dir / "adapter" / "adapter_config.json")
+        raise InputError(f"{run.manifest}: not a run manifest of qctrain ({type(err).__name__})") from None
+    adapter_config = read_json_object(run.adapter / "adapter_config.json")
     recorded = adapter_config.get("base_model_name_or_path") or cfg.name
     hub_id = (manifest.get("base_model") or {}).get("hub_id") or cfg.hub_id
     folder = Path(recorded).expanduser()

@@ -7,7 +7,6 @@ finished run in one commit with retries; when it still fails the outputs stay as
 wrong. The token is never logged, printed or written: messages pass through `redact`.
 """
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -32,10 +31,10 @@ from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.errors import InputError, Preempted, PushFailed
 from qctrain.hubtoken import redact, resolve_token
 from qctrain.recipe import HubSection, Recipe
+from qctrain.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("README.md", "run_manifest.json", "metrics.jsonl", "loss.png", "data_report.json")
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CHECK_TIMEOUT_S = 10.0
 MAX_RETRY_AFTER_S = 600.0
@@ -106,7 +105,7 @@ def push_output(
     message = commit_message or default_commit_message(output_dir)
     result = _push(files, repo_id, token, private, revision or "main", message, endpoint, retry)
     record = {**asdict(result), "time": datetime.now(UTC).isoformat(timespec="seconds")}
-    write_json_atomic(output_dir / "push.json", record)
+    write_json_atomic(RunDir(output_dir).push_record, record)
     return result
 
 
@@ -155,10 +154,10 @@ def output_files(output_dir: Path) -> dict[str, Path]:
     if not (adapter / "adapter_config.json").is_file():
         raise InputError(f"{adapter} holds no trained adapter (no adapter_config.json): nothing to push")
     files = dict(_files_under(adapter))
-    for name in RUN_FILES:  # the run's README.md replaces the stub card PEFT writes next to the adapter
+    for name in RunDir.PUSHED_FILES:  # the run's README.md replaces the stub card PEFT writes next to the adapter
         if (output_dir / name).is_file():
             files[name] = output_dir / name
-    for path in sorted((output_dir / "gguf").glob("*.gguf")):  # not the Modelfile: its FROM is a local path
+    for path in sorted(RunDir(output_dir).gguf.glob("*.gguf")):  # not the Modelfile: its FROM is a local path
         files[f"gguf/{path.name}"] = path
     return files
 
@@ -166,7 +165,7 @@ def output_files(output_dir: Path) -> dict[str, Path]:
 def default_commit_message(output_dir: Path) -> str:
     """qctrain: adapter from run <id or finish time> (recipe <sha>), final loss X, eval loss Y;
     each part only when run_manifest.json holds it."""
-    manifest = read_json_object(output_dir / "run_manifest.json")
+    manifest = read_json_object(RunDir(output_dir).manifest)
     run = _first(manifest, "run_id", "finished")
     recipe = _first(manifest, "recipe_sha256")
     message = "qctrain: adapter"
@@ -400,7 +399,7 @@ class HubPublisher:
                              revision=self.hub.revision, endpoint=self.endpoint)
         print(f"pushed: {result.url}" if result.pushed else f"push: {result.skipped_reason}")
         if self.hub.push_merged:
-            merged = export.merge_adapter(output_dir, output_dir / "merged")
+            merged = export.merge_adapter(output_dir, RunDir(output_dir).merged)
             repo_id = self.hub.merged_repo_id or f"{self.hub.repo_id}-merged"
             result = push_folder(merged, repo_id, token, private=self.hub.private, endpoint=self.endpoint,
                                  commit_message=f"qctrain: {self.hub.repo_id} merged into its base")
@@ -439,21 +438,15 @@ def publish_after_training(recipe: Recipe, output_dir: Path, stopped_by: str | N
 def push_finished(output_dir: Path, publisher: Publisher) -> int:
     from qctrain import export
 
-    export.restore_interrupted_swap(output_dir / "adapter")
+    export.restore_interrupted_swap(RunDir(output_dir).adapter)
     publisher.push_run(output_dir)
     return 0
 
 
 def push_again(output_dir: Path) -> int:
     """`qctrain push OUTPUT_DIR`: push a finished run where its recipe says."""
-    manifest_path = output_dir / "run_manifest.json"
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: not found; is {output_dir} the output.dir of a finished run?")
-    try:
-        recipe = Recipe.model_validate(json.loads(manifest_path.read_text(encoding="utf-8"))["recipe"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{manifest_path}: not a run manifest of qctrain ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    run = RunDir(output_dir)
+    recipe = run.read_recipe()
     if recipe.hub is None:
-        raise InputError(f"{manifest_path}: the run's recipe has no hub: section")
+        raise InputError(f"{run.manifest}: the run's recipe has no hub: section")
     return push_finished(output_dir, HubPublisher(recipe.hub))

@@ -1,5 +1,5 @@
-"""One run per output folder: a lock that a run holds while it writes into output.dir, and the clean-up of
-the temporary files and folders a dead run left there.
+"""The run folder (output.dir): the names under it (RunDir), the manifest reader, one run at a time in it (a
+lock that a run holds while it writes there), and the clean-up of the temporary files a dead run left.
 
 The lock is an flock on `<output.dir>/.qctrain.lock`, held by the run's main process (the ranks of one
 distributed run are one run) and removed when the run ends. The kernel drops the flock when that process
@@ -15,11 +15,86 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
+from qctrain.atomic import read_json_object
 from qctrain.errors import InputError
+from qctrain.recipe import Recipe
 
 LOCK_NAME = ".qctrain.lock"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every name under an output.dir (or a staging folder laid out like one)."""
+
+    root: Path
+    # Written by export at the end, beside adapter/, and pushed with it (metrics.jsonl grows during training).
+    FINAL_FILES: ClassVar[tuple[str, ...]] = ("README.md", "run_manifest.json", "loss.png", "data_report.json")
+    PUSHED_FILES: ClassVar[tuple[str, ...]] = (*FINAL_FILES, "metrics.jsonl")
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / "gguf"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "run_manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def data_report(self) -> Path:
+        return self.root / "data_report.json"
+
+    @property
+    def card(self) -> Path:
+        return self.root / "README.md"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def push_record(self) -> Path:
+        return self.root / "push.json"
+
+    def read_manifest(self) -> dict[str, Any]:
+        """run_manifest.json of a finished run, with the recipe in it (InputError if there is none)."""
+        if not self.manifest.is_file():
+            raise InputError(f"{self.manifest}: not found; is {self.root} the output.dir of a finished run?")
+        manifest = read_json_object(self.manifest)
+        if not isinstance(manifest.get("recipe"), dict):
+            raise InputError(f"{self.manifest}: not a run manifest of qctrain (no recipe in it)")
+        return manifest
+
+    def read_recipe(self) -> Recipe:
+        """The recipe the finished run was trained with."""
+        try:
+            return Recipe.model_validate(self.read_manifest()["recipe"])
+        except ValueError as err:
+            raise InputError(f"{self.manifest}: not a run manifest of qctrain ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
 # What a crashed run can leave, by writer: export's staging folders, a merge's staging folder, the data
 # cache's unfinished folder, atomic JSON and metrics rewrites. (`.adapter.old` is not here: it can be the
 # good adapter of an interrupted swap, which export.restore_interrupted_swap puts back.)

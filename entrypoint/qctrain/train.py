@@ -40,6 +40,7 @@ from qctrain.errors import InputError, Preempted
 from qctrain.hubtoken import redact
 from qctrain.model import lora_config
 from qctrain.recipe import Recipe
+from qctrain.rundir import RunDir
 
 log = logging.getLogger("qctrain.train")
 
@@ -413,7 +414,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, prepared: PreparedData, outp
         "data_fingerprint": prepared.fingerprint,
         "recipe": checkpoint.training_recipe(recipe),
     }
-    trainer.add_callback(MetricsLog(output_dir / checkpoint.METRICS))
+    trainer.add_callback(MetricsLog(RunDir(output_dir).metrics))
     trainer.add_callback(PreemptionCallback(stop, recipe.output.save_every_minutes))
     return trainer
 
