@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from qctrain import export, model
+from qctrain import atomic, export, model
 from qctrain.errors import InputError
 from qctrain.model import BaseReference
 from qctrain.recipe import ModelSection, Recipe
@@ -23,19 +23,19 @@ def make(folder, text):
 
 def test_replace_dir_swaps_whole_folders(tmp_path):
     dest = make(tmp_path / "adapter", "old")
-    export.replace_dir(make(tmp_path / "new", "new"), dest)
+    atomic.swap_in_folder(make(tmp_path / "new", "new"), dest)
     assert (dest / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_crash_between_renames_is_repaired(tmp_path):
     make(tmp_path / ".adapter.old", "good")  # the state a crash after the first rename leaves
-    export.restore_interrupted_swap(tmp_path / "adapter")
+    atomic.restore_interrupted_swap(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "weights").read_text() == "good"
 
     make(tmp_path / "new", "newer")
     (tmp_path / "adapter").rename(tmp_path / ".adapter.old")
-    export.replace_dir(tmp_path / "new", tmp_path / "adapter")
+    atomic.swap_in_folder(tmp_path / "new", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "weights").read_text() == "newer"
     assert not (tmp_path / ".adapter.old").exists()
 

@@ -3,6 +3,7 @@ and read leniently where a missing or broken file means "nothing recorded"."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +25,34 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+# --- folders: staged beside their place, then swapped in whole ---
+
+def aside_of(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}.old"
+
+
+def restore_interrupted_swap(dest: Path, aside: Path | None = None) -> None:
+    """A crash between the two renames of swap_in_folder leaves the good folder aside: put it back."""
+    aside = aside or aside_of(dest)
+    if not dest.exists() and aside.exists():
+        os.replace(aside, dest)
+
+
+def swap_in_folder(new: Path, dest: Path, aside: Path | None = None, fsync_parent: bool = False) -> None:
+    """Put the finished folder `new` at `dest` whole: the old one is moved aside first, removed after, never
+    half-overwritten (two renames cannot swap folders atomically; between them the old one waits aside)."""
+    aside = aside or aside_of(dest)
+    restore_interrupted_swap(dest, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, aside)
+    os.replace(new, dest)
+    if fsync_parent:
+        fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qctrain.atomic import write_json_atomic
+from qctrain.atomic import swap_in_folder, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.recipe import Recipe, canonical_json, harmless
 from qctrain.rundir import RunDir
@@ -112,15 +112,8 @@ def commit(written: Path, final: Path, marker: dict[str, Any]) -> None:
     fsync_tree(written)
     write_json_atomic(written / MARKER, {**marker, "complete": True})
     _fsync_path(written, directory=True)
-    old = None
-    if final.exists():  # the same step saved twice: the new copy replaces the old one whole
-        old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(written, final)
-    _fsync_path(final.parent, directory=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # The same step saved twice: the new copy replaces the old one whole.
+    swap_in_folder(written, final, aside=final.with_name(f"{PARTIAL_PREFIX}old-{final.name}"), fsync_parent=True)
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

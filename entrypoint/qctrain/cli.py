@@ -224,6 +224,7 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from qctrain import export, gguf_adapter, model
+    from qctrain.atomic import swap_in_folder
     from qctrain.rundir import RunDir
 
     output_dir = Path(args.output_dir)
@@ -234,7 +235,7 @@ def cmd_export(args) -> int:
     done = gguf_adapter.export(RunDir(output_dir).adapter, staging, base, model.load_config(cfg), args.outtype,
                                args.base_gguf, name=output_dir.resolve().name)
     export.make_shareable(staging)
-    export.replace_dir(staging, dest)
+    swap_in_folder(staging, dest)
     print(f"GGUF LoRA adapter: {dest / done.adapter.name} ({done.tensors} tensors, alpha {done.alpha:g})")
     print(f"Ollama Modelfile:  {dest / done.modelfile.name}")
     return 0

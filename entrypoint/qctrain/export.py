@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qctrain import PROVENANCE_VARS, __version__, distributed
-from qctrain.atomic import read_json_object, write_json_atomic
+from qctrain.atomic import read_json_object, swap_in_folder, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
@@ -338,32 +338,12 @@ def save_adapter(trainer, tokenizer, chat_template: str, dest: Path, state_dict:
     tokenizer.save_pretrained(dest)
 
 
-def _aside(dest: Path) -> Path:
-    return dest.parent / f".{dest.name}.old"
-
-
-def restore_interrupted_swap(dest: Path) -> None:
-    """A crash between the two renames of replace_dir leaves the good folder aside: put it back."""
-    if not dest.exists() and _aside(dest).exists():
-        os.replace(_aside(dest), dest)
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Put the finished folder `new` at `dest`; the old one is moved aside first, never half-overwritten."""
-    restore_interrupted_swap(dest)
-    shutil.rmtree(_aside(dest), ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, _aside(dest))
-    os.replace(new, dest)
-    shutil.rmtree(_aside(dest), ignore_errors=True)
-
-
 def publish_atomically(staging: Path, output_dir: Path) -> None:
     """Move finished outputs from staging into place; a good old adapter is only replaced by a whole new one."""
     staged, final = RunDir(staging), RunDir(output_dir)
-    replace_dir(staged.adapter, final.adapter)
+    swap_in_folder(staged.adapter, final.adapter)
     if staged.gguf.is_dir():
-        replace_dir(staged.gguf, final.gguf)
+        swap_in_folder(staged.gguf, final.gguf)
     for name in RunDir.FINAL_FILES:
         if (staging / name).exists():
             os.replace(staging / name, output_dir / name)
@@ -468,5 +448,5 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
            f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
     (staging / "README.md").write_text(card, encoding="utf-8")
     make_shareable(staging)
-    replace_dir(staging, dest)
+    swap_in_folder(staging, dest)
     return dest

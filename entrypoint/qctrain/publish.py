@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
 from qctrain import __version__
-from qctrain.atomic import read_json_object, write_json_atomic
+from qctrain.atomic import read_json_object, restore_interrupted_swap, write_json_atomic
 from qctrain.errors import InputError, Preempted, PushFailed
 from qctrain.hubtoken import redact, resolve_token
 from qctrain.recipe import HubSection, Recipe
@@ -436,9 +436,8 @@ def publish_after_training(recipe: Recipe, output_dir: Path, stopped_by: str | N
 
 
 def push_finished(output_dir: Path, publisher: Publisher) -> int:
-    from qctrain import export
 
-    export.restore_interrupted_swap(RunDir(output_dir).adapter)
+    restore_interrupted_swap(RunDir(output_dir).adapter)
     publisher.push_run(output_dir)
     return 0
 

@@ -97,7 +97,7 @@ class RunDir:
                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
 # What a crashed run can leave, by writer: export's staging folders, a merge's staging folder, the data
 # cache's unfinished folder, atomic JSON and metrics rewrites. (`.adapter.old` is not here: it can be the
-# good adapter of an interrupted swap, which export.restore_interrupted_swap puts back.)
+# good adapter of an interrupted swap, which atomic.restore_interrupted_swap puts back.)
 LEFTOVERS = {".": (".staging-*", ".*.staging-*", ".*.tmp-*", ".*.tmp"), "prepared": (".tmp-*",)}
 
 
