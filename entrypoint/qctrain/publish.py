@@ -5,6 +5,11 @@ namespace, repo id well formed, repo created (private by default). `push_output`
 finished run in one commit with retries; when it still fails the outputs stay as they were and
 `PushFailed` (exit 4, "trained, not pushed") says which of token, permission or repo id is
 wrong. The token is never logged, printed or written: messages pass through `redact`.
+
+Where runs go is one seam at the end of this module: a `Publisher` (check before training, push the
+run, push a checkpoint), `publisher_for(recipe)` choosing it from the recipe, and the push policy of
+`train` and `qctrain push`. To add a destination (an S3 or GCS bucket), write one Publisher class and
+one recipe section, and map the section to the class in `publisher_for`.
 """
 
 import logging
