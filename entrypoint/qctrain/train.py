@@ -227,6 +227,10 @@ class AtomicCheckpoints:
     last_saved_step: int | None = None
     _staging_root: str | None = None
 
+    def save_checkpoint_now(self) -> None:
+        """Save a complete checkpoint of the current step (a stop signal came after the last step's check)."""
+        self._save_checkpoint(self.model, trial=None)
+
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
 
@@ -456,7 +460,7 @@ def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
     if stop is not None and distributed.any_rank(stop.signum is not None, trainer.args.device):
         step = trainer.state.global_step
         if getattr(trainer, "last_saved_step", None) != step:  # signalled after the last step's check
-            trainer._save_checkpoint(trainer.model, trial=None)
+            trainer.save_checkpoint_now()
         saved = Path(trainer.args.output_dir) / f"{checkpoint.PREFIX}-{step}"
         raise Preempted(f"stopped by {stop.name} at step {step}/{trainer.state.max_steps}; checkpoint saved "
                         f"in {saved}; rerun the same command to resume")
