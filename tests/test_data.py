@@ -3,6 +3,7 @@
 import csv
 import json
 
+import data_lists
 import pytest
 from conftest import alpaca_records, write_json
 from qctrain import data
@@ -172,9 +173,9 @@ def test_named_file_and_unknown_templates(tokenizer, tmp_path):
 def test_overlong_records_dropped_or_truncated():
     ids = [[1] * 5, [1] * 20, [1] * 20]
     labels = [[1] * 5, [1] * 20, [data.IGNORE] * 15 + [1] * 5]
-    kept, _, counts = data.fit_length(ids, labels, 10, "drop")
+    kept, _, counts = data_lists.fit_length(ids, labels, 10, "drop")
     assert len(kept) == 1 and counts["overlong_dropped"] == 2
-    kept, kept_labels, counts = data.fit_length(ids, labels, 10, "truncate")
+    kept, kept_labels, counts = data_lists.fit_length(ids, labels, 10, "truncate")
     assert [len(k) for k in kept] == [5, 10] and counts["overlong_truncated"] == 2
     assert counts["unsupervised_dropped"] == 1  # its answer lay past the cut
 
