@@ -4,6 +4,7 @@ plain lists (the stage itself only works on arrays)."""
 from typing import Any
 
 from qctrain import data
+from qctrain.errors import InputError
 
 
 def fit_length(input_ids: list[list[int]], labels: list[list[int]], max_len: int,
@@ -18,3 +19,25 @@ def token_stats(input_ids: list[list[int]], labels: list[list[int]]) -> dict[str
 
 def to_dataset(input_ids: list[list[int]], labels: list[list[int]], packing: bool, max_len: int, seed: int):
     return data.to_dataset_flat(data.Tokenized.from_lists(input_ids, labels), packing, max_len, seed)
+
+
+def load_conversations(sources, on_bad: str) -> tuple[list[dict], dict[str, Any]]:
+    """Every source's conversations as one list, with per-source counts {read, bad, kept, by_reason, examples}
+    (the stage streams them instead)."""
+    conversations: list[dict] = []
+    counts: dict[str, dict[str, Any]] = {}
+    for src in sources:
+        tally = counts.setdefault(src.path, {"read": 0, "bad": 0, "kept": 0, "by_reason": {}, "examples": []})
+        for record in data.read_source(src):
+            tally["read"] += 1
+            try:
+                conversations.append(data.to_conversation(record, src.format, src.columns))
+                tally["kept"] += 1
+            except data.BadRecord as err:
+                if on_bad == "error":
+                    raise InputError(f"{err} (set data.on_bad_record: skip to skip such records)") from None
+                tally["bad"] += 1
+                tally["by_reason"][err.reason] = tally["by_reason"].get(err.reason, 0) + 1
+                if len(tally["examples"]) < 5:
+                    tally["examples"].append(str(err))
+    return conversations, counts

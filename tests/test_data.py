@@ -18,7 +18,7 @@ def section(*paths, **settings) -> DataSection:
 
 def conversations(*paths, **settings):
     cfg = section(*paths, **settings)
-    return data.load_conversations(cfg.sources, cfg.on_bad_record)
+    return data_lists.load_conversations(cfg.sources, cfg.on_bad_record)
 
 
 EXPECTED_FIRST = [{"role": "user", "content": "Explain item 0 briefly.\n\nContext line 0\nsecond line"},

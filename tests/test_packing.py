@@ -12,6 +12,7 @@ use_cache=False, which is what keeps packed training correct; the last test chec
 
 import json
 
+import data_lists
 import pytest
 import torch
 from conftest import alpaca_records, write_json
@@ -91,7 +92,7 @@ def test_prepared_packs_keep_boundaries_and_tokens(tokenizer, tmp_path):
     train = prepared.train
     assert "seq_lengths" in train.column_names
     lengths = sorted(n for row in train["seq_lengths"] for n in row)
-    convs, _ = data.load_conversations(cfg.sources, cfg.on_bad_record)
+    convs, _ = data_lists.load_conversations(cfg.sources, cfg.on_bad_record)
     template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     ids, _ = data.tokenize(convs, tokenizer, template, "assistant")
     assert lengths == sorted(map(len, ids))

@@ -42,9 +42,10 @@ from qctrain.data.stage import (
     count_totals,
     data_fingerprint,
     dedup,
-    load_conversations,
+    load_prepared,
     prepare,
     split_ids,
+    split_mask,
     unique_indices,
 )
 from qctrain.data.template import (
@@ -74,7 +75,7 @@ __all__ = [
     "TOOLS_HEADER", "USER", "BadRecord", "PreparedData", "Record", "Tokenized", "alpaca_conversation",
     "best_fit_decreasing", "check_turns", "conversation_id", "conversation_messages", "count_totals",
     "data_fingerprint", "dedup", "detect_format", "fallback_messages", "fit_length_flat", "fit_length_outcomes",
-    "is_hub_source", "load_conversations", "messages_conversation", "os_error_text", "prep_workers", "prepare",
+    "is_hub_source", "load_prepared", "split_mask", "messages_conversation", "os_error_text", "prep_workers", "prepare",
     "read_file", "read_source", "render_marked", "resolve_chat_template", "sharegpt_conversation",
     "source_files", "source_fingerprint", "split_ids", "template_inputs", "template_renders_tools",
     "to_conversation", "to_dataset_flat", "token_stats_flat", "tokenize", "tokenize_flat", "tokenize_reference",

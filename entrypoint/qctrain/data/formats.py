@@ -11,8 +11,7 @@ from qctrain.recipe import abbreviate, canonical_json
 if TYPE_CHECKING:
     pass
 
-if TYPE_CHECKING:
-    from qctrain.data.sources import Record
+from qctrain.data.sources import Record, parse_line
 
 
 class BadRecord(ValueError):
@@ -294,7 +293,9 @@ def detect_format(fields: dict[str, Any], where: str) -> str:
                            "set format: alpaca|sharegpt|messages or a columns: mapping", "unknown_format")
 
 
-def to_conversation(record: "Record", fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+def to_conversation(record: Record, fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+    if record.raw is not None:
+        record = parse_line(record)
     if record.problem is not None:
         raise BadRecord(record.where, record.problem, "invalid_json")
     fields = record.fields

@@ -1,8 +1,9 @@
 """Length fitting, token statistics and packing (TRL's best-fit-decreasing) on flat arrays."""
 
-import statistics
+import math
 from bisect import bisect_left, insort
 from collections import defaultdict, deque
+from fractions import Fraction
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -10,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from qctrain.data.tokens import IGNORE, Tokenized
+
 if TYPE_CHECKING:
     from datasets import Dataset
-
-from qctrain.data.tokens import IGNORE, Tokenized
 
 
 def _any_per_record(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -64,23 +65,34 @@ KEPT, TRUNCATED, OVERLONG, UNSUPERVISED = 0, 1, 2, 3  # record outcomes of fit_l
 
 
 def token_stats_flat(tok: Tokenized) -> dict[str, Any]:
-    if not len(tok):
+    return token_stats_of(tok.lengths, int(np.count_nonzero(tok.labels != IGNORE)))
+
+
+def token_stats_of(lengths: np.ndarray, supervised: int) -> dict[str, Any]:
+    """Statistics of records with these lengths and this many supervised tokens in all."""
+    if not len(lengths):
         return {"records": 0, "tokens": 0, "supervised_tokens": 0, "supervised_fraction": 0.0}
-    lengths = np.sort(tok.lengths).tolist()
-    total = sum(lengths)
-    supervised = int(np.count_nonzero(tok.labels != IGNORE))
+    lengths = np.sort(lengths)
+    total = int(lengths.sum())
     return {
         "records": len(lengths),
         "tokens": total,
         "supervised_tokens": supervised,
         "supervised_fraction": round(supervised / total, 4),
-        "length_min": lengths[0],
+        "length_min": int(lengths[0]),
         "length_mean": round(total / len(lengths), 1),
-        "length_p50": lengths[len(lengths) // 2],
-        "length_p95": lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))],
-        "length_max": lengths[-1],
-        "length_stdev": round(statistics.pstdev(lengths), 1),
+        "length_p50": int(lengths[len(lengths) // 2]),
+        "length_p95": int(lengths[min(len(lengths) - 1, int(len(lengths) * 0.95))]),
+        "length_max": int(lengths[-1]),
+        "length_stdev": round(_pstdev(lengths), 1),
     }
+
+
+def _pstdev(lengths: np.ndarray) -> float:
+    """statistics.pstdev, from two exact integer sums instead of a Python list."""
+    n, total = len(lengths), int(lengths.sum())
+    squares = int(np.square(lengths.astype(np.int64)).sum())
+    return math.sqrt(Fraction(n * squares - total * total, n * n))
 
 
 def render_marked(ids: list[int], labels: list[int], tokenizer, start: str = "⟦", end: str = "⟧") -> str:
@@ -147,6 +159,19 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     return np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=len(order)), counts
 
 
+def pack_rows(lengths: np.ndarray, max_len: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which records go into which packed row: the record order (row after row), each record's length in its row
+    (truncated to max_len), and the bounds of each row in that order (row r holds records bounds[r]:bounds[r+1]).
+    Shuffled first (the permutation Dataset.shuffle(seed) draws) so each pack mixes records; BFD over all."""
+    shuffled = np.random.default_rng(seed).permutation(len(lengths))
+    fitted = np.minimum(lengths[shuffled], max_len)  # pack_dataset truncates, and drops empty records
+    shuffled, fitted = shuffled[fitted > 0], fitted[fitted > 0]
+    order, counts = best_fit_decreasing(fitted, max_len)
+    records_per_row = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=records_per_row[1:])
+    return shuffled[order], fitted[order], records_per_row
+
+
 def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> "Dataset":
     """The training data set: records as they are, or (packing) shuffled then packed into rows of at most
     max_len tokens with seq_lengths, exactly what TRL's pack_dataset(dataset.shuffle(seed), max_len, "bfd")
@@ -157,15 +182,8 @@ def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> "
     # The value types Dataset.from_dict gives these columns: int32 token ids (datasets narrows a column
     # named input_ids), int64 labels; seq_lengths as pack_dataset writes them.
     if packing:
-        # Shuffle first (the permutation Dataset.shuffle(seed) draws) so each pack mixes records; BFD over all.
-        shuffled = np.random.default_rng(seed).permutation(len(tok))
-        lengths = np.minimum(tok.lengths[shuffled], max_len)  # pack_dataset truncates, and drops empty records
-        shuffled, lengths = shuffled[lengths > 0], lengths[lengths > 0]
-        order, counts = best_fit_decreasing(lengths, max_len)
-        lengths = lengths[order]
-        tok = _gather(tok, shuffled[order], lengths)
-        records_per_row = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=records_per_row[1:])
+        order, lengths, records_per_row = pack_rows(tok.lengths, max_len, seed)
+        tok = _gather(tok, order, lengths)
         bounds = tok.bounds[records_per_row]
         columns = {"input_ids": _list_array(tok.ids, bounds, np.int32),
                    "labels": _list_array(tok.labels, bounds, np.int64),

@@ -5,16 +5,11 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qctrain.errors import InputError
-
-if TYPE_CHECKING:
-    pass
-
 from qctrain.data.template import template_inputs, template_renders_tools
+from qctrain.errors import InputError
 
 IGNORE = -100
 
@@ -207,6 +202,18 @@ def _encode_range(bounds: tuple[int, int]) -> Tokenized:
     messages, tools, tokenizer, backend, template, masked = _JOB
     lo, hi = bounds
     return _encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
+
+
+def rust_backend(tokenizer):
+    return _rust_backend(tokenizer)
+
+
+def encode_chunk(conversations: list, tokenizer, backend, template: str, loss_on: str) -> Tokenized:
+    """One chunk in this process: the fast path, or the reference where the tokenizer has no Rust backend."""
+    if backend is None:
+        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on))
+    messages, tools = template_inputs(conversations, template_renders_tools(template))
+    return _encode(messages, tools, tokenizer, backend, template, loss_on == "assistant")
 
 
 def prep_workers(records: int) -> int:
