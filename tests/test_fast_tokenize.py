@@ -107,6 +107,25 @@ def test_mask_vectorised_equals_loop_on_adversarial_offsets():
                                   data.tokens._assistant_mask_loop(encodings, spans, total))
 
 
+def test_mask_at_span_bounds_equals_loop_on_real_encodings(tokenizer):
+    """The mask the fast path computes from the Rust encoding at the span ends (no per-token offsets in Python)
+    equals the one-pass loop over every token's offsets, for spans anywhere: mid-word, on spaces, newlines,
+    special tokens, and Chinese characters that fall back to several byte tokens sharing one offset."""
+    rng = random.Random(5)
+    pieces = ["Hello", " world", "  ", "\n\n", "<|assistant|>", "<|end|>", "今天天气很好", "𝔘𝔫𝔦", "ü", "\t", "42",
+              "don't", " 中文", "..."]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    spans = []
+    for text in texts:
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, 2 * rng.randint(0, 3))))
+        spans.append([(cuts[k], cuts[k + 1]) for k in range(0, len(cuts) - 1, 2)])
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encodings], out=bounds[1:])
+    np.testing.assert_array_equal(data.tokens._assistant_mask_at_bounds(encodings, spans, bounds),
+                                  data.tokens._assistant_mask_loop(encodings, spans, int(bounds[-1])))
+
+
 def test_python_tokenizer_falls_back_to_the_library(tokenizer, template, monkeypatch):
     monkeypatch.setattr(data.tokens, "_rust_backend", lambda tok: None)
     conversations = CONVERSATIONS[:3]
