@@ -1,6 +1,7 @@
 """List-of-lists wrappers around the data package's flat-array functions, for tests that state their cases as
 plain lists (the stage itself only works on arrays)."""
 
+import hashlib
 from typing import Any
 
 from qctrain import data
@@ -41,3 +42,13 @@ def load_conversations(sources, on_bad: str) -> tuple[list[dict], dict[str, Any]
                 if len(tally["examples"]) < 5:
                     tally["examples"].append(str(err))
     return conversations, counts
+
+
+def split_ids(ids: list[str], seed: int, fraction: float | None, count: int | None) -> set[str]:
+    """Eval ids as the list path defined them (the stage's split_mask must agree): the ids whose seeded hash
+    ranks lowest, independent of input order."""
+    n_eval = count if count is not None else max(1, round(len(ids) * fraction)) if fraction else 0
+    if n_eval >= len(ids):
+        raise InputError(f"data.eval: {n_eval} eval records would leave none of {len(ids)} for training")
+    ranked = sorted(ids, key=lambda cid: hashlib.blake2b(f"{seed}:{cid}".encode(), digest_size=8).digest())
+    return set(ranked[:n_eval])

@@ -4,6 +4,7 @@ import csv
 import json
 
 import data_lists
+import numpy as np
 import pytest
 from conftest import alpaca_records, write_json
 from qctrain import data
@@ -116,14 +117,21 @@ def test_dedup_is_exact():
 
 
 def test_split_is_deterministic_and_order_independent():
+    """The stage's split (on digest arrays) picks the ids the list definition picks, whatever the order."""
     ids = [f"{i:016x}" for i in range(200)]
-    first = data.split_ids(ids, seed=42, fraction=0.1, count=None)
-    assert len(first) == 20
-    assert data.split_ids(list(reversed(ids)), seed=42, fraction=0.1, count=None) == first
-    assert data.split_ids(ids, seed=7, fraction=0.1, count=None) != first
-    assert len(data.split_ids(ids, seed=42, fraction=None, count=5)) == 5
+    digests = np.array([int(cid, 16) for cid in ids], dtype=np.uint64)
+
+    def chosen(values, seed, fraction, count) -> set[str]:
+        return {f"{d:016x}" for d in values[data.split_mask(values, seed, fraction, count)].tolist()}
+
+    first = chosen(digests, 42, 0.1, None)
+    assert len(first) == 20 and first == data_lists.split_ids(ids, seed=42, fraction=0.1, count=None)
+    assert chosen(digests[::-1], 42, 0.1, None) == first
+    assert chosen(digests, 7, 0.1, None) != first
+    assert chosen(digests, 7, 0.1, None) == data_lists.split_ids(ids, seed=7, fraction=0.1, count=None)
+    assert len(chosen(digests, 42, None, 5)) == 5
     with pytest.raises(InputError, match="would leave none"):
-        data.split_ids(ids[:3], seed=1, fraction=None, count=3)
+        data.split_mask(digests[:3], seed=1, fraction=None, count=3)
 
 
 def labels_of(tokenizer, messages, loss_on):

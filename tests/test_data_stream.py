@@ -93,7 +93,7 @@ def test_streaming_packs_split_and_truncates_as_the_list_path(tokenizer, tmp_pat
     template = data.training_template(data.resolve_chat_template(small_chunks, tokenizer), tokenizer, "assistant")
     conversations, _ = data_lists.load_conversations(cfg.sources, "skip")
     conversations, ids, _ = data.dedup(conversations)
-    eval_ids = data.split_ids(ids, 7, 0.2, None)
+    eval_ids = data_lists.split_ids(ids, 7, 0.2, None)
     split = json.loads((prepared.dir / "split.json").read_text())
     assert split["eval_ids"] == [cid for cid in ids if cid in eval_ids]
     for name, wanted in (("train", False), ("eval", True)):

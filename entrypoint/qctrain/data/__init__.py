@@ -44,7 +44,6 @@ from qctrain.data.stage import (
     dedup,
     load_prepared,
     prepare,
-    split_ids,
     split_mask,
     unique_indices,
 )
@@ -77,7 +76,7 @@ __all__ = [
     "data_fingerprint", "dedup", "detect_format", "fallback_messages", "fit_length_flat", "fit_length_outcomes",
     "is_hub_source", "load_prepared", "split_mask", "messages_conversation", "os_error_text", "prep_workers", "prepare",
     "read_file", "read_source", "render_marked", "resolve_chat_template", "sharegpt_conversation",
-    "source_files", "source_fingerprint", "split_ids", "template_inputs", "template_renders_tools",
+    "source_files", "source_fingerprint", "template_inputs", "template_renders_tools",
     "to_conversation", "to_dataset_flat", "token_stats_flat", "tokenize", "tokenize_flat", "tokenize_reference",
     "training_template", "training_twin", "trl_template_names", "has_generation_markers", "NO_TWIN", "unique_indices",
 ]

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 PREP_VERSION = "4"  # bump when the preparation logic changes what it writes
 ROW_BATCH_TOKENS = 1 << 21  # tokens per Arrow record batch written
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
-PROGRESS_AFTER_S = 3.0  # a preparation shorter than this shows no progress at all
+PROGRESS_AFTER = (3.0, 16384)  # seconds and records read before any progress shows: short runs stay quiet
 
 
 @dataclass
@@ -75,12 +75,6 @@ def first_indices(digests: np.ndarray) -> np.ndarray:
     """Positions of the first occurrence of each digest, in input order (unique_indices on arrays)."""
     _, first = np.unique(digests, return_index=True)
     return np.sort(first)
-
-
-def split_ids(ids: list[str], seed: int, fraction: float | None, count: int | None) -> set[str]:
-    """Eval ids: the records whose seeded hash ranks lowest. Independent of input order."""
-    digests = np.fromiter((int(cid, 16) for cid in ids), dtype=np.uint64, count=len(ids))
-    return {cid for cid, in_eval in zip(ids, split_mask(digests, seed, fraction, count), strict=True) if in_eval}
 
 
 def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: int | None) -> np.ndarray:
@@ -204,17 +198,24 @@ class TokenStore:
             handle.close()
 
     def gather(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The first `lengths` tokens of the records at `starts`, one after the other (ids, labels)."""
+        """The first `lengths` tokens of the records at `starts`, one after the other (ids, labels). Read with
+        one positioned read per record and file, in file order: not through a memory map, whose fault-around
+        and read-ahead would map megabytes around every record into this process."""
         bounds = np.zeros(len(starts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=bounds[1:])
-        positions = np.arange(int(bounds[-1]), dtype=np.int64)
-        positions += np.repeat(starts - bounds[:-1], lengths)
-        ids = np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.size,))
-        labels = np.memmap(self.paths[1], dtype=np.int32, mode="r", shape=(self.size,))
-        try:
-            return ids[positions], labels[positions]
-        finally:
-            del ids, labels
+        out = (np.empty(int(bounds[-1]), dtype=np.int32), np.empty(int(bounds[-1]), dtype=np.int32))
+        order = np.argsort(starts, kind="stable")
+        for path, array in zip(self.paths, out, strict=True):
+            view = memoryview(array).cast("B")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for start, length, at in zip((starts[order] * 4).tolist(), (lengths[order] * 4).tolist(),
+                                             (bounds[:-1][order] * 4).tolist(), strict=True):
+                    if length and os.preadv(fd, [view[at:at + length]], start) != length:
+                        raise OSError(f"{path}: short read")
+            finally:
+                os.close(fd)
+        return out
 
 
 @dataclass
@@ -237,13 +238,13 @@ class Scanned:
 
 class Progress:
     """Records read and records/s on stderr during a long preparation: redrawn in place on a terminal, a line
-    every PROGRESS_EVERY_S[1] seconds in a log; nothing for a preparation shorter than PROGRESS_AFTER_S."""
+    every PROGRESS_EVERY_S[1] seconds in a log; nothing before PROGRESS_AFTER (seconds and records)."""
 
     def __init__(self, label: str):
         self.label, self.records, self.start = label, 0, time.monotonic()
         self.tty = sys.stderr.isatty()
         self.every = PROGRESS_EVERY_S[0] if self.tty else PROGRESS_EVERY_S[1]
-        self.next = self.start + max(PROGRESS_AFTER_S, self.every)
+        self.next = self.start + max(PROGRESS_AFTER[0], self.every)
         self.shown = False
 
     def line(self, now: float) -> str:
@@ -253,7 +254,7 @@ class Progress:
     def add(self, records: int) -> None:
         self.records += records
         now = time.monotonic()
-        if now < self.next:
+        if now < self.next or self.records < PROGRESS_AFTER[1]:
             return
         self.next = now + self.every
         self.shown = True
