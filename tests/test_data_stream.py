@@ -192,3 +192,24 @@ def test_broken_big_file_refused_at_once_in_bounded_memory(tmp_path):
     message, peak_mib = out.stdout.splitlines()
     assert message.startswith(f"{path}:1:55: invalid JSON: Expecting value")
     assert int(peak_mib) < 300
+
+
+def test_hub_rows_come_a_batch_at_a_time_as_they_are(monkeypatch):
+    """A Hub set is iterated from its (memory-mapped) table in batches, never listed whole: each row arrives
+    as datasets gives it, numbered in order."""
+    import datasets
+
+    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}],
+             "system": None if i % 2 else "be brief"} for i in range(2500)]
+    calls = []
+
+    def load_dataset(name, split, revision):
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    src = DataSection.model_validate({"sources": [{"path": "hub:acme/chats", "split": "train"}]}).sources[0]
+    records = list(data.read_source(src))
+    assert calls == [("acme/chats", "train", None)]
+    assert [r.fields for r in records] == rows
+    assert records[2499].where == "hub:acme/chats[2499]"
