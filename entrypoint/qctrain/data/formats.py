@@ -4,14 +4,10 @@ the same turn checks for all."""
 import hashlib
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from qctrain.recipe import abbreviate, canonical_json
-
-if TYPE_CHECKING:
-    pass
+from typing import Any
 
 from qctrain.data.sources import Record, parse_line
+from qctrain.recipe import abbreviate, canonical_json
 
 
 class BadRecord(ValueError):
@@ -39,6 +35,7 @@ BAD_REASONS = {
     "orphan_tool_result": "a tool result with no tool call before it",
     "last_turn_not_assistant": "a conversation that does not end with the assistant",
 }
+
 
 # --- normalising: one canonical conversation per record ---
 #
@@ -310,6 +307,7 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str]) -> dict[s
 
 def conversation_messages(conversation: dict[str, Any] | list[dict]) -> list[dict]:
     return conversation["messages"] if isinstance(conversation, dict) else conversation
+
 
 def conversation_id(conversation: dict[str, Any] | list[dict]) -> str:
     """A content hash; a conversation without tools hashes as its messages (the ids of PREP_VERSION 2)."""

@@ -21,6 +21,7 @@ from qctrain.recipe import abbreviate
 
 # --- chat template ---
 
+
 def trl_template_names() -> list[str]:
     folder = resources.files("trl").joinpath("chat_templates")
     return sorted(p.name[:-6] for p in folder.iterdir()
