@@ -179,11 +179,14 @@ def child_prepare(args) -> dict:
     cfg = section(Path(args.data), args.max_seq_length, None if args.no_eval else 0.05)
     # Libraries loaded before the clock starts, as for TRL's run (a training run has them loaded anyway).
     data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     prepared = data.prepare(cfg, tokenizer, Path(args.out), force=args.child == "first")
     seconds = time.perf_counter() - start
     report = prepared.report
-    return {"seconds": seconds, "records": report["records_read"], "cached": prepared.cached,
+    after = os.times()  # the workers are joined by now: their CPU time is in children_*
+    cpu_s = sum(getattr(after, k) - getattr(cpu, k) for k in ("user", "system", "children_user",
+                                                              "children_system"))
+    return {"seconds": seconds, "cpu_s": cpu_s, "records": report["records_read"], "cached": prepared.cached,
             "tokens": report["train"]["tokens"] + report.get("eval", {}).get("tokens", 0),
             "duplicates": report["duplicates"], "workers": data.prep_workers(1 << 40)}
 
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds": round(result["seconds"], 1), "records/s": rate,
                          "floor records/s": f"{bound:,.0f} ({result['workers']} x {per_core:,.0f})",
                          "vs floor": round(rate / bound, 2),
+                         "records per CPU s vs one core": round(result["records"] / result["cpu_s"] / per_core, 2),
                          "peak PSS MiB (main+workers)": round(result["peak_pss_mib"]),
                          "peak PSS MiB (main)": round(result["peak_main_pss_mib"]),
                          "cached re-run s": round(cached["seconds"], 2)})
@@ -373,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(f"{sizes[-1]:,} records: peak PSS {big:,.0f} MiB (target <= 2,560 MiB): "
                         f"{'met' if big <= 2560 else '**missed**'}; {big / small:.2f}x the {sizes[0]:,} figure "
                         f"(target <= 1.2x): {'met' if big <= 1.2 * small else '**missed**'}")
+    notes.append("records per CPU s vs one core: records over the CPU seconds of the process and its workers "
+                 "together, against the one-core floor: how close the work itself is to the tokenizer alone, "
+                 "whatever share of the cores the machine gave it.")
     notes.append(f"Real-text Alpaca records (data/alpaca_sample.json sentences, README.zh.md Chinese; "
                  f"{tokens_per_record:.0f} tokens/record), tiny Phi-3 on Phi-3.5's tokenizer, max_seq_length "
                  f"{args.max_seq_length}, eval 5%, packing on. Floor: one core, {floor['records']:,} records, "
