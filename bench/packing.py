@@ -25,7 +25,7 @@ def record_lengths(n: int, max_len: int, model: str) -> np.ndarray:
     from qctrain.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(name=model))
-    conversations = data.dedup([data.to_messages(data.Record(f"gen[{i}]", r), "alpaca", {})
+    conversations = data.dedup([data.to_conversation(data.Record(f"gen[{i}]", r), "alpaca", {})
                                 for i, r in enumerate(common.alpaca_records(n))])[0]
     template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     tokens = data.tokenize_flat(conversations, tokenizer, template, "assistant")

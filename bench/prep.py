@@ -1,34 +1,168 @@
-"""Data preparation throughput: qctrain.data.prepare on a generated Alpaca set of mixed lengths.
+"""Data preparation at scale: qctrain.data.prepare on real-text Alpaca records, memory and throughput.
 
-    python bench/prep.py                       # 100k records (about 2 minutes on 2 cores)
-    python bench/prep.py --records 2000 --baseline-records 500 --results -   # quick look, no RESULTS.md row
+    python bench/prep.py                                  # 100k and 1M records, TRL at 20k, a broken 2 GB file
+    python bench/prep.py --sizes 2000 --trl-records 500 --broken-gb 0 --results -   # a quick look, no RESULTS.md
 
-Measures, each in a fresh process: the first (uncached) prepare() end to end, the cached re-run, the
-time per stage, the raw speed of the jinja render and the Rust tokenizer on the same texts (the floor
-nobody's pipeline goes under), and the same prepare() as it was before the fast path (the data.py of
-the commit before it, from git) on a subset. Targets: >= 10,000 records/s end to end, cached <= 5%.
+Records are built from real text of our own (the sentences of data/alpaca_sample.json and the Chinese of
+README.zh.md; 15% Chinese, 60% empty inputs, some system prompts and histories; varied so nothing dedups) to
+about 246 tokens per record on Phi-3.5's tokenizer (the tiny model's). Each measurement runs in a fresh process
+while this one samples the proportional set size (PSS, /proc/PID/smaps_rollup) of that process and its forked
+workers every 0.2 s: shared pages count once. Rows: records/s end to end (first, uncached run), the floor
+(workers x one core of the Rust tokenizer's encode_batch alone on the same rendered texts), TRL's own
+SFTTrainer preparation of the same records (packing, assistant-only loss, dataset_num_proc = workers) in the
+same run, alternating, and the peak PSS. Targets (issue 14): records/s >= 0.8 x floor and >= 3x TRL; 1M records
+in <= 2.5 GB PSS and <= 1.2x the 100k figure; a broken 2 GB file refused in seconds with <= 1 GB RSS.
 """
 
 import argparse
 import json
 import os
+import random
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve()
+SAMPLE = common.ROOT / "data" / "alpaca_sample.json"
+CHINESE = common.ROOT / "README.zh.md"
 
 
-def section(data_file: Path, max_len: int):
+# --- real-text records ---
+
+def text_pools() -> tuple[list[str], list[str], list[str]]:
+    """English instructions and sentences from our Alpaca sample, Chinese sentences from README.zh.md."""
+    sample = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    instructions = [r["instruction"] for r in sample]
+    english = [s.strip() for r in sample for s in re.split(r"(?<=[.!?])\s+|\n+", r["output"] + "\n" + r["input"])
+               if len(s.strip()) > 20]
+    chinese = [s.strip() + "。" for s in re.split(r"[。\n]", CHINESE.read_text(encoding="utf-8"))
+               if len(re.findall(r"[\u4e00-\u9fff]", s)) > 8 and "`" not in s and "|" not in s]
+    return instructions, english, chinese
+
+
+def real_records(n: int, seed: int = 0):
+    """n records of real sentences; log-normal output lengths around ~246 tokens per record in all."""
+    instructions, english, chinese = text_pools()
+    rng = random.Random(seed)
+    for i in range(n):
+        zh = rng.random() < 0.15
+        pool = chinese if zh else english
+
+        def sentences(count: int, pool=pool, zh=zh) -> str:
+            return ("" if zh else " ").join(rng.choice(pool) for _ in range(count))
+
+        instruction = sentences(1) if zh else rng.choice(instructions)
+        record = {"instruction": f"{instruction} ({i})",
+                  "input": "" if rng.random() < 0.6 else sentences(rng.randint(1, 2)),
+                  "output": sentences(min(60, max(1, int(rng.lognormvariate(1.33, 0.8)))))}
+        if rng.random() < 0.05:
+            record["system"] = sentences(1)
+        if rng.random() < 0.05:
+            record["history"] = [[sentences(1), sentences(rng.randint(1, 3))] for _ in range(rng.randint(1, 2))]
+        yield record
+
+
+def write_records(path: Path, n: int) -> Path:
+    """A JSON array written record by record (nothing held)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("[")
+        for i, record in enumerate(real_records(n)):
+            handle.write(("," if i else "") + "\n" + json.dumps(record, ensure_ascii=False))
+        handle.write("\n]\n")
+    return path
+
+
+def write_broken(path: Path, gigabytes: float) -> Path:
+    """A JSONL file of that size whose third line is cut (a broken export): refused by on_bad_record: error."""
+    line = (json.dumps(next(real_records(1)), ensure_ascii=False) + "\n").encode()
+    block = line * max(1, (1 << 24) // len(line))
+    with open(path, "wb") as handle:
+        handle.write(line + line + line[: len(line) // 2] + b"\n")
+        for _ in range(int(gigabytes * (1 << 30)) // len(block)):
+            handle.write(block)
+    return path
+
+
+# --- memory: PSS of a process and its descendants ---
+
+def _descendants(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    todo += [int(p) for p in handle.read().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _kib(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_sampled(args: list[str], timeout: float = 3600) -> dict:
+    """Run `python prep.py args` and return its JSON with the peak PSS (MiB) of it and its workers together,
+    the peak of the main process alone, and the peak RSS of the tree."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(common.ROOT / "bench"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    peaks = {"pss": 0, "main_pss": 0, "rss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            pids = _descendants(proc.pid)
+            pss = [_kib(p, "Pss") for p in pids]
+            peaks["pss"] = max(peaks["pss"], sum(pss))
+            peaks["main_pss"] = max(peaks["main_pss"], pss[0] if pss else 0)
+            peaks["rss"] = max(peaks["rss"], sum(_kib(p, "Rss") for p in pids))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        done.set()
+        sampler.join()
+    lines = out.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"prep.py {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}")
+    result = json.loads(lines[-1])
+    result.update(peak_pss_mib=peaks["pss"] / 1024, peak_main_pss_mib=peaks["main_pss"] / 1024,
+                  peak_rss_mib=peaks["rss"] / 1024, stderr_lines=len(err.splitlines()))
+    return result
+
+
+# --- children (each in a fresh process) ---
+
+def section(data_file: Path, max_len: int, eval_fraction: float | None = 0.05):
+    """Our recipe's data section; without an eval split it truncates overlong records as TRL does, so both
+    prepare the same tokens."""
     from qctrain.recipe import DataSection
 
     return DataSection.model_validate({"sources": [{"path": str(data_file), "format": "alpaca"}],
-                                       "eval": {"fraction": 0.05}, "max_seq_length": max_len})
+                                       "eval": {"fraction": eval_fraction} if eval_fraction else None,
+                                       "on_overlong": "drop" if eval_fraction else "truncate",
+                                       "max_seq_length": max_len})
 
 
 def tokenizer_of(model_dir: str):
@@ -38,192 +172,224 @@ def tokenizer_of(model_dir: str):
     return load_tokenizer(ModelSection(name=model_dir))
 
 
-def summary(prepared, seconds: float) -> dict:
-    report = prepared.report
-    tokens = report["train"]["tokens"] + report.get("eval", {}).get("tokens", 0)
-    return {"seconds": seconds, "records": report["records_read"], "tokens": tokens,
-            "train_sequences": report["train"]["sequences"],
-            "packing_efficiency": report["train"].get("packing_efficiency"),
-            "peak_rss_mib": common.peak_rss_mib(), "peak_rss_children_mib": common.peak_rss_mib(children=True)}
-
-
-def child_run(args) -> dict:
+def child_prepare(args) -> dict:
     from qctrain import data
 
     tokenizer = tokenizer_of(args.model)
-    cfg = section(Path(args.data), args.max_seq_length)
-    start = time.perf_counter()
+    cfg = section(Path(args.data), args.max_seq_length, None if args.no_eval else 0.05)
+    # Libraries loaded before the clock starts, as for TRL's run (a training run has them loaded anyway).
+    data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
+    start, cpu = time.perf_counter(), os.times()
     prepared = data.prepare(cfg, tokenizer, Path(args.out), force=args.child == "first")
-    result = summary(prepared, time.perf_counter() - start)
-    result["cached"] = prepared.cached
-    return result
+    seconds = time.perf_counter() - start
+    report = prepared.report
+    after = os.times()  # the workers are joined by now: their CPU time is in children_*
+    cpu_s = sum(getattr(after, k) - getattr(cpu, k) for k in ("user", "system", "children_user",
+                                                              "children_system"))
+    return {"seconds": seconds, "cpu_s": cpu_s, "records": report["records_read"], "cached": prepared.cached,
+            "tokens": report["train"]["tokens"] + report.get("eval", {}).get("tokens", 0),
+            "duplicates": report["duplicates"], "workers": data.prep_workers(1 << 40)}
 
 
-def child_baseline(args) -> dict:
-    """prepare() of the data.py before the fast path, loaded from git."""
-    import subprocess
+def child_broken(args) -> dict:
+    """A broken file through data.prepare (on_bad_record: error): how long until it is refused."""
+    from qctrain import data
+    from qctrain.errors import InputError
+    from qctrain.recipe import DataSection
 
-    source = subprocess.run(["git", "show", f"{args.baseline_rev}:entrypoint/qctrain/data.py"], cwd=common.ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    module = types.ModuleType("qctrain._data_baseline")
-    module.__package__ = "qctrain"
-    exec(compile(source, f"{args.baseline_rev}:data.py", "exec"), module.__dict__)
     tokenizer = tokenizer_of(args.model)
-    cfg = section(Path(args.data), args.max_seq_length)
+    cfg = DataSection.model_validate({"sources": [{"path": args.data}], "on_bad_record": "error"})
     start = time.perf_counter()
-    prepared = module.prepare(cfg, tokenizer, Path(args.out), force=True)
-    return summary(prepared, time.perf_counter() - start)
+    try:
+        data.prepare(cfg, tokenizer, Path(args.out))
+        message = "not refused"
+    except InputError as err:
+        message = str(err)
+    return {"seconds": time.perf_counter() - start, "message": message}
 
 
-def child_stages(args) -> dict:
-    """Each stage of build() timed on its own, plus the render/encode floor on the same texts."""
-    from datasets import load_from_disk
+def child_floor(args) -> dict:
+    """One core, the same records: the jinja render alone, and the Rust encode_batch alone on the rendered texts."""
+    from itertools import islice
+
     from qctrain import data
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = tokenizer_of(args.model)
     cfg = section(Path(args.data), args.max_seq_length)
-    times: dict[str, float] = {}
-
-    def timed(name, fn):
-        start = time.perf_counter()
-        value = fn()
-        times[name] = time.perf_counter() - start
-        return value
-
-    template = timed("template", lambda: data.training_template(
-        data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on))
-    timed("fingerprint", lambda: data.data_fingerprint(cfg, tokenizer, template))
-    conversations, _ = timed("read+normalise", lambda: data.load_conversations(cfg.sources, cfg.on_bad_record))
-    conversations, ids, _ = timed("dedup", lambda: data.dedup(conversations))
-    eval_ids = timed("split", lambda: data.split_ids(ids, cfg.seed, cfg.eval.fraction, None))
-    train = [m for m, cid in zip(conversations, ids, strict=True) if cid not in eval_ids]
-    workers = data.prep_workers(len(train))
-    tokens = timed("tokenize", lambda: data.tokenize_flat(train, tokenizer, template, cfg.loss_on))
-    tokens, _ = timed("fit_length", lambda: data.fit_length_flat(tokens, cfg.max_seq_length, cfg.on_overlong))
-    timed("token_stats", lambda: data.token_stats_flat(tokens))
-    dataset = timed("pack (arrow+shuffle+bfd)",
-                    lambda: data.to_dataset_flat(tokens, True, cfg.max_seq_length, cfg.seed))
-    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
-        timed("save_to_disk", lambda: dataset.save_to_disk(tmp + "/train"))
-        timed("load_from_disk", lambda: load_from_disk(tmp + "/train"))
-
-    # The floor: one process, the same conversations, nothing but the jinja render and the Rust encode.
-    sample = train[:args.floor_records]
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    template = data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer,
+                                      cfg.loss_on)
+    src = cfg.sources[0]
+    conversations = [data.to_conversation(r, src.format, src.columns)
+                     for r in islice(data.read_source(src), args.floor_records)]
+    messages, _ = data.template_inputs(conversations, False)
     start = time.perf_counter()
-    texts, _ = render_jinja_template(conversations=sample, chat_template=template,
+    texts, _ = render_jinja_template(conversations=messages, chat_template=template,
                                      return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     render_s = time.perf_counter() - start
     backend = tokenizer.backend_tokenizer
     start = time.perf_counter()
     encodings = backend.encode_batch(texts, add_special_tokens=False)
     encode_s = time.perf_counter() - start
-    sample_tokens = sum(map(len, encodings))
     start = time.perf_counter()
-    data.tokenize_flat(sample, tokenizer, template, cfg.loss_on, workers=1)
-    ours_1proc_s = time.perf_counter() - start
-    return {"stages": times, "train_records": len(train), "workers": workers, "tokens": int(tokens.bounds[-1]),
-            "floor": {"records": len(sample), "tokens": sample_tokens, "render_s": render_s,
-                      "encode_s": encode_s, "tokenize_flat_1proc_s": ours_1proc_s}}
+    data.tokenize_flat(conversations, tokenizer, template, cfg.loss_on, workers=1)
+    ours_s = time.perf_counter() - start
+    return {"records": len(texts), "tokens": sum(map(len, encodings)), "render_s": render_s,
+            "encode_s": encode_s, "tokenize_1proc_s": ours_s}
 
 
-def baseline_rev() -> str:
-    """The commit before the one that brought the fast path into data.py (HEAD if it is not committed)."""
-    import subprocess
+def child_trl(args) -> dict:
+    """TRL's own preparation of the same records: SFTTrainer._prepare_dataset (tokenize with the assistant mask,
+    labels, packing BFD), dataset_num_proc = our worker count."""
+    from types import SimpleNamespace
 
-    out = subprocess.run(["git", "log", "--format=%h", "-S", "def tokenize_flat", "--",
-                          "entrypoint/qctrain/data.py"], cwd=common.ROOT, capture_output=True, text=True)
-    commits = out.stdout.split()
-    return f"{commits[-1]}~1" if out.returncode == 0 and commits else "HEAD"
+    from datasets import Dataset
+    from qctrain import data
+    from trl import SFTConfig, SFTTrainer
 
+    tokenizer = tokenizer_of(args.model)
+    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    records = json.loads(Path(args.data).read_text(encoding="utf-8"))
+    start = time.perf_counter()
+    dataset = Dataset.from_list([{"messages": data.to_conversation(data.Record("r", r), "alpaca", {})["messages"]}
+                                 for r in records])
+    config = SFTConfig(output_dir=str(Path(args.out) / "trl"), max_length=args.max_seq_length, packing=True,
+                       packing_strategy="bfd", assistant_only_loss=True, dataset_num_proc=args.workers,
+                       report_to="none", use_cpu=True)
+    trainer = SimpleNamespace(_tokenizer=tokenizer, chat_template=template, completion_only_loss=None,
+                              _is_vision_dataset=False, _signature_columns=None, args=config)
+    prepared = SFTTrainer._prepare_dataset(trainer, dataset, tokenizer, config, True, None, "train")
+    seconds = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in prepared["input_ids"])
+    return {"seconds": seconds, "records": len(records), "tokens": tokens}
+
+
+# --- the parent ---
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--max-seq-length", type=int, default=2048)
-    parser.add_argument("--baseline-records", type=int, default=20_000,
-                        help="records for the before-the-fast-path run (0: skip it)")
-    parser.add_argument("--baseline-rev", default=None, help="git revision whose data.py is the baseline")
+    parser.add_argument("--sizes", default="100000,1000000", help="record counts, comma-separated")
+    parser.add_argument("--trl-records", type=int, default=20_000, help="records for the TRL comparison (0: skip)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours vs TRL")
     parser.add_argument("--floor-records", type=int, default=10_000)
-    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
+    parser.add_argument("--broken-gb", type=float, default=2.0, help="size of the broken file (0: skip)")
+    parser.add_argument("--max-seq-length", type=int, default=2048)
     parser.add_argument("--model", default=None, help="tiny model folder (default: models/tiny-phi3)")
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
-    parser.add_argument("--child", choices=["first", "cached", "stages", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["first", "cached", "floor", "trl", "broken"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--no-eval", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         import datasets
 
         datasets.disable_progress_bars()
-        handler = {"first": child_run, "cached": child_run, "stages": child_stages, "baseline": child_baseline}
+        handler = {"first": child_prepare, "cached": child_prepare, "floor": child_floor, "trl": child_trl,
+                   "broken": child_broken}
         print(json.dumps(handler[args.child](args)))
         return 0
 
     model = str(common.tiny_model(args.model))
-    rows, notes = [], []
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    rows, notes, verdicts = [], [], []
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-prep-") as tmp:
         tmp = Path(tmp)
-        start = time.perf_counter()
-        data_file = common.write_alpaca(tmp / "alpaca.json", args.records)
-        print(f"generated {args.records:,} records ({data_file.stat().st_size / 2**20:.0f} MiB) "
-              f"in {time.perf_counter() - start:.1f}s", flush=True)
         base = ["--model", model, "--max-seq-length", str(args.max_seq_length)]
-        child = [*base, "--data", str(data_file), "--out", str(tmp / "out")]
-        first = common.run_child(HERE, [*child, "--child", "first"])
-        cached = common.run_child(HERE, [*child, "--child", "cached"])
-        assert cached["cached"], "the second run did not hit the cache"
-        rows.append(row("fast path, first run", first))
-        rows.append(row("fast path, cached re-run", cached))
-        if args.baseline_records:
-            rev = args.baseline_rev or baseline_rev()
-            subset = common.write_alpaca(tmp / "subset.json", args.baseline_records)
-            try:
-                baseline = common.run_child(HERE, [*base, "--data", str(subset), "--out", str(tmp / "base"),
-                                                   "--child", "baseline", "--baseline-rev", rev])
-                rows.append(row(f"before ({rev}), first run", baseline))
-                same = common.run_child(HERE, [*base, "--data", str(subset), "--out", str(tmp / "same"),
-                                               "--child", "first"])
-                rows.append(row("fast path, same subset", same))
-            except RuntimeError as err:
-                notes.append(f"baseline run skipped: {str(err).splitlines()[0]}")
-        if not args.no_stages:
-            stages = common.run_child(HERE, [*child, "--child", "stages", "--floor-records",
-                                             str(args.floor_records)])
-            notes.append(stage_notes(stages))
-    ratio = cached["seconds"] / first["seconds"]
-    notes.insert(0, f"Generated Alpaca data ({args.records:,} records: log-normal lengths, 60% empty inputs, "
-                    f"5% system, 5% multi-turn, 15% Chinese, 2% duplicates), tiny Phi-3 tokenizer, "
-                    f"max_seq_length {args.max_seq_length}, eval 5%, packing on. "
-                    f"Cached re-run = {ratio:.1%} of the first (target <= 5%); first run "
-                    f"{first['records'] / first['seconds']:,.0f} records/s (target >= 10,000).")
+        first_file = write_records(tmp / f"records-{sizes[0]}.json", sizes[0])
+        floor = run_sampled([*base, "--data", str(first_file), "--out", str(tmp / "floor"), "--child", "floor",
+                             "--floor-records", str(args.floor_records)])
+        per_core = floor["records"] / floor["encode_s"]
+        tokens_per_record = floor["tokens"] / floor["records"]
+        results = {}
+        for n in sizes:
+            path = first_file if n == sizes[0] else write_records(tmp / f"records-{n}.json", n)
+            start = time.perf_counter()
+            result = run_sampled([*base, "--data", str(path), "--out", str(tmp / f"out-{n}"), "--child", "first"])
+            cached = run_sampled([*base, "--data", str(path), "--out", str(tmp / f"out-{n}"), "--child", "cached"])
+            assert cached["cached"], "the second run did not hit the cache"
+            results[n] = result
+            rate = result["records"] / result["seconds"]
+            bound = result["workers"] * per_core
+            rows.append({"run": f"{n:,} records, first run", "records": result["records"],
+                         "seconds": round(result["seconds"], 1), "records/s": rate,
+                         "floor records/s": f"{bound:,.0f} ({result['workers']} x {per_core:,.0f})",
+                         "vs floor": round(rate / bound, 2),
+                         "records per CPU s vs one core": round(result["records"] / result["cpu_s"] / per_core, 2),
+                         "peak PSS MiB (main+workers)": round(result["peak_pss_mib"]),
+                         "peak PSS MiB (main)": round(result["peak_main_pss_mib"]),
+                         "cached re-run s": round(cached["seconds"], 2)})
+            print(f"{n:,} records: {rate:,.0f} records/s, peak PSS {result['peak_pss_mib']:,.0f} MiB "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            if n != sizes[0]:
+                path.unlink()
+        if args.trl_records:
+            subset = write_records(tmp / "trl.json", args.trl_records)
+            ours_s, trl_s = [], []
+            workers = results[sizes[0]]["workers"]
+            for round_ in range(args.rounds):
+                ours = run_sampled([*base, "--data", str(subset), "--out", str(tmp / f"ours-{round_}"),
+                                    "--child", "first", "--no-eval"])
+                trl = run_sampled([*base, "--data", str(subset), "--out", str(tmp / f"trl-{round_}"),
+                                   "--child", "trl", "--workers", str(workers)])
+                ours_s.append(ours["seconds"])
+                trl_s.append(trl["seconds"])
+            ratio = statistics.median(trl_s) / statistics.median(ours_s)
+            rows.append({"run": f"{args.trl_records:,} records, qctrain (median of {args.rounds})",
+                         "records": args.trl_records, "seconds": round(statistics.median(ours_s), 2),
+                         "records/s": args.trl_records / statistics.median(ours_s),
+                         "peak PSS MiB (main+workers)": round(ours["peak_pss_mib"])})
+            rows.append({"run": f"{args.trl_records:,} records, TRL SFTTrainer (median of {args.rounds})",
+                         "records": args.trl_records, "seconds": round(statistics.median(trl_s), 2),
+                         "records/s": args.trl_records / statistics.median(trl_s),
+                         "peak PSS MiB (main+workers)": round(trl["peak_pss_mib"])})
+            verdicts.append(f"vs TRL at {args.trl_records:,}: {ratio:.2f}x (target >= 3x): "
+                            f"{'met' if ratio >= 3 else '**missed**'}; same tokens: "
+                            f"{'yes' if trl['tokens'] == ours['tokens'] else 'no'} "
+                            f"({ours['tokens']:,} vs {trl['tokens']:,})")
+        if args.broken_gb:
+            broken = write_broken(tmp / "broken.jsonl", args.broken_gb)
+            size_gb = broken.stat().st_size / 2**30
+            start = time.perf_counter()
+            refused = run_sampled([*base, "--data", str(broken), "--out", str(tmp / "broken-out"),
+                                   "--child", "broken"])
+            rows.append({"run": f"broken {size_gb:.1f} GB JSONL (cut 3rd line), refused",
+                         "seconds": round(refused["seconds"], 1),
+                         "peak PSS MiB (main+workers)": round(refused["peak_pss_mib"]),
+                         "peak RSS MiB": round(refused["peak_rss_mib"])})
+            verdicts.append(f"broken {size_gb:.1f} GB file: refused in {refused['seconds']:.1f} s with "
+                            f"{refused['peak_rss_mib']:,.0f} MiB peak RSS (target: seconds, <= 1 GB): "
+                            f"{'met' if refused['seconds'] < 10 and refused['peak_rss_mib'] <= 1024 else '**missed**'}"
+                            f"; message: {refused['message'][:160]}")
+            print(f"broken file: {time.perf_counter() - start:.1f}s", flush=True)
+            broken.unlink()
+
+    for n, result in results.items():
+        rate = result["records"] / result["seconds"]
+        bound = result["workers"] * per_core
+        verdicts.insert(0, f"{n:,} records: {rate:,.0f} records/s = {rate / bound:.2f} x the floor (target >= 0.8): "
+                           f"{'met' if rate >= 0.8 * bound else '**missed**'}")
+    if len(sizes) > 1:
+        small, big = results[sizes[0]]["peak_pss_mib"], results[sizes[-1]]["peak_pss_mib"]
+        verdicts.append(f"{sizes[-1]:,} records: peak PSS {big:,.0f} MiB (target <= 2,560 MiB): "
+                        f"{'met' if big <= 2560 else '**missed**'}; {big / small:.2f}x the {sizes[0]:,} figure "
+                        f"(target <= 1.2x): {'met' if big <= 1.2 * small else '**missed**'}")
+    notes.append("records per CPU s vs one core: records over the CPU seconds of the process and its workers "
+                 "together, against the one-core floor: how close the work itself is to the tokenizer alone, "
+                 "whatever share of the cores the machine gave it.")
+    notes.append(f"Real-text Alpaca records (data/alpaca_sample.json sentences, README.zh.md Chinese; "
+                 f"{tokens_per_record:.0f} tokens/record), tiny Phi-3 on Phi-3.5's tokenizer, max_seq_length "
+                 f"{args.max_seq_length}, eval 5%, packing on. Floor: one core, {floor['records']:,} records, "
+                 f"encode_batch alone {per_core:,.0f} records/s (jinja render alone "
+                 f"{floor['records'] / floor['render_s']:,.0f} records/s; our whole tokenize on one process "
+                 f"{floor['records'] / floor['tokenize_1proc_s']:,.0f} records/s). Peak PSS of the process and its "
+                 "forked workers together, sampled every 0.2 s from /proc/PID/smaps_rollup.")
+    notes.append("Targets: " + "; ".join(verdicts) + ".")
     common.record("prep", rows, "\n\n".join(notes), None if args.results is None else Path(args.results))
     return 0
-
-
-def row(name: str, result: dict) -> dict:
-    return {"run": name, "records": result["records"], "seconds": round(result["seconds"], 2),
-            "records/s": result["records"] / result["seconds"], "tokens/s": result["tokens"] / result["seconds"],
-            "tokens/record": result["tokens"] / result["records"],
-            "peak RSS MiB (main/worker)": f"{result['peak_rss_mib']:.0f}/{result['peak_rss_children_mib']:.0f}"}
-
-
-def stage_notes(stages: dict) -> str:
-    total = sum(stages["stages"].values())
-    parts = [f"{name} {seconds:.2f}s ({seconds / total:.0%})" for name, seconds in stages["stages"].items()]
-    floor = stages["floor"]
-    render = floor["records"] / floor["render_s"]
-    encode = floor["tokens"] / floor["encode_s"]
-    ours = floor["records"] / floor["tokenize_flat_1proc_s"]
-    return (f"Stages ({stages['train_records']:,} train records, {stages['workers']} tokenize worker(s)): "
-            + ", ".join(parts) + ".\n\n"
-            f"Floor, one process, {floor['records']:,} records: jinja render alone {render:,.0f} records/s; "
-            f"Rust encode_batch alone {encode:,.0f} tokens/s = "
-            f"{encode / (floor['tokens'] / floor['records']):,.0f} records/s "
-            f"({floor['tokens'] / floor['records']:.0f} tokens/record); our whole tokenize (render + encode + "
-            f"mask) on one process {ours:,.0f} records/s.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 QUICK = {
-    "prep.py": ["--records", "10000", "--baseline-records", "2000", "--floor-records", "2000"],
+    "prep.py": ["--sizes", "10000,20000", "--trl-records", "2000", "--rounds", "1", "--floor-records", "2000",
+                "--broken-gb", "0.2"],
     "packing.py": ["--records", "5000"],
     "train_cpu.py": ["--rounds", "1", "--steps", "12", "--logging-steps", "3", "--warmup", "3", "--records", "400"],
     "gpu_qlora.py": ["--steps", "4", "--warmup", "1"],

@@ -29,10 +29,13 @@ def rows_of(results: Path, bench: str) -> str:
 
 def test_prep(tiny_model_dir, tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
-    assert bench_module("prep").main(["--records", "300", "--baseline-records", "0", "--no-stages",
-                                      "--model", str(tiny_model_dir), "--results", str(results)]) == 0
+    assert bench_module("prep").main(["--sizes", "300,600", "--trl-records", "200", "--rounds", "1",
+                                      "--floor-records", "100", "--broken-gb", "0.01", "--model",
+                                      str(tiny_model_dir), "--results", str(results)]) == 0
     text = rows_of(results, "prep")
-    assert "fast path, first run" in text and "fast path, cached re-run" in text and "records/s" in text
+    assert "600 records, first run" in text and "TRL SFTTrainer" in text and "peak PSS MiB" in text
+    assert "broken 0.0 GB JSONL (cut 3rd line), refused" in text and "x the floor" in text
+    assert "same tokens: yes" in text and "invalid JSON" in text
     assert "records/s" in capsys.readouterr().out
 
 

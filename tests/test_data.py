@@ -3,6 +3,8 @@
 import csv
 import json
 
+import data_lists
+import numpy as np
 import pytest
 from conftest import alpaca_records, write_json
 from qctrain import data
@@ -17,7 +19,7 @@ def section(*paths, **settings) -> DataSection:
 
 def conversations(*paths, **settings):
     cfg = section(*paths, **settings)
-    return data.load_conversations(cfg.sources, cfg.on_bad_record)
+    return data_lists.load_conversations(cfg.sources, cfg.on_bad_record)
 
 
 EXPECTED_FIRST = [{"role": "user", "content": "Explain item 0 briefly.\n\nContext line 0\nsecond line"},
@@ -115,14 +117,21 @@ def test_dedup_is_exact():
 
 
 def test_split_is_deterministic_and_order_independent():
+    """The stage's split (on digest arrays) picks the ids the list definition picks, whatever the order."""
     ids = [f"{i:016x}" for i in range(200)]
-    first = data.split_ids(ids, seed=42, fraction=0.1, count=None)
-    assert len(first) == 20
-    assert data.split_ids(list(reversed(ids)), seed=42, fraction=0.1, count=None) == first
-    assert data.split_ids(ids, seed=7, fraction=0.1, count=None) != first
-    assert len(data.split_ids(ids, seed=42, fraction=None, count=5)) == 5
+    digests = np.array([int(cid, 16) for cid in ids], dtype=np.uint64)
+
+    def chosen(values, seed, fraction, count) -> set[str]:
+        return {f"{d:016x}" for d in values[data.split_mask(values, seed, fraction, count)].tolist()}
+
+    first = chosen(digests, 42, 0.1, None)
+    assert len(first) == 20 and first == data_lists.split_ids(ids, seed=42, fraction=0.1, count=None)
+    assert chosen(digests[::-1], 42, 0.1, None) == first
+    assert chosen(digests, 7, 0.1, None) != first
+    assert chosen(digests, 7, 0.1, None) == data_lists.split_ids(ids, seed=7, fraction=0.1, count=None)
+    assert len(chosen(digests, 42, None, 5)) == 5
     with pytest.raises(InputError, match="would leave none"):
-        data.split_ids(ids[:3], seed=1, fraction=None, count=3)
+        data.split_mask(digests[:3], seed=1, fraction=None, count=3)
 
 
 def labels_of(tokenizer, messages, loss_on):
@@ -172,9 +181,9 @@ def test_named_file_and_unknown_templates(tokenizer, tmp_path):
 def test_overlong_records_dropped_or_truncated():
     ids = [[1] * 5, [1] * 20, [1] * 20]
     labels = [[1] * 5, [1] * 20, [data.IGNORE] * 15 + [1] * 5]
-    kept, _, counts = data.fit_length(ids, labels, 10, "drop")
+    kept, _, counts = data_lists.fit_length(ids, labels, 10, "drop")
     assert len(kept) == 1 and counts["overlong_dropped"] == 2
-    kept, kept_labels, counts = data.fit_length(ids, labels, 10, "truncate")
+    kept, kept_labels, counts = data_lists.fit_length(ids, labels, 10, "truncate")
     assert [len(k) for k in kept] == [5, 10] and counts["overlong_truncated"] == 2
     assert counts["unsupervised_dropped"] == 1  # its answer lay past the cut
 

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import data_lists
 import pytest
 from conftest import write_json
 from qctrain import data
@@ -122,7 +123,7 @@ def test_each_bad_shape_is_refused_with_file_line_and_turn(tmp_path, line):
     path.write_text(lines[0] + "\n" + lines[line - 1] + "\n", encoding="utf-8")
     cfg = DataSection.model_validate({"sources": [{"path": str(path)}]})
     with pytest.raises(InputError) as err:
-        data.load_conversations(cfg.sources, "error")
+        data_lists.load_conversations(cfg.sources, "error")
     message = str(err.value)
     assert message.startswith(f"{path}:2: {BAD_MESSAGES[line]}") and "\n" not in message and len(message) < 300
 
@@ -153,7 +154,7 @@ def test_more_bad_shapes(tmp_path, record, message):
     path = write_json(tmp_path / "r.json", [record])
     cfg = DataSection.model_validate({"sources": [{"path": str(path)}]})
     with pytest.raises(InputError) as err:
-        data.load_conversations(cfg.sources, "error")
+        data_lists.load_conversations(cfg.sources, "error")
     assert str(err.value).startswith(f"{path}[0]: {message}") and len(str(err.value)) < 300
 
 
@@ -174,7 +175,7 @@ def test_tool_results_pair_with_calls_by_id_name_or_order():
 def test_native_tool_template_gets_the_canonical_conversation(tokenizer):
     """A template that renders tools itself (TRL's Qwen3 training template) gets tools=, tool_calls and the
     tool role as they are; the fast path equals apply_chat_template(..., tools=...) record by record."""
-    conversations, _ = data.load_conversations(DataSection.model_validate({"sources": [
+    conversations, _ = data_lists.load_conversations(DataSection.model_validate({"sources": [
         {"path": str(SHAPES / name)} for name in ("openai_tools.jsonl", "glaive_toolcall.json",
                                                    "sharegpt_system.json")]}).sources, "error")
     qwen = data.training_template(data.resolve_chat_template("qwen3", tokenizer), tokenizer, "assistant")

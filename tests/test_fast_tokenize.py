@@ -4,6 +4,7 @@ return_assistant_tokens_mask=True), and the flat fit/stats/dataset helpers match
 
 import random
 
+import data_lists
 import numpy as np
 import pytest
 from qctrain import data
@@ -102,12 +103,31 @@ def test_mask_vectorised_equals_loop_on_adversarial_offsets():
         encodings.append(Enc(offsets))
         spans.append(record_spans)
     total = sum(map(len, encodings))
-    np.testing.assert_array_equal(data._assistant_mask(encodings, spans, total),
-                                  data._assistant_mask_loop(encodings, spans, total))
+    np.testing.assert_array_equal(data.tokens._assistant_mask(encodings, spans, total),
+                                  data.tokens._assistant_mask_loop(encodings, spans, total))
+
+
+def test_mask_at_span_bounds_equals_loop_on_real_encodings(tokenizer):
+    """The mask the fast path computes from the Rust encoding at the span ends (no per-token offsets in Python)
+    equals the one-pass loop over every token's offsets, for spans anywhere: mid-word, on spaces, newlines,
+    special tokens, and Chinese characters that fall back to several byte tokens sharing one offset."""
+    rng = random.Random(5)
+    pieces = ["Hello", " world", "  ", "\n\n", "<|assistant|>", "<|end|>", "今天天气很好", "𝔘𝔫𝔦", "ü", "\t", "42",
+              "don't", " 中文", "..."]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    spans = []
+    for text in texts:
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, 2 * rng.randint(0, 3))))
+        spans.append([(cuts[k], cuts[k + 1]) for k in range(0, len(cuts) - 1, 2)])
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encodings], out=bounds[1:])
+    np.testing.assert_array_equal(data.tokens._assistant_mask_at_bounds(encodings, spans, bounds),
+                                  data.tokens._assistant_mask_loop(encodings, spans, int(bounds[-1])))
 
 
 def test_python_tokenizer_falls_back_to_the_library(tokenizer, template, monkeypatch):
-    monkeypatch.setattr(data, "_rust_backend", lambda tok: None)
+    monkeypatch.setattr(data.tokens, "_rust_backend", lambda tok: None)
     conversations = CONVERSATIONS[:3]
     assert data.tokenize(conversations, tokenizer, template, "assistant") == data.tokenize_reference(
         conversations, tokenizer, template, "assistant")
@@ -136,14 +156,14 @@ def test_flat_fit_length_and_stats_match_lists(policy):
     rng = random.Random(5)
     ids = [[rng.randint(0, 99) for _ in range(rng.randint(0, 40))] for _ in range(200)]
     labels = [[t if rng.random() < 0.2 or i > 30 else data.IGNORE for i, t in enumerate(row)] for row in ids]
-    assert data.fit_length(ids, labels, 25, policy) == list_fit_length(ids, labels, 25, policy)
-    fitted_ids, fitted_labels, _ = data.fit_length(ids, labels, 25, policy)
-    stats = data.token_stats(fitted_ids, fitted_labels)
+    assert data_lists.fit_length(ids, labels, 25, policy) == list_fit_length(ids, labels, 25, policy)
+    fitted_ids, fitted_labels, _ = data_lists.fit_length(ids, labels, 25, policy)
+    stats = data_lists.token_stats(fitted_ids, fitted_labels)
     lengths = sorted(map(len, fitted_ids))
     assert stats["records"] == len(lengths) and stats["tokens"] == sum(lengths)
     assert stats["supervised_tokens"] == sum(t != data.IGNORE for row in fitted_labels for t in row)
     assert stats["length_p50"] == lengths[len(lengths) // 2]
-    assert data.token_stats([], []) == {"records": 0, "tokens": 0, "supervised_tokens": 0,
+    assert data_lists.token_stats([], []) == {"records": 0, "tokens": 0, "supervised_tokens": 0,
                                         "supervised_fraction": 0.0}
 
 
@@ -159,7 +179,7 @@ def test_flat_dataset_equals_the_plain_datasets_way(packing):
     if packing:
         expected = pack_dataset(expected.shuffle(seed=11).flatten_indices(), 64, "bfd",
                                 map_kwargs={"batch_size": None})
-    got = data.to_dataset(ids, labels, packing, 64, 11)
+    got = data_lists.to_dataset(ids, labels, packing, 64, 11)
     assert got.features == expected.features
     assert got.to_dict() == expected.to_dict()
 

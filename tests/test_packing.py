@@ -13,6 +13,7 @@ which (with sdpa) keeps a batch of packs as rows: the same detection, row by row
 
 import json
 
+import data_lists
 import pytest
 import torch
 from conftest import alpaca_records, write_json
@@ -92,7 +93,7 @@ def test_prepared_packs_keep_boundaries_and_tokens(tokenizer, tmp_path):
     train = prepared.train
     assert "seq_lengths" in train.column_names
     lengths = sorted(n for row in train["seq_lengths"] for n in row)
-    convs, _ = data.load_conversations(cfg.sources, cfg.on_bad_record)
+    convs, _ = data_lists.load_conversations(cfg.sources, cfg.on_bad_record)
     template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     ids, _ = data.tokenize(convs, tokenizer, template, "assistant")
     assert lengths == sorted(map(len, ids))

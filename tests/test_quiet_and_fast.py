@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, alpaca_records, write_json, write_recipe
-from qctrain import data, modelfiles, sft_fields, templates
+from qctrain import data, modelfiles, sft_fields
+from qctrain.data import template as templates
 from qctrain.recipe import ModelSection, load_recipe
 
 SIM = str(Path(__file__).with_name("avx512bf16_sim.py"))
@@ -198,7 +199,7 @@ def test_tokenizer_files_tokenize_like_the_full_tokenizer(tiny_model_dir, tokeni
     assert files.chat_template == tokenizer.chat_template
     assert files.special_tokens_map == tokenizer.special_tokens_map
     template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
-    conversations = [data.to_messages(data.Record(f"r[{i}]", r), "alpaca", {})
+    conversations = [data.to_conversation(data.Record(f"r[{i}]", r), "alpaca", {})
                      for i, r in enumerate(alpaca_records(12))]
     assert data.tokenize(conversations, files, template, "assistant") == \
         data.tokenize(conversations, tokenizer, template, "assistant")

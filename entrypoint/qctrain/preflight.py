@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, distributed, modelfiles, templates
+from qctrain import data, distributed, modelfiles
 from qctrain.errors import QcError
 from qctrain.recipe import Recipe, output_data_overlap
 
@@ -92,7 +92,7 @@ def check_template(recipe: Recipe) -> list[str]:
 
             tokenizer = model.load_tokenizer(recipe.model)
         template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
-        template = templates.training_twin(template, recipe.data.loss_on)
+        template = data.training_twin(template, recipe.data.loss_on)
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
         ids, labels = data.tokenize([probe], tokenizer, template, recipe.data.loss_on)
     except QcError as err:

@@ -1,0 +1,576 @@
+"""The data stage, streaming: sources are read record by record, normalised and tokenised a chunk at a time by
+forked workers, and the tokens written to flat files on disk; dedup (by digests), the split, the length fit,
+the counts and the packing then work on small per-record arrays, and the rows are written to Arrow files a
+batch at a time. Memory depends on the chunk size, not on the number of records.
+
+The result is cached under `<output.dir>/prepared/<fingerprint>/`, keyed by the data content, the tokenizer,
+the chat template and every setting that changes the result.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from qctrain.atomic import write_json_atomic
+from qctrain.data.formats import BadRecord, conversation_id, to_conversation
+from qctrain.data.pack import pack_rows, render_marked, token_stats_of
+from qctrain.data.sources import Record, read_source, source_fingerprint
+from qctrain.data.template import resolve_chat_template, template_inputs, template_renders_tools, training_template
+from qctrain.data.tokens import CHUNK_RECORDS, IGNORE, Tokenized, encode_chunk, prep_workers, rust_backend
+from qctrain.errors import InputError
+from qctrain.recipe import DataSection, DataSource, canonical_json, output_data_overlap
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+PREP_VERSION = "4"  # bump when the preparation logic changes what it writes
+ROW_BATCH_TOKENS = 1 << 21  # tokens per Arrow record batch written
+PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
+PROGRESS_AFTER = (3.0, 16384)  # seconds and records read before any progress shows: short runs stay quiet
+
+
+@dataclass
+class PreparedData:
+    train: "Dataset"  # datasets is imported where used: preflight imports this module
+    eval: "Dataset | None"
+    report: dict[str, Any]
+    fingerprint: str
+    dir: Path
+    cached: bool
+
+
+# --- dedup and split, on 64-bit conversation digests (the ids of conversation_id) ---
+
+def unique_indices(ids: list[str]) -> list[int]:
+    """Positions of the first occurrence of each id."""
+    seen: set[str] = set()
+    first = []
+    for index, cid in enumerate(ids):
+        if cid not in seen:
+            seen.add(cid)
+            first.append(index)
+    return first
+
+
+def dedup(conversations: list) -> tuple[list, list[str], int]:
+    ids = [conversation_id(c) for c in conversations]
+    keep = unique_indices(ids)
+    return [conversations[i] for i in keep], [ids[i] for i in keep], len(conversations) - len(keep)
+
+
+def first_indices(digests: np.ndarray) -> np.ndarray:
+    """Positions of the first occurrence of each digest, in input order (unique_indices on arrays)."""
+    _, first = np.unique(digests, return_index=True)
+    return np.sort(first)
+
+
+def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: int | None) -> np.ndarray:
+    """Per record, whether it goes to eval: the ids whose seeded hash (blake2b of "seed:id") ranks lowest, ties
+    in input order (what sorting the ids by that hash gives); every copy of an id goes where its rank says."""
+    n = len(digests)
+    n_eval = count if count is not None else max(1, round(n * fraction)) if fraction else 0
+    if n_eval >= n:
+        raise InputError(f"data.eval: {n_eval} eval records would leave none of {n} for training")
+    ranks = np.empty(n, dtype=np.uint64)
+    step = 65536  # a slice at a time: one Python string per id only for this slice
+    for lo in range(0, n, step):
+        ranks[lo:lo + step] = [int.from_bytes(hashlib.blake2b(f"{seed}:{d:016x}".encode(), digest_size=8).digest(),
+                                              "big") for d in digests[lo:lo + step].tolist()]
+    chosen = np.argsort(ranks, kind="stable")[:n_eval]
+    return np.isin(digests, digests[chosen])
+
+
+# --- the streaming scan: records -> (forked workers) conversations, digests, tokens -> files ---
+
+@dataclass
+class _Job:
+    """What the workers need (forked, they inherit it: only the records are pickled on the way in)."""
+
+    sources: list[DataSource]
+    tokenizer: Any
+    backend: Any
+    template: str
+    loss_on: str
+    max_len: int
+    on_bad: str
+
+
+_JOB: _Job | None = None
+
+
+@dataclass
+class Chunk:
+    """One chunk of one source's records, normalised and tokenised: the good ones' tokens, digests and supervised
+    tokens among their first max_len, and the bad ones as (reason, message) in record order."""
+
+    source: int
+    read: int
+    bad: list[tuple[str, str]]
+    tokens: Tokenized
+    digests: np.ndarray  # uint64
+    supervised: np.ndarray  # int64
+
+
+def supervised_within(tok: Tokenized, max_len: int) -> np.ndarray:
+    """Per record, its supervised tokens among its first max_len (what is left after truncation)."""
+    running = np.zeros(len(tok.labels) + 1, dtype=np.int64)
+    np.cumsum(tok.labels != IGNORE, out=running[1:])
+    starts = tok.bounds[:-1]
+    return running[starts + np.minimum(tok.lengths, max_len)] - running[starts]
+
+
+def scan_chunk(task: tuple[int, list[Record]]) -> Chunk:
+    index, records = task
+    job = _JOB
+    src = job.sources[index]
+    conversations, bad = [], []
+    for record in records:
+        try:
+            conversations.append(to_conversation(record, src.format, src.columns))
+        except BadRecord as err:
+            bad.append((err.reason, str(err)))
+            if job.on_bad == "error":
+                break
+    tokens = encode_chunk(conversations, job.tokenizer, job.backend, job.template, job.loss_on)
+    digests = np.fromiter((int(conversation_id(c), 16) for c in conversations), dtype=np.uint64,
+                          count=len(conversations))
+    return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len))
+
+
+def _tasks(indices: range) -> Iterator[tuple[int, list[Record]]]:
+    for index in indices:
+        records = read_source(_JOB.sources[index])
+        while batch := list(islice(records, CHUNK_RECORDS)):
+            yield index, batch
+
+
+def _run(tasks: Iterator) -> Iterator[Chunk]:
+    """scan_chunk over the tasks, in order: in this process for small inputs, else on forked workers with a few
+    chunks in flight per worker (the reader waits for them: memory stays bounded)."""
+    head = list(islice(tasks, 3))
+    workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < 3 else 1 << 40)
+    if workers <= 1:
+        yield from map(scan_chunk, chain(head, tasks))
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending: deque = deque()
+        for task in chain(head, tasks):
+            pending.append(pool.apply_async(scan_chunk, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class TokenStore:
+    """Every good record's token ids and labels, appended to two flat int32 files; read back through short-lived
+    memory maps (a map's pages count to the process only while it is open)."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = (folder / "ids.i32", folder / "labels.i32")
+        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 (closed by close())
+        self.size = 0
+
+    def append(self, tok: Tokenized) -> int:
+        """Write the records; returns the position of their first token."""
+        start = self.size
+        for handle, array in zip(self.files, (tok.ids, tok.labels), strict=True):
+            handle.write(np.ascontiguousarray(array, dtype=np.int32).data)
+        self.size += len(tok.ids)
+        return start
+
+    def close(self) -> None:
+        for handle in self.files:
+            handle.close()
+
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first `lengths` tokens of the records at `starts`, one after the other (ids, labels). Read with
+        one positioned read per record and file, in file order: not through a memory map, whose fault-around
+        and read-ahead would map megabytes around every record into this process."""
+        bounds = np.zeros(len(starts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        out = (np.empty(int(bounds[-1]), dtype=np.int32), np.empty(int(bounds[-1]), dtype=np.int32))
+        order = np.argsort(starts, kind="stable")
+        for path, array in zip(self.paths, out, strict=True):
+            view = memoryview(array).cast("B")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for start, length, at in zip((starts[order] * 4).tolist(), (lengths[order] * 4).tolist(),
+                                             (bounds[:-1][order] * 4).tolist(), strict=True):
+                    if length and os.preadv(fd, [view[at:at + length]], start) != length:
+                        raise OSError(f"{path}: short read")
+            finally:
+                os.close(fd)
+        return out
+
+
+@dataclass
+class Scanned:
+    """The good records of some sources, in read order: per record its source (index in the scan's list), digest,
+    length, supervised tokens among the first max_len, and where its tokens start in the store."""
+
+    source: np.ndarray
+    digests: np.ndarray
+    lengths: np.ndarray
+    supervised: np.ndarray
+    starts: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[tuple]) -> "Scanned":
+        if not parts:
+            return cls(*(np.zeros(0, t) for t in (np.int32, np.uint64, np.int64, np.int64, np.int64)))
+        return cls(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+
+
+class Progress:
+    """Records read and records/s on stderr during a long preparation: redrawn in place on a terminal, a line
+    every PROGRESS_EVERY_S[1] seconds in a log; nothing before PROGRESS_AFTER (seconds and records)."""
+
+    def __init__(self, label: str):
+        self.label, self.records, self.start = label, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.every = PROGRESS_EVERY_S[0] if self.tty else PROGRESS_EVERY_S[1]
+        self.next = self.start + max(PROGRESS_AFTER[0], self.every)
+        self.shown = False
+
+    def line(self, now: float) -> str:
+        rate = self.records / max(now - self.start, 1e-9)
+        return f"{self.label}: {self.records:,} records read, {rate:,.0f} records/s, {now - self.start:.0f}s"
+
+    def add(self, records: int) -> None:
+        self.records += records
+        now = time.monotonic()
+        if now < self.next or self.records < PROGRESS_AFTER[1]:
+            return
+        self.next = now + self.every
+        self.shown = True
+        if self.tty:
+            bar = "".join("#" if (i - int(now / self.every)) % 10 < 3 else "-" for i in range(20))
+            print(f"\r[{bar}] {self.line(now)}\033[K", end="", file=sys.stderr, flush=True)
+        else:
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        if self.shown:
+            print(("\r" if self.tty else "") + self.line(time.monotonic()) + (", done\033[K" if self.tty else ""),
+                  file=sys.stderr, flush=True)
+            self.shown = False
+
+
+def _new_counts() -> dict[str, Any]:
+    return {"read": 0, "kept": 0, "bad": 0, "duplicates": 0, "overlong": 0, "unsupervised": 0, "train": 0,
+            "eval": 0, "truncated": 0, "bad_by_reason": {}, "examples": []}
+
+
+def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenStore,
+         progress: Progress) -> Scanned:
+    """Read, normalise and tokenise the job's sources `indices`; bad records are counted under keys[i] (i: the
+    place in `indices`), or with data.on_bad_record: error the first one stops everything."""
+    for key in keys:
+        counts.setdefault(key, _new_counts())
+    parts = []
+    for chunk in _run(_tasks(indices)):
+        local = chunk.source - indices.start
+        tally = counts[keys[local]]
+        tally["read"] += chunk.read
+        for reason, message in chunk.bad:
+            if _JOB.on_bad == "error":
+                raise InputError(f"{message} (set data.on_bad_record: skip to skip such records)")
+            tally["bad"] += 1
+            tally["bad_by_reason"][reason] = tally["bad_by_reason"].get(reason, 0) + 1
+            if len(tally["examples"]) < 5:
+                tally["examples"].append(message)
+        first = store.append(chunk.tokens)
+        parts.append((np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
+                      chunk.tokens.lengths, chunk.supervised, first + chunk.tokens.bounds[:-1]))
+        progress.add(chunk.read)
+    for key in keys:
+        counts[key]["bad_by_reason"] = dict(sorted(counts[key]["bad_by_reason"].items()))
+    return Scanned.concat(parts)
+
+
+def _per_source(keys: list[str], source: np.ndarray, counts: dict[str, dict], name: str) -> None:
+    """Add each source's number of these records (source: the source of each) to counts[key][name]."""
+    for index, n in enumerate(np.bincount(source, minlength=len(keys)).tolist()):
+        counts[keys[index]][name] += n
+
+
+def dedup_scanned(scanned: Scanned, keys: list[str], counts: dict[str, dict], enabled: bool) -> np.ndarray:
+    """The records kept (indices into scanned): the first of each digest when data.dedup; duplicates counted."""
+    if not enabled:
+        return np.arange(len(scanned.digests))
+    keep = first_indices(scanned.digests)
+    duplicate = np.ones(len(scanned.digests), dtype=bool)
+    duplicate[keep] = False
+    _per_source(keys, scanned.source[duplicate], counts, "duplicates")
+    return keep
+
+
+KEPT, TRUNCATED, OVERLONG, UNSUPERVISED = 0, 1, 2, 3  # what becomes of a record in the length fit
+
+
+def fit_part(scanned: Scanned, part: np.ndarray, max_len: int, policy: str
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]:
+    """The length fit of the records `part` (indices into scanned), as pack.fit_length_outcomes decides it: the
+    records kept, their lengths after truncation, the counts, and each record's outcome."""
+    lengths, supervised = scanned.lengths[part], scanned.supervised[part]
+    overlong = lengths > max_len
+    keep = ~overlong if policy == "drop" else np.ones(len(part), dtype=bool)
+    unsupervised = keep & (supervised == 0)
+    counts = {"overlong_dropped": int(np.count_nonzero(overlong)) if policy == "drop" else 0,
+              "overlong_truncated": int(np.count_nonzero(overlong)) if policy != "drop" else 0,
+              "unsupervised_dropped": int(np.count_nonzero(unsupervised))}
+    keep &= ~unsupervised
+    outcomes = np.select([unsupervised, ~keep, overlong], [UNSUPERVISED, OVERLONG, TRUNCATED], KEPT)
+    return part[keep], np.minimum(lengths, max_len)[keep], counts, outcomes
+
+
+def write_rows(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray | None,
+               path: Path) -> int:
+    """The data set as an Arrow file, written a batch of rows at a time: the records (`starts`, `lengths` in the
+    store) in order, one per row, or (rows: the record bounds of each row) packed, with seq_lengths. Value types
+    as Dataset.from_dict gives them: int32 input_ids, int64 labels; seq_lengths as TRL's pack_dataset writes them.
+    Returns the number of rows."""
+    packed = rows is not None
+    rows = np.arange(len(starts) + 1, dtype=np.int64) if rows is None else rows
+    fields = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))]
+    schema = pa.schema(fields + ([("seq_lengths", pa.list_(pa.int32()))] if packed else []))
+    record_tokens = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=record_tokens[1:])
+    row_tokens = record_tokens[rows]
+    n_rows = len(rows) - 1
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        lo = 0
+        while lo < n_rows:  # rows lo..hi-1: about ROW_BATCH_TOKENS tokens, at least one row
+            hi = max(lo + 1, int(np.searchsorted(row_tokens, row_tokens[lo] + ROW_BATCH_TOKENS, side="right")) - 1)
+            hi = min(hi, n_rows)
+            first, last = int(rows[lo]), int(rows[hi])
+            ids, labels = store.gather(starts[first:last], lengths[first:last])
+            bounds = pa.array((row_tokens[lo:hi + 1] - row_tokens[lo]).astype(np.int32))
+            columns = [pa.ListArray.from_arrays(bounds, pa.array(ids)),
+                       pa.ListArray.from_arrays(bounds, pa.array(labels.astype(np.int64)))]
+            if packed:
+                columns.append(pa.ListArray.from_arrays(pa.array((rows[lo:hi + 1] - first).astype(np.int32)),
+                                                        pa.array(lengths[first:last].astype(np.int32))))
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+            lo = hi
+    return n_rows
+
+
+def heldout_prompts(indices: range, wanted: np.ndarray, native_tools: bool) -> list[list[dict]]:
+    """The prompts (all but the last turn) of the good records at positions `wanted` of the job's sources
+    `indices` (a few, early in the read order): read again, only as far as the last of them."""
+    wanted_set, prompts, good = set(wanted.tolist()), {}, 0
+    last = max(wanted_set, default=-1)
+    for index in indices:
+        src = _JOB.sources[index]
+        for record in read_source(src):
+            if good > last:
+                return [prompts[i] for i in wanted.tolist()]
+            try:
+                conversation = to_conversation(record, src.format, src.columns)
+            except BadRecord:
+                continue
+            if good in wanted_set:
+                prompts[good] = template_inputs([conversation], native_tools)[0][0][:-1]
+            good += 1
+    return [prompts[i] for i in wanted.tolist()]
+
+
+# --- the stage ---
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else canonical_json(tokenizer.get_vocab())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
+    settings = cfg.model_dump(mode="json", exclude={"sources"})
+    eval_sources = [source_fingerprint(s) for s in (cfg.eval.sources if cfg.eval else [])]
+    parts = {
+        "version": PREP_VERSION,
+        "sources": [source_fingerprint(s) for s in cfg.sources],
+        "eval_sources": eval_sources,
+        "settings": settings,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": hashlib.sha256(template.encode()).hexdigest(),
+    }
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
+
+
+COUNT_KEYS = ("read", "kept", "bad", "duplicates", "overlong", "unsupervised")  # read = the sum of the others
+
+
+def count_totals(per_source: dict[str, dict]) -> dict[str, Any]:
+    """All sources together; read = kept + bad + duplicates + overlong + unsupervised, kept = train + eval."""
+    totals: dict[str, Any] = {k: sum(s[k] for s in per_source.values())
+                              for k in (*COUNT_KEYS, "train", "eval", "truncated")}
+    reasons: dict[str, int] = {}
+    for counts in per_source.values():
+        for reason, n in counts["bad_by_reason"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    totals["bad_by_reason"] = dict(sorted(reasons.items()))
+    return totals
+
+
+def build(cfg: DataSection, tokenizer, template: str, work: Path) -> tuple[dict, dict]:
+    """Everything that is cached: writes work/train.arrow (and work/eval.arrow); returns the report and the
+    recorded split."""
+    global _JOB
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    # Forked workers each tokenize on one thread; the variable keeps tokenizers quiet about the fork.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    eval_sources = list(cfg.eval.sources) if cfg.eval and cfg.eval.sources else []
+    _JOB = _Job([*cfg.sources, *eval_sources], tokenizer, rust_backend(tokenizer), template, cfg.loss_on,
+                cfg.max_seq_length, cfg.on_bad_record)
+    store = TokenStore(work / "tokens")
+    try:
+        return _build(cfg, tokenizer, template, work, store)
+    finally:
+        _JOB = None
+        store.close()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenStore) -> tuple[dict, dict]:
+    counts: dict[str, dict] = {}
+    progress = Progress("data")
+    train_indices = range(len(cfg.sources))
+    keys = [s.path for s in cfg.sources]
+    train = scan(train_indices, keys, counts, store, progress)
+    kept = dedup_scanned(train, keys, counts, cfg.dedup)
+    read = sum(c["read"] for c in counts.values())
+    duplicates = sum(c["duplicates"] for c in counts.values())
+    if not len(kept):
+        progress.done()
+        bad = sum(c["bad"] for c in counts.values())
+        examples = [e for c in counts.values() for e in c["examples"]]
+        raise InputError(f"data: no usable records ({read} read, {bad} bad and skipped, {duplicates} duplicates); "
+                         f"sources: {', '.join(s.path for s in cfg.sources)}"
+                         + (f"; first bad record: {examples[0]}" if examples else ""))
+
+    split: dict[str, Any] = {"seed": cfg.seed}
+    eval_cfg = cfg.eval
+    # name -> (the scan, the records of this part in it, the scan's keys, the scan's source indices)
+    parts: dict[str, tuple[Scanned, np.ndarray, list[str], range]]
+    if eval_cfg and eval_cfg.sources:
+        eval_indices = range(len(cfg.sources), len(cfg.sources) + len(eval_cfg.sources))
+        eval_keys = ["eval:" + s.path for s in eval_cfg.sources]
+        evaluation = scan(eval_indices, eval_keys, counts, store, progress)
+        eval_kept = dedup_scanned(evaluation, eval_keys, counts, cfg.dedup)
+        parts = {"train": (train, kept, keys, train_indices),
+                 "eval": (evaluation, eval_kept, eval_keys, eval_indices)}
+        split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
+    elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
+        try:
+            in_eval = split_mask(train.digests[kept], cfg.seed, eval_cfg.fraction, eval_cfg.count)
+        except InputError as err:
+            progress.done()
+            raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
+        parts = {"train": (train, kept[~in_eval], keys, train_indices),
+                 "eval": (train, kept[in_eval], keys, train_indices)}
+        split.update(method="fraction" if eval_cfg.fraction else "count",
+                     fraction=eval_cfg.fraction, count=eval_cfg.count,
+                     eval_ids=[f"{d:016x}" for d in train.digests[kept[in_eval]].tolist()])
+    else:
+        parts = {"train": (train, kept, keys, train_indices), "eval": (train, kept[:0], keys, train_indices)}
+        split.update(method="none")
+    progress.done()
+    store.close()
+
+    native_tools = template_renders_tools(template)
+    _, eval_part, _, eval_indices = parts["eval"]
+    report: dict[str, Any] = {"sources": counts, "records_read": 0, "duplicates": 0,
+                              "tools_rendered_by": "template" if native_tools else "fallback",
+                              "heldout_prompts": heldout_prompts(eval_indices, eval_part[:3], native_tools)}
+    for name, (scanned, part, part_keys, _) in parts.items():
+        if not len(part):
+            continue
+        records, lengths, fit_counts, outcomes = fit_part(scanned, part, cfg.max_seq_length, cfg.on_overlong)
+        source = scanned.source[part]
+        kept_here = (outcomes == KEPT) | (outcomes == TRUNCATED)
+        for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == TRUNCATED),
+                            ("overlong", outcomes == OVERLONG), ("unsupervised", outcomes == UNSUPERVISED)):
+            _per_source(part_keys, source[chosen], counts, key)
+        supervised = int(scanned.supervised[records].sum())
+        report[name] = {"conversations": len(part), **fit_counts, **token_stats_of(lengths, supervised)}
+        starts = scanned.starts[records]
+        if name == "train":
+            if not len(records):
+                raise InputError(
+                    "data: no training record left after filtering "
+                    f"({fit_counts['overlong_dropped']} longer than "
+                    f"data.max_seq_length={cfg.max_seq_length}, {fit_counts['unsupervised_dropped']} with no "
+                    "supervised token); raise max_seq_length or set data.on_overlong: truncate")
+            ids, labels = store.gather(starts[:1], lengths[:1])
+            report["sample"] = render_marked(ids.tolist(), labels.tolist(), tokenizer)
+        if not len(records):
+            continue
+        if cfg.packing:
+            order, packed_lengths, rows = pack_rows(lengths, cfg.max_seq_length, cfg.seed)
+            report[name]["sequences"] = write_rows(store, starts[order], packed_lengths, rows,
+                                                   work / f"{name}.arrow")
+            report[name]["packing_efficiency"] = round(
+                report[name]["tokens"] / (report[name]["sequences"] * cfg.max_seq_length), 4)
+        else:
+            report[name]["sequences"] = write_rows(store, starts, lengths, None, work / f"{name}.arrow")
+    if report["train"]["supervised_tokens"] == 0:
+        raise InputError("data: no token is supervised; check data.loss_on and the chat template")
+    report["counts"] = count_totals(counts)
+    report["records_read"], report["duplicates"] = report["counts"]["read"], report["counts"]["duplicates"]
+    return report, split
+
+
+def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:
+    """The prepared train and eval sets (memory-mapped Arrow files)."""
+    from datasets import Dataset
+
+    eval_path = folder / "eval.arrow"
+    return (Dataset.from_file(str(folder / "train.arrow")),
+            Dataset.from_file(str(eval_path)) if eval_path.exists() else None)
+
+
+def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
+    if problems := output_data_overlap(cfg, output_dir):
+        raise InputError("\n".join(problems))
+    template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
+    fingerprint = data_fingerprint(cfg, tokenizer, template)
+    cache_root = output_dir / "prepared"
+    target = cache_root / fingerprint[:16]
+    if not force and (target / "report.json").is_file():
+        report = json.loads((target / "report.json").read_text(encoding="utf-8"))
+        return PreparedData(*load_prepared(target), report, fingerprint, target, cached=True)
+
+    tmp = cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        report, split = build(cfg, tokenizer, template, tmp)
+        shutil.rmtree(tmp / "tokens")
+        report["fingerprint"] = fingerprint
+        write_json_atomic(tmp / "split.json", split)
+        write_json_atomic(tmp / "report.json", report)  # written last: its presence marks a complete cache
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return PreparedData(*load_prepared(target), report, fingerprint, target, cached=False)

@@ -1,0 +1,315 @@
+"""Tokenizing: the fast path (jinja render, one batched Rust encode, labels from offsets) and the reference
+(apply_chat_template with the assistant mask)."""
+
+import multiprocessing
+import os
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from qctrain.data.template import template_inputs, template_renders_tools
+from qctrain.errors import InputError
+
+IGNORE = -100
+
+# --- tokenizing ---
+#
+# The fast path renders the chat template with transformers' own jinja machinery (the function that
+# `apply_chat_template` calls, so the text and the {% generation %} spans are the same), encodes the texts
+# with one batched call to the Rust tokenizer, and turns spans into labels with array operations on the
+# token offsets, reproducing `apply_chat_template(..., return_assistant_tokens_mask=True)` exactly. Large
+# inputs are split into chunks that worker processes (forked, one per core) render and encode in parallel.
+# Records travel as flat arrays (`Tokenized`), never as one Python list per record.
+
+PREP_WORKERS_ENV = "QCTRAIN_PREP_WORKERS"  # worker processes for tokenizing; default: one per usable core
+CHUNK_RECORDS = 2048  # records rendered and encoded per task
+MIN_RECORDS_PER_WORKER = 4096  # below this, forking costs more than it saves
+
+
+@dataclass
+class Tokenized:
+    """Token ids and labels of many records, flat: record i is ids[bounds[i]:bounds[i + 1]]."""
+
+    ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where not supervised
+    bounds: np.ndarray  # int64, len(records) + 1
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+    def record(self, i: int) -> tuple[list[int], list[int]]:
+        lo, hi = self.bounds[i], self.bounds[i + 1]
+        return self.ids[lo:hi].tolist(), self.labels[lo:hi].tolist()
+
+    def to_lists(self) -> tuple[list[list[int]], list[list[int]]]:
+        cuts = self.bounds[1:-1]
+        return ([part.tolist() for part in np.split(self.ids, cuts)] if len(self) else [],
+                [part.tolist() for part in np.split(self.labels, cuts)] if len(self) else [])
+
+    @classmethod
+    def from_lists(cls, input_ids: list[list[int]], labels: list[list[int]]) -> "Tokenized":
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        bounds = np.zeros(len(input_ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        total = int(bounds[-1])
+        return cls(np.fromiter(chain.from_iterable(input_ids), dtype=np.int32, count=total),
+                   np.fromiter(chain.from_iterable(labels), dtype=np.int32, count=total), bounds)
+
+    @classmethod
+    def concat(cls, parts: list["Tokenized"]) -> "Tokenized":
+        if not parts:
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64))
+        offsets = np.cumsum([0] + [int(p.bounds[-1]) for p in parts[:-1]])
+        bounds = np.concatenate([parts[0].bounds[:1]]
+                                + [p.bounds[1:] + o for p, o in zip(parts, offsets, strict=True)])
+        return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]), bounds)
+
+
+def tokenize_reference(conversations: list, tokenizer, template: str, loss_on: str,
+                       batch_size: int = 512) -> tuple[list[list[int]], list[list[int]]]:
+    """The plain-library way (`apply_chat_template` with the assistant mask, and `tools=` per record): the
+    definition the fast path must match, and the path for tokenizers without a Rust backend."""
+    input_ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    masked = loss_on == "assistant"
+    all_messages, all_tools = template_inputs(conversations, template_renders_tools(template))
+    for start in range(0, len(all_messages), batch_size):
+        batch, batch_tools = all_messages[start:start + batch_size], all_tools[start:start + batch_size]
+        groups = [(batch, None)] if not any(batch_tools) else [([m], t) for m, t in zip(batch, batch_tools,
+                                                                                          strict=True)]
+        for group, tools in groups:
+            out = tokenizer.apply_chat_template(group, tools=tools, chat_template=template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=masked)
+            for i, ids in enumerate(out["input_ids"]):
+                input_ids.append(ids)
+                if masked:
+                    mask = out["assistant_masks"][i]
+                    labels.append([t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
+                else:
+                    labels.append(list(ids))
+    return input_ids, labels
+
+
+def _rust_backend(tokenizer):
+    """The tokenizers.Tokenizer behind a fast tokenizer, set up as `tokenizer(text)` would use it (no
+    padding, no truncation, special tokens as the tokenizer says); None for a Python-only tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    split_special = getattr(tokenizer, "split_special_tokens", False)
+    if hasattr(backend, "encode_special_tokens") and backend.encode_special_tokens != split_special:
+        backend.encode_special_tokens = split_special
+    return backend
+
+
+def _assistant_mask(encodings, spans: list[list[tuple[int, int]]], total: int) -> np.ndarray:
+    """Per token: does it overlap a {% generation %} span, exactly as apply_chat_template decides (one pass
+    over the tokens with a span pointer that only moves forward), computed on arrays for a whole chunk."""
+    n = len(encodings)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)),
+                          dtype=np.int64, count=2 * total).reshape(-1, 2)
+    span_counts = np.fromiter(map(len, spans), dtype=np.int64, count=n)
+    flat_spans = np.fromiter(chain.from_iterable(chain.from_iterable(spans)), dtype=np.int64,
+                             count=2 * int(span_counts.sum())).reshape(-1, 2)
+    span_record = np.repeat(np.arange(n, dtype=np.int64), span_counts)
+    if len(flat_spans) > 1:
+        same = span_record[1:] == span_record[:-1]
+        if np.any(same & (flat_spans[1:, 1] < flat_spans[:-1, 1])):  # spans out of order: the plain loop
+            return _assistant_mask_loop(encodings, spans, total)
+    if total == 0 or len(flat_spans) == 0:
+        return np.zeros(total, dtype=bool)
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=n)
+    token_record = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    # One key space for the whole chunk: record i's positions live in [i * stride, (i + 1) * stride).
+    stride = int(max(offsets.max(initial=0), flat_spans.max(initial=0))) + 1
+    # The pointer moves past a span once a token starts at or after its end: it follows the running max start.
+    reached = np.maximum.accumulate(token_record * stride + offsets[:, 0])
+    span_keys = span_record * stride + flat_spans[:, 1]
+    pointer = np.searchsorted(span_keys, reached, side="right")  # first span ending after it
+    valid = pointer < len(span_keys)
+    pointer = np.minimum(pointer, len(span_keys) - 1)
+    return valid & (span_record[pointer] == token_record) & (offsets[:, 1] > flat_spans[pointer, 0])
+
+
+def _assistant_mask_at_bounds(encodings, spans: list[list[tuple[int, int]]], bounds: np.ndarray) -> np.ndarray:
+    """_assistant_mask without reading every token's offsets into Python (a third of the tokenize time): the
+    tokens a span [s, e) overlaps are the run from the first token ending after s to the last starting before e,
+    found by asking the Rust encoding at the span's two ends (char_to_token, token_to_chars). Exact where token
+    offsets never go back, as tokenizers give them; a record whose spans are empty or out of order takes the
+    one-pass loop over its offsets."""
+    mask = np.zeros(int(bounds[-1]), dtype=bool)
+    for index, (encoding, record_spans) in enumerate(zip(encodings, spans, strict=True)):
+        base, n = int(bounds[index]), len(encoding)
+        if not record_spans or not n:
+            continue
+        ordered = all(s < e for s, e in record_spans) and all(
+            record_spans[k][1] <= record_spans[k + 1][0] for k in range(len(record_spans) - 1))
+        if not ordered:
+            mask[base:base + n] = _assistant_mask_loop([encoding], [record_spans], n)
+            continue
+        for start, end in record_spans:
+            first, last = _first_token_ending_after(encoding, n, start, end), _last_token_starting_before(
+                encoding, n, start, end)
+            if first is not None and last is not None and first <= last:
+                mask[base + first:base + last + 1] = True
+    return mask
+
+
+def _first_token_ending_after(encoding, n: int, start: int, end: int) -> int | None:
+    for char in range(start, end):  # the first char of the span that a token covers (almost always `start`)
+        token = encoding.char_to_token(char)
+        if token is not None:
+            while token > 0 and (encoding.token_to_chars(token - 1) or (0, 0))[1] > start:  # shared offsets
+                token -= 1
+            return token
+    return None
+
+
+def _last_token_starting_before(encoding, n: int, start: int, end: int) -> int | None:
+    for char in range(end - 1, start - 1, -1):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            while token + 1 < n and (encoding.token_to_chars(token + 1) or (end, end))[0] < end:
+                token += 1
+            return token
+    return None
+
+
+def _assistant_mask_loop(encodings, spans, total: int) -> np.ndarray:
+    mask = np.zeros(total, dtype=bool)
+    at = 0
+    for encoding, record_spans in zip(encodings, spans, strict=True):
+        span_idx = 0
+        for token_id, (token_start, token_end) in enumerate(encoding.offsets):
+            while span_idx < len(record_spans) and token_start >= record_spans[span_idx][1]:
+                span_idx += 1
+            if span_idx == len(record_spans):
+                break
+            if token_end > record_spans[span_idx][0]:
+                mask[at + token_id] = True
+        at += len(encoding)
+    return mask
+
+
+def _without_none(conversation: list[dict]) -> list[dict]:
+    # What apply_chat_template does to each message before rendering (drops keys whose value is None).
+    if all(isinstance(m, dict) and None not in m.values() for m in conversation):
+        return conversation
+    return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in conversation]
+
+
+def _render(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
+            special_tokens: dict) -> tuple[list[str], list]:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    kwargs = {"chat_template": template, "return_assistant_tokens_mask": masked, **special_tokens}
+    if not any(tools):
+        return render_jinja_template(conversations=[_without_none(c) for c in messages], **kwargs)
+    texts, spans = [], []
+    for conversation, record_tools in zip(messages, tools, strict=True):
+        (text,), (span,) = render_jinja_template(conversations=[_without_none(conversation)], tools=record_tools,
+                                                 **kwargs)
+        texts.append(text)
+        spans.append(span)
+    return texts, spans
+
+
+def _encode(messages: list[list[dict]], tools: list[list[dict] | None], tokenizer, backend, template: str,
+            masked: bool) -> Tokenized:
+    texts, spans = _render(messages, tools, template, masked, tokenizer.special_tokens_map)
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    bounds = np.zeros(len(encodings) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    total = int(bounds[-1])
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
+    if masked:
+        labels = np.where(_assistant_mask_at_bounds(encodings, spans, bounds), ids, np.int32(IGNORE)).astype(np.int32)
+    else:
+        labels = ids.copy()
+    return Tokenized(ids, labels, bounds)
+
+
+_JOB: tuple | None = None  # what forked workers read: (messages, tools, tokenizer, backend, template, masked)
+
+
+def _encode_range(bounds: tuple[int, int]) -> Tokenized:
+    messages, tools, tokenizer, backend, template, masked = _JOB
+    lo, hi = bounds
+    return _encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
+
+
+def rust_backend(tokenizer):
+    return _rust_backend(tokenizer)
+
+
+def encode_chunk(conversations: list, tokenizer, backend, template: str, loss_on: str) -> Tokenized:
+    """One chunk in this process: the fast path, or the reference where the tokenizer has no Rust backend."""
+    if backend is None:
+        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on))
+    messages, tools = template_inputs(conversations, template_renders_tools(template))
+    return _encode(messages, tools, tokenizer, backend, template, loss_on == "assistant")
+
+
+def prep_workers(records: int) -> int:
+    """Worker processes for tokenizing `records`: QCTRAIN_PREP_WORKERS, else one per usable core, and
+    none (in process) for small inputs or where fork is not available."""
+    setting = os.environ.get(PREP_WORKERS_ENV, "").strip()
+    if setting:
+        try:
+            wanted = int(setting)
+        except ValueError:
+            raise InputError(f"{PREP_WORKERS_ENV}={setting!r}: expected a whole number") from None
+    else:
+        wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        wanted = min(wanted, records // MIN_RECORDS_PER_WORKER)
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(wanted, -(-records // CHUNK_RECORDS)))
+
+
+def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
+                  workers: int | None = None, chunk: int = CHUNK_RECORDS) -> Tokenized:
+    """Token ids and labels (IGNORE outside the assistant turns when loss_on is 'assistant') of every
+    conversation (canonical, or a plain list of messages), the same as `tokenize_reference`, fast."""
+    global _JOB
+    masked = loss_on == "assistant"
+    backend = _rust_backend(tokenizer)
+    if backend is None:
+        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on))
+    workers = prep_workers(len(conversations)) if workers is None else workers
+    messages, tools = template_inputs(conversations, template_renders_tools(template))
+    n = len(conversations)
+    ranges = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    if workers <= 1 or len(ranges) <= 1:
+        return Tokenized.concat([_encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
+                                 for lo, hi in ranges])
+    # Forked workers inherit the job (nothing is pickled on the way in) and each tokenizes on one thread;
+    # the variable keeps tokenizers quiet about the fork and out of its thread pool in the children.
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _JOB = (messages, tools, tokenizer, backend, template, masked)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return Tokenized.concat(pool.map(_encode_range, ranges, chunksize=1))
+    finally:
+        _JOB = None
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def tokenize(conversations: list, tokenizer, template: str, loss_on: str,
+             batch_size: int = 512) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and labels per conversation, as lists (see tokenize_flat)."""
+    return tokenize_flat(conversations, tokenizer, template, loss_on).to_lists()
