@@ -211,3 +211,12 @@ def test_counts_add_up_per_source_and_in_total(tokenizer, tmp_path):
     assert report["counts"]["read"] == report["records_read"] == 26 and report["eval"]["conversations"] == 2
     assert report["counts"]["train"] == report["train"]["records"]
     assert report["counts"]["eval"] == report["eval"]["records"]
+
+
+def test_the_recipe_offers_exactly_the_formats_there_are_normalisers_for():
+    import typing
+
+    from qctrain.data.formats import NORMALISERS
+    from qctrain.recipe import DataSource
+
+    assert typing.get_args(DataSource.model_fields["format"].annotation) == ("auto", *NORMALISERS)

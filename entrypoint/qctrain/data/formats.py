@@ -287,7 +287,7 @@ def detect_format(fields: dict[str, Any], where: str) -> str:
     if "instruction" in fields:
         return "alpaca"
     raise BadRecord(where, f"cannot tell the format from keys {abbreviate(sorted(fields)[:6])}; "
-                           "set format: alpaca|sharegpt|messages or a columns: mapping", "unknown_format")
+                           f"set format: {'|'.join(NORMALISERS)} or a columns: mapping", "unknown_format")
 
 
 def to_conversation(record: Record, fmt: str, columns: dict[str, str]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from qctrain.atomic import write_json_atomic
+from qctrain.atomic import swap_in_folder, write_json_atomic
 from qctrain.data.formats import BadRecord, conversation_id, to_conversation
 from qctrain.data.pack import pack_rows, render_marked, token_stats_of
 from qctrain.data.sources import Record, read_source, source_fingerprint
@@ -32,6 +32,7 @@ from qctrain.data.template import resolve_chat_template, template_inputs, templa
 from qctrain.data.tokens import CHUNK_RECORDS, IGNORE, Tokenized, encode_chunk, prep_workers, rust_backend
 from qctrain.errors import InputError
 from qctrain.recipe import DataSection, DataSource, canonical_json, output_data_overlap
+from qctrain.rundir import RunDir
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -553,7 +554,7 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
         raise InputError("\n".join(problems))
     template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
-    cache_root = output_dir / "prepared"
+    cache_root = RunDir(output_dir).prepared
     target = cache_root / fingerprint[:16]
     if not force and (target / "report.json").is_file():
         report = json.loads((target / "report.json").read_text(encoding="utf-8"))
@@ -571,6 +572,5 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    swap_in_folder(tmp, target)
     return PreparedData(*load_prepared(target), report, fingerprint, target, cached=False)
