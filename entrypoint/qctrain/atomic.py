@@ -15,6 +15,7 @@ def write_json_atomic(path: Path, value: Any) -> None:
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)  # readable by a serving process under another uid, whatever the umask
     os.replace(tmp, path)
 
 

@@ -170,7 +170,7 @@ def output_files(output_dir: Path) -> dict[str, Path]:
 def default_commit_message(output_dir: Path) -> str:
     """qctrain: adapter from run <id or finish time> (recipe <sha>), final loss X, eval loss Y;
     each part only when run_manifest.json holds it."""
-    manifest = read_json_object(RunDir(output_dir).manifest)
+    manifest = RunDir(output_dir).read_manifest(strict=False)
     run = _first(manifest, "run_id", "finished")
     recipe = _first(manifest, "recipe_sha256")
     message = "qctrain: adapter"

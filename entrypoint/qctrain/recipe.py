@@ -75,9 +75,13 @@ class LoraSection(_Strict):
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+# The record formats data.formats has a normaliser for (NORMALISERS is keyed by this tuple).
+DATA_FORMATS = ("alpaca", "sharegpt", "messages")
+
+
 class DataSource(_Strict):
     path: str = Field(min_length=1)  # file, folder, or hub:org/name
-    format: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    format: Literal["auto", *DATA_FORMATS] = "auto"
     # our field name -> the column that holds it in this source, e.g. {instruction: prompt}
     columns: dict[str, str] = {}
     split: str = "train"  # Hub data sets only

@@ -79,8 +79,11 @@ class RunDir:
     def push_record(self) -> Path:
         return self.root / "push.json"
 
-    def read_manifest(self) -> dict[str, Any]:
-        """run_manifest.json of a finished run, with the recipe in it (InputError if there is none)."""
+    def read_manifest(self, strict: bool = True) -> dict[str, Any]:
+        """run_manifest.json of a finished run, with the recipe in it (InputError if there is none); with
+        strict=False whatever it holds, {} when it is missing or broken."""
+        if not strict:
+            return read_json_object(self.manifest)
         if not self.manifest.is_file():
             raise InputError(f"{self.manifest}: not found; is {self.root} the output.dir of a finished run?")
         manifest = read_json_object(self.manifest)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qctrain.data.sources import Record, parse_line
-from qctrain.recipe import abbreviate, canonical_json
+from qctrain.recipe import DATA_FORMATS, abbreviate, canonical_json
 
 
 class BadRecord(ValueError):
@@ -275,8 +275,8 @@ def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
     return check_turns(messages, _tools(fields.get("tools"), where), where, turns)
 
 
-NORMALISERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
-    "alpaca": alpaca_conversation, "sharegpt": sharegpt_conversation, "messages": messages_conversation}
+NORMALISERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = dict(zip(
+    DATA_FORMATS, (alpaca_conversation, sharegpt_conversation, messages_conversation), strict=True))
 
 
 def detect_format(fields: dict[str, Any], where: str) -> str:
