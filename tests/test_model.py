@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from conftest import alpaca_records, run_cli, write_json, write_recipe
-from qctrain import model
+from qctrain import model, modelfiles
 from qctrain.errors import InputError
 from qctrain.recipe import ModelSection
 
@@ -32,9 +32,9 @@ def test_plain_lora_without_quantization(tiny_model_dir):
 def test_linear_names_and_wrong_targets(base):
     names = model.linear_module_names(base)
     assert names == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    model.check_lora_targets(["qkv_proj", "o_proj"], names, "Phi3ForCausalLM")
+    modelfiles.check_lora_targets(["qkv_proj", "o_proj"], names, "Phi3ForCausalLM")
     with pytest.raises(InputError) as err:
-        model.check_lora_targets(["q_proj", "v_proj", "o_proj"], names, "Phi3ForCausalLM")
+        modelfiles.check_lora_targets(["q_proj", "v_proj", "o_proj"], names, "Phi3ForCausalLM")
     assert str(err.value) == ("lora.target_modules: q_proj, v_proj match no module of Phi3ForCausalLM; "
                               "its Linear modules are: down_proj, gate_up_proj, o_proj, qkv_proj")
 
@@ -47,7 +47,7 @@ def test_meta_model_has_the_same_names_without_weights(tiny_model_dir, base):
 
 def test_missing_model_path_is_an_input_error():
     with pytest.raises(InputError, match="model.name: ./nowhere/model: no such folder"):
-        model.model_source(ModelSection(name="./nowhere/model"))
+        modelfiles.model_source(ModelSection(name="./nowhere/model"))
 
 
 def test_check_command_lists_linear_names_for_wrong_targets(tiny_model_dir, tmp_path):

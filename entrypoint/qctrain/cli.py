@@ -152,7 +152,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, publish, train
+    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, train
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
@@ -162,7 +162,7 @@ def _train_held(recipe, args, stop) -> int:
         _print_data_summary(prepared.report, prepared.cached)
 
     base = model.load_base_model(recipe.model)
-    model.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
+    modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
         say("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes train "

@@ -406,7 +406,7 @@ def _model_config(trainer):
 def load_base_for_merge(base_cfg, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from qctrain.model import model_source
+    from qctrain.modelfiles import model_source
 
     try:
         return AutoModelForCausalLM.from_pretrained(model_source(base_cfg), dtype=dtype, revision=base_cfg.revision,

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from qctrain import distributed
 from qctrain.atomic import read_json_object
 from qctrain.errors import InputError
-from qctrain.modelfiles import check_lora_targets, model_source  # noqa: F401 - part of this stage's API
+from qctrain.modelfiles import model_source
 from qctrain.recipe import LoraSection, ModelSection
 from qctrain.rundir import RunDir
 
