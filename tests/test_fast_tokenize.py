@@ -201,3 +201,48 @@ def test_best_fit_decreasing_gives_trls_bins(capacity):
     starts = np.concatenate([[0], np.cumsum(lengths)])
     assert pa.concat_arrays(theirs["input_ids"].chunks).flatten().to_numpy().tolist() == np.concatenate(
         [np.arange(starts[i], starts[i + 1]) for i in order]).tolist()
+
+
+def test_mask_from_added_tokens_equals_loop_or_says_it_cannot(tokenizer):
+    """Without offsets (encode_batch_fast), the mask comes from the added tokens' places in the ids: exact for
+    every record it takes on (spans from piece edge to piece edge, rstrip whitespace, empty pieces, text that
+    looks like a token but is cut), and the others are handed back for the offsets path."""
+    backend = tokenizer.backend_tokenizer
+    added = data.tokens.added_tokens(backend)
+    assert added is not None  # Phi-3.5's tokenizer takes this path
+    rng = random.Random(11)
+    pieces = ["Hello", " world", "  ", "\n\n", "<|assistant|>", "<|end|>", "<|end|>\n  ", "<|user|>\t\n",
+              "<|endoftext|>", "<s>", "</s>", "<|end", "|>", "今天天气很好", "𝔘𝔫𝔦", "ü", "\t", "42", " \u3000 ", "\x1c"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 30))) for _ in range(600)]
+    spans = []
+    for i, text in enumerate(texts):
+        edges = sorted({0, len(text)} | {e for m in added.pattern.finditer(text) for e in m.span()})
+        points = edges if i % 3 else list(range(len(text) + 1))  # two in three on piece edges
+        cuts = sorted(rng.sample(points, k=min(len(points), 2 * rng.randint(0, 3))))
+        spans.append([(cuts[k], cuts[k + 1]) for k in range(0, len(cuts) - 1, 2)])
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    fast = backend.encode_batch_fast(texts, add_special_tokens=False)
+    assert [e.ids for e in fast] == [e.ids for e in encodings]
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encodings], out=bounds[1:])
+    ids = np.array([t for e in encodings for t in e.ids], dtype=np.int32)
+    mask, misses = data.tokens._mask_at_added_tokens(texts, spans, ids, bounds, added)
+    expected = data.tokens._assistant_mask_loop(encodings, spans, int(bounds[-1]))
+    taken = [i for i in range(len(texts)) if i not in set(misses) and spans[i]]
+    assert len(taken) > 250 and len(misses) > 50  # both sides exercised
+    for i in taken:
+        np.testing.assert_array_equal(mask[bounds[i]:bounds[i + 1]], expected[bounds[i]:bounds[i + 1]])
+    for i in misses:
+        assert not mask[bounds[i]:bounds[i + 1]].any()
+
+
+def test_tokenizers_the_added_token_mask_cannot_serve_take_the_offsets(tokenizer, template):
+    from tokenizers import AddedToken, Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    assert data.tokens.added_tokens(backend) is not None
+    backend.add_tokens([AddedToken("<|lstrip|>", lstrip=True)])
+    assert data.tokens.added_tokens(backend) is None
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    assert data.tokens.added_tokens(backend) is None
