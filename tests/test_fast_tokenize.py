@@ -246,3 +246,48 @@ def test_tokenizers_the_added_token_mask_cannot_serve_take_the_offsets(tokenizer
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.encode_special_tokens = True
     assert data.tokens.added_tokens(backend) is None
+
+
+RUST_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2005\u200a\u2028\u2029\u202f\u205f\u3000"
+NOT_WHITESPACE = "\x1c\x1d\x1e\x1f\u180e\u200b\ufeff"  # Python's str.isspace or \s says yes to some; Rust says no
+
+
+def test_plain_twin_gives_the_same_ids(tokenizer):
+    """Phi-3.5's Metaspace step done in Python (spaces replaced between added tokens, the first piece prefixed)
+    and the tokenizer without it give the ids of the tokenizer itself: spaces and every kind of whitespace
+    after rstrip tokens, a text that starts with text, with a space or with the replacement character."""
+    backend = data.tokens.rust_backend(tokenizer)
+    assert backend.plain is not None and backend.prepend_first
+    rng = random.Random(7)
+    pieces = ["Hello", " world", " ", "  ", "\u2581", "\u2581x", "\n", "<|assistant|>", "<|end|>", "<|user|>",
+              "<|endoftext|>", "<s>", "<|end", "今天 天气", "ü", "42", *RUST_WHITESPACE, *NOT_WHITESPACE]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 25))) for _ in range(2000)]
+    texts += ["", " ", "\u2581", " lead", "<|end|>   x", "<|end|>\u3000 \x1c y"]
+    matches = [list(backend.added.pattern.finditer(text)) for text in texts]
+    plain = backend.plain.encode_batch_fast(data.tokens._plain_texts(texts, matches, backend),
+                                            add_special_tokens=False)
+    expected = backend.tokenizer.encode_batch(texts, add_special_tokens=False)
+    assert [e.ids for e in plain] == [e.ids for e in expected]
+
+
+def test_plain_twin_only_for_a_bare_metaspace_step(tokenizer):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    def variant(change):
+        copy = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        change(copy)
+        return data.tokens.Backend(copy, data.tokens.added_tokens(copy), *data.tokens._plain_twin(
+            copy, data.tokens.added_tokens(copy)))
+
+    assert variant(lambda t: None).plain is not None
+    assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(prepend_scheme="always",
+                                                                                  split=False))).plain is None
+    assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(split=True))).plain is None
+    assert variant(lambda t: setattr(t, "normalizer", normalizers.NFKC())).plain is None
+    never = variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(prepend_scheme="never",
+                                                                                   split=False)))
+    assert never.plain is not None and not never.prepend_first
+    texts = [" lead", "x <|end|> y", "<|user|>\n a b"]
+    matches = [list(never.added.pattern.finditer(text)) for text in texts]
+    assert [e.ids for e in never.plain.encode_batch_fast(data.tokens._plain_texts(texts, matches, never))] == [
+        e.ids for e in never.tokenizer.encode_batch(texts)]
