@@ -7,6 +7,7 @@ The result is cached under `<output.dir>/prepared/<fingerprint>/`, keyed by the 
 the chat template and every setting that changes the result.
 """
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -440,9 +441,14 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path) -> tuple[dict,
     _JOB = _Job([*cfg.sources, *eval_sources], tokenizer, rust_backend(tokenizer), template, cfg.loss_on,
                 cfg.max_seq_length, cfg.on_bad_record)
     store = TokenStore(work / "tokens")
+    # The objects alive now (the libraries, the tokenizer: millions) leave the garbage collector's view: its full
+    # collections walked them all again, some 15 us a record in the workers, and forked workers stop copying
+    # their pages when it touches them.
+    gc.freeze()
     try:
         return _build(cfg, tokenizer, template, work, store)
     finally:
+        gc.unfreeze()
         _JOB = None
         store.close()
         if previous is None:
