@@ -52,8 +52,10 @@ def reference(sources, tokenizer, template: str) -> tuple[list[list[int]], list[
 
 @pytest.fixture(params=["model", "qwen3"])  # Phi-3.5's template (tools by the fallback), a template with tools
 def small_chunks(request, monkeypatch):
-    """Chunks of 7 records and two forked workers, so a small corpus goes through the whole worker path."""
+    """Chunks of 7 records and two forked workers, so a small corpus goes through the whole worker path (and is
+    written as two shards)."""
     monkeypatch.setattr(stage, "CHUNK_RECORDS", 7)
+    monkeypatch.setattr(data.tokens, "CHUNK_RECORDS", 7)
     monkeypatch.setenv(data.PREP_WORKERS_ENV, "2")
     return request.param
 
@@ -69,6 +71,8 @@ def test_streaming_equals_the_reference_record_by_record(tokenizer, tmp_path, sm
     assert len(ids) > 120 and any("\u4e00" <= ch <= "\u9fff" for ch in tokenizer.decode(ids[-1]))
     assert prepared.train["input_ids"] == ids
     assert prepared.train["labels"] == labels
+    assert [p.name for p in sorted(prepared.dir.glob("train-*"))] == ["train-00000-of-00002.arrow",
+                                                                      "train-00001-of-00002.arrow"]
     report = prepared.report
     for path, tally in counts.items():
         assert report["sources"][path]["read"] == tally["read"]
@@ -102,6 +106,7 @@ def test_streaming_packs_split_and_truncates_as_the_list_path(tokenizer, tmp_pat
         fitted, fit_counts = data.fit_length_flat(tokens, 64, "truncate")
         expected = data.to_dataset_flat(fitted, True, 64, 7)
         got = getattr(prepared, name)
+        assert len(list(prepared.dir.glob(f"{name}-*-of-00002.arrow"))) == 2
         assert got.column_names == expected.column_names == ["input_ids", "labels", "seq_lengths"]
         assert got.features == expected.features
         for column in expected.column_names:

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain, islice, pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ from qctrain.rundir import RunDir
 if TYPE_CHECKING:
     from datasets import Dataset
 
-PREP_VERSION = "4"  # bump when the preparation logic changes what it writes
+PREP_VERSION = "5"  # bump when the preparation logic changes what it writes
 ROW_BATCH_TOKENS = 1 << 21  # tokens per Arrow record batch written
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
 PROGRESS_AFTER = (3.0, 16384)  # seconds and records read before any progress shows: short runs stay quiet
@@ -178,46 +178,45 @@ def _run(tasks: Iterator) -> Iterator[Chunk]:
 
 
 class TokenStore:
-    """Every good record's token ids and labels, appended to two flat int32 files; read back through short-lived
-    memory maps (a map's pages count to the process only while it is open)."""
+    """Every good record's token ids and labels, appended to one flat file as (id, label) int32 pairs: a record's
+    first n tokens, with their labels, are one contiguous read."""
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
-        self.paths = (folder / "ids.i32", folder / "labels.i32")
-        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 (closed by close())
+        self.path = folder / "tokens.i32x2"
+        self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.size = 0
 
     def append(self, tok: Tokenized) -> int:
         """Write the records; returns the position of their first token."""
         start = self.size
-        for handle, array in zip(self.files, (tok.ids, tok.labels), strict=True):
-            handle.write(np.ascontiguousarray(array, dtype=np.int32).data)
+        pairs = np.empty((len(tok.ids), 2), dtype=np.int32)
+        pairs[:, 0], pairs[:, 1] = tok.ids, tok.labels
+        self.file.write(pairs.data)
         self.size += len(tok.ids)
         return start
 
     def close(self) -> None:
-        for handle in self.files:
-            handle.close()
+        self.file.close()
 
     def gather(self, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The first `lengths` tokens of the records at `starts`, one after the other (ids, labels). Read with
-        one positioned read per record and file, in file order: not through a memory map, whose fault-around
-        and read-ahead would map megabytes around every record into this process."""
+        """The first `lengths` tokens of the records at `starts`, one after the other (ids, labels). One
+        positioned read per record, in file order: not through a memory map, whose fault-around and read-ahead
+        would map megabytes around every record into this process."""
         bounds = np.zeros(len(starts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=bounds[1:])
-        out = (np.empty(int(bounds[-1]), dtype=np.int32), np.empty(int(bounds[-1]), dtype=np.int32))
+        pairs = np.empty((int(bounds[-1]), 2), dtype=np.int32)
+        view = memoryview(pairs).cast("B")
         order = np.argsort(starts, kind="stable")
-        for path, array in zip(self.paths, out, strict=True):
-            view = memoryview(array).cast("B")
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for start, length, at in zip((starts[order] * 4).tolist(), (lengths[order] * 4).tolist(),
-                                             (bounds[:-1][order] * 4).tolist(), strict=True):
-                    if length and os.preadv(fd, [view[at:at + length]], start) != length:
-                        raise OSError(f"{path}: short read")
-            finally:
-                os.close(fd)
-        return out
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for start, length, at in zip((starts[order] * 8).tolist(), (lengths[order] * 8).tolist(),
+                                         (bounds[:-1][order] * 8).tolist(), strict=True):
+                if length and os.preadv(fd, [view[at:at + length]], start) != length:
+                    raise OSError(f"{self.path}: short read")
+        finally:
+            os.close(fd)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
 @dataclass
@@ -371,6 +370,43 @@ def write_rows(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, rows:
             writer.write_batch(pa.record_batch(columns, schema=schema))
             lo = hi
     return n_rows
+
+
+_WRITE: tuple | None = None  # what forked shard writers read: (store, starts, lengths, rows, packed, ranges, paths)
+
+
+def _write_shard(index: int) -> int:
+    store, starts, lengths, rows, packed, ranges, paths = _WRITE
+    lo, hi = ranges[index]
+    first, last = int(rows[lo]), int(rows[hi])
+    return write_rows(store, starts[first:last], lengths[first:last], rows[lo:hi + 1] - first if packed else None,
+                      paths[index])
+
+
+def write_shards(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray | None,
+                 folder: Path, name: str) -> int:
+    """write_rows on forked workers, a shard each of about the same number of tokens, in row order:
+    folder/name-00000-of-0000N.arrow... (load_prepared reads them back as one set). Returns the number of rows."""
+    global _WRITE
+    packed = rows is not None
+    rows = np.arange(len(starts) + 1, dtype=np.int64) if rows is None else rows
+    n_rows = len(rows) - 1
+    record_tokens = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=record_tokens[1:])
+    row_tokens = record_tokens[rows]
+    shards = max(1, min(prep_workers(len(starts)), n_rows))
+    cuts = sorted({0, n_rows, *np.searchsorted(row_tokens, [row_tokens[-1] * k // shards
+                                                            for k in range(1, shards)]).tolist()})
+    ranges = list(pairwise(cuts))
+    paths = [folder / f"{name}-{k:05d}-of-{len(ranges):05d}.arrow" for k in range(len(ranges))]
+    _WRITE = (store, starts, lengths, rows, packed, ranges, paths)
+    try:
+        if len(ranges) == 1:
+            return _write_shard(0)
+        with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
+            return sum(pool.map(_write_shard, range(len(ranges)), chunksize=1))
+    finally:
+        _WRITE = None
 
 
 def heldout_prompts(indices: range, wanted: np.ndarray, native_tools: bool) -> list[list[dict]]:
@@ -533,12 +569,11 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
             continue
         if cfg.packing:
             order, packed_lengths, rows = pack_rows(lengths, cfg.max_seq_length, cfg.seed)
-            report[name]["sequences"] = write_rows(store, starts[order], packed_lengths, rows,
-                                                   work / f"{name}.arrow")
+            report[name]["sequences"] = write_shards(store, starts[order], packed_lengths, rows, work, name)
             report[name]["packing_efficiency"] = round(
                 report[name]["tokens"] / (report[name]["sequences"] * cfg.max_seq_length), 4)
         else:
-            report[name]["sequences"] = write_rows(store, starts, lengths, None, work / f"{name}.arrow")
+            report[name]["sequences"] = write_shards(store, starts, lengths, None, work, name)
     if report["train"]["supervised_tokens"] == 0:
         raise InputError("data: no token is supervised; check data.loss_on and the chat template")
     report["counts"] = count_totals(counts)
@@ -547,12 +582,14 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
 
 
 def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:
-    """The prepared train and eval sets (memory-mapped Arrow files)."""
-    from datasets import Dataset
+    """The prepared train and eval sets (memory-mapped Arrow files, the shards of each in order)."""
+    from datasets import Dataset, concatenate_datasets
 
-    eval_path = folder / "eval.arrow"
-    return (Dataset.from_file(str(folder / "train.arrow")),
-            Dataset.from_file(str(eval_path)) if eval_path.exists() else None)
+    def load(name: str) -> "Dataset | None":
+        shards = [Dataset.from_file(str(path)) for path in sorted(folder.glob(f"{name}-*-of-*.arrow"))]
+        return None if not shards else shards[0] if len(shards) == 1 else concatenate_datasets(shards)
+
+    return load("train"), load("eval")
 
 
 def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
