@@ -291,3 +291,19 @@ def test_plain_twin_only_for_a_bare_metaspace_step(tokenizer):
     matches = [list(never.added.pattern.finditer(text)) for text in texts]
     assert [e.ids for e in never.plain.encode_batch_fast(data.tokens._plain_texts(texts, matches, never))] == [
         e.ids for e in never.tokenizer.encode_batch(texts)]
+
+
+def test_direct_render_equals_the_library_call(tokenizer, template):
+    """Conversations of plain strings are rendered without render_jinja_template's copy: the same texts and
+    generation spans; the rest (None values, reasoning, non-string content) still goes through the library."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    conversations = CONVERSATIONS + random_conversations(100, seed=4)
+    plain = [c for c in conversations if data.tokens._plain_strings(c)]
+    assert len(plain) > 100
+    special = tokenizer.special_tokens_map
+    assert data.tokens._render_direct(plain, template, special) == render_jinja_template(
+        conversations=plain, chat_template=template, return_assistant_tokens_mask=True, **special)
+    assert not data.tokens._plain_strings([{"role": "assistant", "content": "x", "reasoning_content": "why"}])
+    assert not data.tokens._plain_strings([{"role": "assistant", "content": "x", "name": None}])
+    assert not data.tokens._plain_strings([{"role": "user", "content": [{"type": "text", "text": "x"}]}])

@@ -262,8 +262,11 @@ class Recipe(_Strict):
         return kwargs
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _CANONICAL.encode(value)  # json.dumps would build the encoder anew on every call
 
 
 def sft_field_types() -> dict[str, Any]:
