@@ -172,7 +172,11 @@ def _tasks(indices: range) -> Iterator[tuple[int, list[tuple]]]:
 def _run(tasks: Iterator) -> Iterator[Chunk]:
     """scan_chunk over the tasks, in order: in this process for small inputs, else on forked workers with a few
     chunks in flight per worker (the reader waits for them: memory stays bounded)."""
-    enough = -(-2 * MIN_RECORDS_PER_WORKER // CHUNK_RECORDS) + 1  # chunks that show the input is worth the fork
+    first = next(tasks, None)
+    if first is None:
+        return
+    yield scan_chunk(first)  # in this process: a bad first record (a wrong format) stops the run before any fork
+    enough = -(-2 * MIN_RECORDS_PER_WORKER // CHUNK_RECORDS)  # chunks that show the input is worth the fork
     head = list(islice(tasks, enough))
     workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < enough else 1 << 40)
     if workers <= 1:
