@@ -130,6 +130,9 @@ def test_split_is_deterministic_and_order_independent():
     assert chosen(digests, 7, 0.1, None) != first
     assert chosen(digests, 7, 0.1, None) == data_lists.split_ids(ids, seed=7, fraction=0.1, count=None)
     assert len(chosen(digests, 42, None, 5)) == 5
+    for seed, fraction, count in ((42, 0.1, None), (7, None, 5)):  # the no-copies shortcut picks the same
+        np.testing.assert_array_equal(data.split_mask(digests, seed, fraction, count, unique=True),
+                                      data.split_mask(digests, seed, fraction, count))
     with pytest.raises(InputError, match="would leave none"):
         data.split_mask(digests[:3], seed=1, fraction=None, count=3)
 

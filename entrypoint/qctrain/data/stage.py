@@ -88,9 +88,11 @@ def first_indices(digests: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
-def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: int | None) -> np.ndarray:
+def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: int | None,
+               unique: bool = False) -> np.ndarray:
     """Per record, whether it goes to eval: the ids whose seeded hash (blake2b of "seed:id") ranks lowest, ties
-    in input order (what sorting the ids by that hash gives); every copy of an id goes where its rank says."""
+    in input order (what sorting the ids by that hash gives); every copy of an id goes where its rank says
+    (unique: the caller knows there are no copies, as after dedup, and no search for them is needed)."""
     n = len(digests)
     n_eval = count if count is not None else max(1, round(n * fraction)) if fraction else 0
     if n_eval >= n:
@@ -101,7 +103,12 @@ def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: in
         ranks[lo:lo + step] = [int.from_bytes(hashlib.blake2b(f"{seed}:{d:016x}".encode(), digest_size=8).digest(),
                                               "big") for d in digests[lo:lo + step].tolist()]
     chosen = np.argsort(ranks, kind="stable")[:n_eval]
-    return np.isin(digests, digests[chosen])
+    del ranks
+    if not unique:
+        return np.isin(digests, digests[chosen])
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    return mask
 
 
 # --- the streaming scan: records -> (forked workers) conversations, digests, tokens -> files ---
@@ -246,10 +253,14 @@ class Scanned:
     starts: np.ndarray
 
     @classmethod
-    def concat(cls, parts: list[tuple]) -> "Scanned":
-        if not parts:
-            return cls(*(np.zeros(0, t) for t in (np.int32, np.uint64, np.int64, np.int64, np.int64)))
-        return cls(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+    def join(cls, columns: list[list[np.ndarray]]) -> "Scanned":
+        """One Scanned from each column's parts (in read order); the parts of a column are let go as soon as it is
+        joined, so the peak is the result and one column's parts, not twice the result."""
+        joined = []
+        for column, dtype in zip(columns, (np.int32, np.uint64, np.int64, np.int64, np.int64), strict=True):
+            joined.append(np.concatenate(column) if column else np.zeros(0, dtype))
+            column.clear()
+        return cls(*joined)
 
 
 class Progress:
@@ -298,7 +309,7 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
     place in `indices`), or with data.on_bad_record: error the first one stops everything."""
     for key in keys:
         counts.setdefault(key, _new_counts())
-    parts = []
+    columns: list[list[np.ndarray]] = [[] for _ in range(5)]  # Scanned's fields, a part per chunk
     for chunk in _run(_tasks(indices)):
         local = chunk.source - indices.start
         tally = counts[keys[local]]
@@ -311,12 +322,14 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
             if len(tally["examples"]) < 5:
                 tally["examples"].append(message)
         first = store.append(chunk.tokens)
-        parts.append((np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
-                      chunk.tokens.lengths, chunk.supervised, first + chunk.tokens.bounds[:-1]))
+        for column, part in zip(columns, (np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
+                                          chunk.tokens.lengths, chunk.supervised, first + chunk.tokens.bounds[:-1]),
+                                strict=True):
+            column.append(part)
         progress.add(chunk.read)
     for key in keys:
         counts[key]["bad_by_reason"] = dict(sorted(counts[key]["bad_by_reason"].items()))
-    return Scanned.concat(parts)
+    return Scanned.join(columns)
 
 
 def _per_source(keys: list[str], source: np.ndarray, counts: dict[str, dict], name: str) -> None:
@@ -539,7 +552,7 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
         split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
     elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
         try:
-            in_eval = split_mask(train.digests[kept], cfg.seed, eval_cfg.fraction, eval_cfg.count)
+            in_eval = split_mask(train.digests[kept], cfg.seed, eval_cfg.fraction, eval_cfg.count, unique=cfg.dedup)
         except InputError as err:
             progress.done()
             raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
