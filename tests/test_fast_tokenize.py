@@ -185,9 +185,11 @@ def test_flat_dataset_equals_the_plain_datasets_way(packing):
 
 
 @pytest.mark.parametrize("capacity", [8, 64, 100])
-def test_best_fit_decreasing_gives_trls_bins(capacity):
+def test_best_fit_decreasing_gives_trls_bins(capacity, monkeypatch):
     import pyarrow as pa
     from trl.data_utils import _pack_bfd
+
+    monkeypatch.setattr(data.pack, "BFD_BLOCK", 300)  # records read in several blocks
 
     rng = np.random.default_rng(capacity)
     lengths = rng.integers(1, capacity + 1, 2000)  # many ties

@@ -4,7 +4,6 @@ import math
 from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from fractions import Fraction
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -129,34 +128,41 @@ def _gather(tok: Tokenized, order: np.ndarray, lengths: np.ndarray) -> Tokenized
     return Tokenized(tok.ids[positions], tok.labels[positions], bounds)
 
 
+BFD_BLOCK = 1 << 16  # records whose lengths are Python ints at a time
+
+
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """TRL's best-fit-decreasing packing (trl.data_utils._pack_bfd), the same bins, without its per-record
     segment tree: longest record first (ties in input order), each into the bin with the least room that
     still fits it (the first opened among equals), else a new bin. Returns the record order (bin after
-    bin) and the number of records per bin. Lengths must be 1..capacity."""
+    bin) and the number of records per bin. Lengths must be 1..capacity. Memory: a bin number per record
+    (no Python object per record), the records read a block at a time."""
     order = np.argsort(-lengths, kind="stable")
+    bin_of = np.empty(len(order), dtype=np.int64)  # the bin of each record, in packing order
     open_rooms: list[int] = []  # sorted rooms (< capacity) that some bin has left
-    by_room: dict[int, deque] = defaultdict(deque)
-    bins: list[list[int]] = []
-    for index, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
-        at = bisect_left(open_rooms, length)
-        if at < len(open_rooms):
-            room = open_rooms[at]
+    by_room: dict[int, deque] = defaultdict(deque)  # room -> the bins with that room left, first opened first
+    bins = 0
+    for block in range(0, len(order), BFD_BLOCK):
+        lengths_here = lengths[order[block:block + BFD_BLOCK]].tolist()
+        for at_record, length in enumerate(lengths_here, start=block):
+            at = bisect_left(open_rooms, length)
+            if at < len(open_rooms):
+                room = open_rooms[at]
+                waiting = by_room[room]
+                chosen = waiting.popleft()
+                if not waiting:
+                    del open_rooms[at]
+            else:
+                room, chosen = capacity, bins
+                bins += 1
+            bin_of[at_record] = chosen
+            room -= length
             waiting = by_room[room]
-            members = waiting.popleft()
-            if not waiting:
-                del open_rooms[at]
-        else:
-            room, members = capacity, []
-            bins.append(members)
-        members.append(index)
-        room -= length
-        waiting = by_room[room]
-        waiting.append(members)
-        if room > 0 and len(waiting) == 1:
-            insort(open_rooms, room)
-    counts = np.fromiter(map(len, bins), dtype=np.int64, count=len(bins))
-    return np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=len(order)), counts
+            waiting.append(chosen)
+            if room > 0 and len(waiting) == 1:
+                insort(open_rooms, room)
+    # bins in the order they were opened, each one's records in the order they went in
+    return order[np.argsort(bin_of, kind="stable")], np.bincount(bin_of, minlength=bins).astype(np.int64)
 
 
 def pack_rows(lengths: np.ndarray, max_len: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
