@@ -218,3 +218,15 @@ def test_hub_rows_come_a_batch_at_a_time_as_they_are(monkeypatch):
     assert calls == [("acme/chats", "train", None)]
     assert [r.fields for r in records] == rows
     assert records[2499].where == "hub:acme/chats[2499]"
+
+
+def test_worker_pipes_are_widened():
+    import fcntl
+    import multiprocessing
+
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("no pipe sizes on this platform")
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        stage._widen_pipes(pool)
+        for queue in (pool._inqueue, pool._outqueue):
+            assert fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ) == stage.PIPE_BYTES
