@@ -259,15 +259,16 @@ def test_plain_twin_gives_the_same_ids(tokenizer):
     and the tokenizer without it give the ids of the tokenizer itself: spaces and every kind of whitespace
     after rstrip tokens, a text that starts with text, with a space or with the replacement character."""
     backend = data.tokens.rust_backend(tokenizer)
-    assert backend.plain is not None and backend.prepend_first
+    assert backend.plain and backend.prepend_first
     rng = random.Random(7)
     pieces = ["Hello", " world", " ", "  ", "\u2581", "\u2581x", "\n", "<|assistant|>", "<|end|>", "<|user|>",
               "<|endoftext|>", "<s>", "<|end", "今天 天气", "ü", "42", *RUST_WHITESPACE, *NOT_WHITESPACE]
     texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 25))) for _ in range(2000)]
     texts += ["", " ", "\u2581", " lead", "<|end|>   x", "<|end|>\u3000 \x1c y"]
     matches = [list(backend.added.pattern.finditer(text)) for text in texts]
-    plain = backend.plain.encode_batch_fast(data.tokens._plain_texts(texts, matches, backend),
-                                            add_special_tokens=False)
+    pre_tokenizer = backend.tokenizer.pre_tokenizer
+    plain = backend.encode_plain(data.tokens._plain_texts(texts, matches, backend))
+    assert backend.tokenizer.pre_tokenizer.__getstate__() == pre_tokenizer.__getstate__()  # put back
     expected = backend.tokenizer.encode_batch(texts, add_special_tokens=False)
     assert [e.ids for e in plain] == [e.ids for e in expected]
 
@@ -281,17 +282,17 @@ def test_plain_twin_only_for_a_bare_metaspace_step(tokenizer):
         return data.tokens.Backend(copy, data.tokens.added_tokens(copy), *data.tokens._plain_twin(
             copy, data.tokens.added_tokens(copy)))
 
-    assert variant(lambda t: None).plain is not None
+    assert variant(lambda t: None).plain
     assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(prepend_scheme="always",
-                                                                                  split=False))).plain is None
-    assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(split=True))).plain is None
-    assert variant(lambda t: setattr(t, "normalizer", normalizers.NFKC())).plain is None
+                                                                                  split=False))).plain is False
+    assert variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(split=True))).plain is False
+    assert variant(lambda t: setattr(t, "normalizer", normalizers.NFKC())).plain is False
     never = variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Metaspace(prepend_scheme="never",
                                                                                    split=False)))
-    assert never.plain is not None and not never.prepend_first
+    assert never.plain and not never.prepend_first
     texts = [" lead", "x <|end|> y", "<|user|>\n a b"]
     matches = [list(never.added.pattern.finditer(text)) for text in texts]
-    assert [e.ids for e in never.plain.encode_batch_fast(data.tokens._plain_texts(texts, matches, never))] == [
+    assert [e.ids for e in never.encode_plain(data.tokens._plain_texts(texts, matches, never))] == [
         e.ids for e in never.tokenizer.encode_batch(texts)]
 
 

@@ -309,7 +309,12 @@ def conversation_messages(conversation: dict[str, Any] | list[dict]) -> list[dic
     return conversation["messages"] if isinstance(conversation, dict) else conversation
 
 
-def conversation_id(conversation: dict[str, Any] | list[dict]) -> str:
-    """A content hash; a conversation without tools hashes as its messages (the ids of PREP_VERSION 2)."""
+def conversation_digest(conversation: dict[str, Any] | list[dict]) -> int:
+    """A 64-bit content hash; a conversation without tools hashes as its messages (the ids of PREP_VERSION 2)."""
     key = conversation["messages"] if isinstance(conversation, dict) and not conversation["tools"] else conversation
-    return hashlib.blake2b(canonical_json(key).encode(), digest_size=8).hexdigest()
+    return int.from_bytes(hashlib.blake2b(canonical_json(key).encode(), digest_size=8).digest(), "big")
+
+
+def conversation_id(conversation: dict[str, Any] | list[dict]) -> str:
+    """conversation_digest as 16 hex digits."""
+    return f"{conversation_digest(conversation):016x}"

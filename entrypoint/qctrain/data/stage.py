@@ -27,14 +27,13 @@ import numpy as np
 import pyarrow as pa
 
 from qctrain.atomic import swap_in_folder, write_json_atomic
-from qctrain.data.formats import BadRecord, conversation_id, to_conversation
+from qctrain.data.formats import BadRecord, conversation_digest, conversation_id, to_conversation
 from qctrain.data.pack import pack_rows, render_marked, token_stats_of
 from qctrain.data.sources import Record, read_source, source_fingerprint
 from qctrain.data.template import resolve_chat_template, template_inputs, template_renders_tools, training_template
 from qctrain.data.tokens import (
     CHUNK_RECORDS,
     IGNORE,
-    MIN_RECORDS_PER_WORKER,
     Tokenized,
     encode_chunk,
     prep_workers,
@@ -51,6 +50,7 @@ PREP_VERSION = "5"  # bump when the preparation logic changes what it writes
 ROW_BATCH_TOKENS = 1 << 21  # tokens per Arrow record batch written
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
 PIPE_BYTES = 1 << 20  # the workers' pipes (Linux's pipe-max-size by default)
+FORK_AFTER_CHUNKS = 4  # more chunks than the first and these: worth forking workers (below: in this process)
 IN_FLIGHT = 4  # chunks queued per worker: enough that none waits while the reader is off the CPU
 PROGRESS_AFTER = (3.0, 16384)  # seconds and records read before any progress shows: short runs stay quiet
 
@@ -165,7 +165,7 @@ def scan_chunk(task: tuple[int, list[tuple]]) -> Chunk:
             if job.on_bad == "error":
                 break
     tokens = encode_chunk(conversations, job.tokenizer, job.backend, job.template, job.loss_on)
-    digests = np.fromiter((int(conversation_id(c), 16) for c in conversations), dtype=np.uint64,
+    digests = np.fromiter(map(conversation_digest, conversations), dtype=np.uint64,
                           count=len(conversations))
     return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len))
 
@@ -200,7 +200,7 @@ def _run(tasks: Iterator) -> Iterator[Chunk]:
     if first is None:
         return
     yield scan_chunk(first)  # in this process: a bad first record (a wrong format) stops the run before any fork
-    enough = -(-2 * MIN_RECORDS_PER_WORKER // CHUNK_RECORDS)  # chunks that show the input is worth the fork
+    enough = FORK_AFTER_CHUNKS
     head = list(islice(tasks, enough))
     workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < enough else 1 << 40)
     if workers <= 1:

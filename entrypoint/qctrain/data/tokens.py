@@ -254,9 +254,19 @@ class Backend:
 
     tokenizer: Any
     added: AddedTokens | None  # None: masks need the offsets (encode_batch)
-    plain: Any = None  # the same tokenizer without its Metaspace pre-tokenizer, fed texts with spaces replaced
+    plain: bool = False  # its Metaspace step can be done in Python: encode without it, texts with spaces replaced
     replacement: str = "\u2581"
     prepend_first: bool = False
+
+    def encode_plain(self, texts: list[str]) -> list:
+        """encode_batch_fast with the pre-tokenizer taken out for the call (put back whatever happens): cheaper
+        than a copy of the tokenizer (0.15 s to build), and nothing else uses it meanwhile."""
+        pre_tokenizer = self.tokenizer.pre_tokenizer
+        self.tokenizer.pre_tokenizer = None
+        try:
+            return self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        finally:
+            self.tokenizer.pre_tokenizer = pre_tokenizer
 
 
 def rust_backend(tokenizer) -> Backend | None:
@@ -269,19 +279,15 @@ def rust_backend(tokenizer) -> Backend | None:
 
 def _plain_twin(backend, added: AddedTokens | None) -> tuple:
     """For a tokenizer whose only text step is a Metaspace pre-tokenizer without split (Phi-3 and Llama 2 style
-    SentencePiece): a copy without it, with its replacement character and prepend rule. Replacing the spaces in
-    Python first gives the same ids ~10% faster (Rust's replace keeps an alignment per character). Empty where
-    that does not hold."""
+    SentencePiece): (True, its replacement character, its prepend rule). Replacing the spaces in Python and
+    encoding without that step gives the same ids ~10% faster (Rust's replace keeps an alignment per character).
+    Empty where that does not hold."""
     pre = backend.pre_tokenizer
     if (added is None or backend.normalizer is not None or type(pre).__name__ != "Metaspace" or pre.split
             or pre.prepend_scheme not in ("first", "never")
             or any(" " in content or pre.replacement in content for content in added.contents)):
         return ()
-    from tokenizers import Tokenizer
-
-    plain = Tokenizer.from_str(backend.to_str())
-    plain.pre_tokenizer = None
-    return plain, pre.replacement, pre.prepend_scheme == "first"
+    return True, pre.replacement, pre.prepend_scheme == "first"
 
 
 def _plain_texts(texts: list[str], matches: list[list[re.Match]], backend: Backend) -> list[str]:
@@ -409,9 +415,8 @@ def _encode(messages: list[list[dict]], tools: list[list[dict] | None], tokenize
     added, matches = backend.added, None
     if added is not None:  # no offsets needed: the fast encode, on the plain twin where there is one
         matches = [list(added.pattern.finditer(text)) for text in texts]
-        if backend.plain is not None:
-            encodings = backend.plain.encode_batch_fast(_plain_texts(texts, matches, backend),
-                                                        add_special_tokens=False)
+        if backend.plain:
+            encodings = backend.encode_plain(_plain_texts(texts, matches, backend))
         else:
             encodings = backend.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     else:
