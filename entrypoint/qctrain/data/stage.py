@@ -90,22 +90,27 @@ def first_indices(digests: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
+def split_ranks(digests: np.ndarray, seed: int) -> np.ndarray:
+    """Each id's seeded hash (blake2b of "seed:id"), what the split ranks by."""
+    ranks = np.empty(len(digests), dtype=np.uint64)
+    step = 65536  # a slice at a time: one Python string per id only for this slice
+    for lo in range(0, len(digests), step):
+        ranks[lo:lo + step] = [int.from_bytes(hashlib.blake2b(f"{seed}:{d:016x}".encode(), digest_size=8).digest(),
+                                              "big") for d in digests[lo:lo + step].tolist()]
+    return ranks
+
+
 def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: int | None,
-               unique: bool = False) -> np.ndarray:
+               unique: bool = False, ranks: np.ndarray | None = None) -> np.ndarray:
     """Per record, whether it goes to eval: the ids whose seeded hash (blake2b of "seed:id") ranks lowest, ties
     in input order (what sorting the ids by that hash gives); every copy of an id goes where its rank says
-    (unique: the caller knows there are no copies, as after dedup, and no search for them is needed)."""
+    (unique: the caller knows there are no copies, as after dedup, and no search for them is needed; ranks:
+    split_ranks of the digests, if already known)."""
     n = len(digests)
     n_eval = count if count is not None else max(1, round(n * fraction)) if fraction else 0
     if n_eval >= n:
         raise InputError(f"data.eval: {n_eval} eval records would leave none of {n} for training")
-    ranks = np.empty(n, dtype=np.uint64)
-    step = 65536  # a slice at a time: one Python string per id only for this slice
-    for lo in range(0, n, step):
-        ranks[lo:lo + step] = [int.from_bytes(hashlib.blake2b(f"{seed}:{d:016x}".encode(), digest_size=8).digest(),
-                                              "big") for d in digests[lo:lo + step].tolist()]
-    chosen = np.argsort(ranks, kind="stable")[:n_eval]
-    del ranks
+    chosen = np.argsort(split_ranks(digests, seed) if ranks is None else ranks, kind="stable")[:n_eval]
     if not unique:
         return np.isin(digests, digests[chosen])
     mask = np.zeros(n, dtype=bool)
@@ -126,6 +131,7 @@ class _Job:
     loss_on: str
     max_len: int
     on_bad: str
+    split_seed: int | None = None  # the seed of a fraction or count split: the workers hash the ranks too
 
 
 _JOB: _Job | None = None
@@ -142,6 +148,7 @@ class Chunk:
     tokens: Tokenized
     digests: np.ndarray  # uint64
     supervised: np.ndarray  # int64
+    ranks: np.ndarray  # uint64, split_ranks of the digests; empty without a fraction or count split
 
 
 def supervised_within(tok: Tokenized, max_len: int) -> np.ndarray:
@@ -167,7 +174,8 @@ def scan_chunk(task: tuple[int, list[tuple]]) -> Chunk:
     tokens = encode_chunk(conversations, job.tokenizer, job.backend, job.template, job.loss_on)
     digests = np.fromiter(map(conversation_digest, conversations), dtype=np.uint64,
                           count=len(conversations))
-    return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len))
+    ranks = split_ranks(digests, job.split_seed) if job.split_seed is not None else np.zeros(0, np.uint64)
+    return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len), ranks)
 
 
 def _tasks(indices: range) -> Iterator[tuple[int, list[tuple]]]:
@@ -269,13 +277,15 @@ class Scanned:
     lengths: np.ndarray
     supervised: np.ndarray
     starts: np.ndarray
+    ranks: np.ndarray  # split_ranks of the digests, or empty
 
     @classmethod
     def join(cls, columns: list[list[np.ndarray]]) -> "Scanned":
         """One Scanned from each column's parts (in read order); the parts of a column are let go as soon as it is
         joined, so the peak is the result and one column's parts, not twice the result."""
         joined = []
-        for column, dtype in zip(columns, (np.int32, np.uint64, np.int64, np.int64, np.int64), strict=True):
+        for column, dtype in zip(columns, (np.int32, np.uint64, np.int64, np.int64, np.int64, np.uint64),
+                                 strict=True):
             joined.append(np.concatenate(column) if column else np.zeros(0, dtype))
             column.clear()
         return cls(*joined)
@@ -327,7 +337,7 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
     place in `indices`), or with data.on_bad_record: error the first one stops everything."""
     for key in keys:
         counts.setdefault(key, _new_counts())
-    columns: list[list[np.ndarray]] = [[] for _ in range(5)]  # Scanned's fields, a part per chunk
+    columns: list[list[np.ndarray]] = [[] for _ in range(6)]  # Scanned's fields, a part per chunk
     for chunk in _run(_tasks(indices)):
         local = chunk.source - indices.start
         tally = counts[keys[local]]
@@ -341,7 +351,8 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
                 tally["examples"].append(message)
         first = store.append(chunk.tokens)
         for column, part in zip(columns, (np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
-                                          chunk.tokens.lengths, chunk.supervised, first + chunk.tokens.bounds[:-1]),
+                                          chunk.tokens.lengths, chunk.supervised, first + chunk.tokens.bounds[:-1],
+                                          chunk.ranks),
                                 strict=True):
             column.append(part)
         progress.add(chunk.read)
@@ -520,8 +531,9 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path) -> tuple[dict,
     # Forked workers each tokenize on one thread; the variable keeps tokenizers quiet about the fork.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     eval_sources = list(cfg.eval.sources) if cfg.eval and cfg.eval.sources else []
+    split_seed = cfg.seed if cfg.eval and not cfg.eval.sources and (cfg.eval.fraction or cfg.eval.count) else None
     _JOB = _Job([*cfg.sources, *eval_sources], tokenizer, rust_backend(tokenizer), template, cfg.loss_on,
-                cfg.max_seq_length, cfg.on_bad_record)
+                cfg.max_seq_length, cfg.on_bad_record, split_seed)
     store = TokenStore(work / "tokens")
     # The objects alive now (the libraries, the tokenizer: millions) leave the garbage collector's view: its full
     # collections walked them all again, some 15 us a record in the workers, and forked workers stop copying
@@ -570,7 +582,8 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
         split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
     elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
         try:
-            in_eval = split_mask(train.digests[kept], cfg.seed, eval_cfg.fraction, eval_cfg.count, unique=cfg.dedup)
+            in_eval = split_mask(train.digests[kept], cfg.seed, eval_cfg.fraction, eval_cfg.count, unique=cfg.dedup,
+                                 ranks=train.ranks[kept] if len(train.ranks) == len(train.digests) else None)
         except InputError as err:
             progress.done()
             raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
