@@ -138,7 +138,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     bin) and the number of records per bin. Lengths must be 1..capacity. Memory: a bin number per record
     (no Python object per record), the records read a block at a time."""
     order = np.argsort(-lengths, kind="stable")
-    bin_of = np.empty(len(order), dtype=np.int64)  # the bin of each record, in packing order
+    bin_of = np.empty(len(order), dtype=np.int32)  # the bin of each record, in packing order
     open_rooms: list[int] = []  # sorted rooms (< capacity) that some bin has left
     by_room: dict[int, deque] = defaultdict(deque)  # room -> the bins with that room left, first opened first
     bins = 0

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 PREP_VERSION = "5"  # bump when the preparation logic changes what it writes
-ROW_BATCH_TOKENS = 1 << 21  # tokens per Arrow record batch written
+ROW_BATCH_TOKENS = 1 << 20  # tokens per Arrow record batch written (a writer holds ~25 bytes a token)
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
 PIPE_BYTES = 1 << 20  # the workers' pipes (Linux's pipe-max-size by default)
 FORK_AFTER_CHUNKS = 4  # more chunks than the first and these: worth forking workers (below: in this process)
@@ -284,7 +284,7 @@ class Scanned:
         """One Scanned from each column's parts (in read order); the parts of a column are let go as soon as it is
         joined, so the peak is the result and one column's parts, not twice the result."""
         joined = []
-        for column, dtype in zip(columns, (np.int32, np.uint64, np.int64, np.int64, np.int64, np.uint64),
+        for column, dtype in zip(columns, (np.int32, np.uint64, np.int32, np.int32, np.int64, np.uint64),
                                  strict=True):
             joined.append(np.concatenate(column) if column else np.zeros(0, dtype))
             column.clear()
@@ -351,8 +351,8 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
                 tally["examples"].append(message)
         first = store.append(chunk.tokens)
         for column, part in zip(columns, (np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
-                                          chunk.tokens.lengths, chunk.supervised, first + chunk.tokens.bounds[:-1],
-                                          chunk.ranks),
+                                          chunk.tokens.lengths.astype(np.int32), chunk.supervised.astype(np.int32),
+                                          first + chunk.tokens.bounds[:-1], chunk.ranks),
                                 strict=True):
             column.append(part)
         progress.add(chunk.read)
@@ -597,6 +597,9 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
         split.update(method="none")
     progress.done()
     store.close()
+    del kept  # the parts hold what is kept; the digests and ranks have done their work (dedup, split)
+    for scanned in {id(p[0]): p[0] for p in parts.values()}.values():
+        scanned.digests = scanned.ranks = np.zeros(0, np.uint64)
 
     native_tools = template_renders_tools(template)
     _, eval_part, _, eval_indices = parts["eval"]
@@ -612,6 +615,7 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
         for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == TRUNCATED),
                             ("overlong", outcomes == OVERLONG), ("unsupervised", outcomes == UNSUPERVISED)):
             _per_source(part_keys, source[chosen], counts, key)
+        del source, kept_here, outcomes
         supervised = int(scanned.supervised[records].sum())
         report[name] = {"conversations": len(part), **fit_counts, **token_stats_of(lengths, supervised)}
         starts = scanned.starts[records]
@@ -626,9 +630,12 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
             report["sample"] = render_marked(ids.tolist(), labels.tolist(), tokenizer)
         if not len(records):
             continue
+        del records
         if cfg.packing:
             order, packed_lengths, rows = pack_rows(lengths, cfg.max_seq_length, cfg.seed)
-            report[name]["sequences"] = write_shards(store, starts[order], packed_lengths, rows, work, name)
+            starts, lengths = starts[order], None
+            del order
+            report[name]["sequences"] = write_shards(store, starts, packed_lengths, rows, work, name)
             report[name]["packing_efficiency"] = round(
                 report[name]["tokens"] / (report[name]["sequences"] * cfg.max_seq_length), 4)
         else:
