@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import data_lists
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -230,3 +231,17 @@ def test_worker_pipes_are_widened():
         stage._widen_pipes(pool)
         for queue in (pool._inqueue, pool._outqueue):
             assert fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ) == stage.PIPE_BYTES
+
+
+def test_token_store_gives_back_ids_and_labels(tmp_path):
+    store = stage.TokenStore(tmp_path / "tokens")
+    ids = np.array([5, 0, 32063, 7, 1, 2**31 - 1], dtype=np.int32)
+    labels = np.array([data.IGNORE, 0, 32063, data.IGNORE, 1, 2**31 - 1], dtype=np.int32)
+    first = store.append(data.Tokenized(ids[:3], labels[:3], np.array([0, 3])))
+    second = store.append(data.Tokenized(ids[3:], labels[3:], np.array([0, 3])))
+    with pytest.raises(ValueError, match="neither"):
+        store.append(data.Tokenized(ids[:2], np.array([5, 9], dtype=np.int32), np.array([0, 2])))
+    store.close()
+    got_ids, got_labels = store.gather(np.array([second, first]), np.array([3, 2]))
+    assert got_ids.tolist() == [7, 1, 2**31 - 1, 5, 0]
+    assert got_labels.tolist() == [data.IGNORE, 1, 2**31 - 1, data.IGNORE, 0]

@@ -226,21 +226,25 @@ def _run(tasks: Iterator) -> Iterator[Chunk]:
 
 
 class TokenStore:
-    """Every good record's token ids and labels, appended to one flat file as (id, label) int32 pairs: a record's
-    first n tokens, with their labels, are one contiguous read."""
+    """Every good record's tokens, appended to one flat file of int32: the id, with the sign bit set where the
+    token is supervised (a label is its token's id or IGNORE, nothing else), so a record's first n tokens and
+    their labels are one contiguous read of 4 bytes a token."""
+
+    SUPERVISED = np.int32(-(1 << 31))  # the sign bit
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / "tokens.i32x2"
+        self.path = folder / "tokens.i32"
         self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.size = 0
 
     def append(self, tok: Tokenized) -> int:
         """Write the records; returns the position of their first token."""
+        supervised = tok.labels != IGNORE
+        if np.any(tok.ids < 0) or not np.array_equal(tok.labels[supervised], tok.ids[supervised]):
+            raise ValueError("token store: a label that is neither its token's id nor IGNORE")
         start = self.size
-        pairs = np.empty((len(tok.ids), 2), dtype=np.int32)
-        pairs[:, 0], pairs[:, 1] = tok.ids, tok.labels
-        self.file.write(pairs.data)
+        self.file.write(np.where(supervised, tok.ids | self.SUPERVISED, tok.ids).astype(np.int32).data)
         self.size += len(tok.ids)
         return start
 
@@ -253,18 +257,19 @@ class TokenStore:
         would map megabytes around every record into this process."""
         bounds = np.zeros(len(starts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=bounds[1:])
-        pairs = np.empty((int(bounds[-1]), 2), dtype=np.int32)
-        view = memoryview(pairs).cast("B")
+        tokens = np.empty(int(bounds[-1]), dtype=np.int32)
+        view = memoryview(tokens).cast("B")
         order = np.argsort(starts, kind="stable")
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for start, length, at in zip((starts[order] * 8).tolist(), (lengths[order] * 8).tolist(),
-                                         (bounds[:-1][order] * 8).tolist(), strict=True):
+            for start, length, at in zip((starts[order] * 4).tolist(), (lengths[order] * 4).tolist(),
+                                         (bounds[:-1][order] * 4).tolist(), strict=True):
                 if length and os.preadv(fd, [view[at:at + length]], start) != length:
                     raise OSError(f"{self.path}: short read")
         finally:
             os.close(fd)
-        return pairs[:, 0].copy(), pairs[:, 1].copy()
+        ids = tokens & np.int32(0x7FFFFFFF)
+        return ids, np.where(tokens < 0, ids, np.int32(IGNORE))
 
 
 @dataclass
