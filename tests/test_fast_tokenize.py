@@ -254,7 +254,7 @@ RUST_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2005\u200a\u2028\u2029\u
 NOT_WHITESPACE = "\x1c\x1d\x1e\x1f\u180e\u200b\ufeff"  # Python's str.isspace or \s says yes to some; Rust says no
 
 
-def test_plain_twin_gives_the_same_ids(tokenizer):
+def test_metaspace_in_python_gives_the_same_ids(tokenizer):
     """Phi-3.5's Metaspace step done in Python (spaces replaced between added tokens, the first piece prefixed)
     and the tokenizer without it give the ids of the tokenizer itself: spaces and every kind of whitespace
     after rstrip tokens, a text that starts with text, with a space or with the replacement character."""
@@ -273,13 +273,13 @@ def test_plain_twin_gives_the_same_ids(tokenizer):
     assert [e.ids for e in plain] == [e.ids for e in expected]
 
 
-def test_plain_twin_only_for_a_bare_metaspace_step(tokenizer):
+def test_metaspace_in_python_only_for_a_bare_metaspace_step(tokenizer):
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
     def variant(change):
         copy = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         change(copy)
-        return data.tokens.Backend(copy, data.tokens.added_tokens(copy), *data.tokens._plain_twin(
+        return data.tokens.Backend(copy, data.tokens.added_tokens(copy), *data.tokens._metaspace_step(
             copy, data.tokens.added_tokens(copy)))
 
     assert variant(lambda t: None).plain

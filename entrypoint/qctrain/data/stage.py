@@ -159,14 +159,14 @@ def supervised_within(tok: Tokenized, max_len: int) -> np.ndarray:
     return running[starts + np.minimum(tok.lengths, max_len)] - running[starts]
 
 
-def scan_chunk(task: tuple[int, list[tuple]]) -> Chunk:
+def scan_chunk(task: tuple[int, list[Record]]) -> Chunk:
     index, records = task
     job = _JOB
     src = job.sources[index]
     conversations, bad = [], []
-    for fields in records:
+    for record in records:
         try:
-            conversations.append(to_conversation(Record(*fields), src.format, src.columns))
+            conversations.append(to_conversation(record, src.format, src.columns))
         except BadRecord as err:
             bad.append((err.reason, str(err)))
             if job.on_bad == "error":
@@ -178,11 +178,10 @@ def scan_chunk(task: tuple[int, list[tuple]]) -> Chunk:
     return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len), ranks)
 
 
-def _tasks(indices: range) -> Iterator[tuple[int, list[tuple]]]:
-    """Chunks of each source's records, as plain tuples (Record's fields): they pickle at half the cost."""
+def _tasks(indices: range) -> Iterator[tuple[int, list[Record]]]:
     for index in indices:
         records = read_source(_JOB.sources[index])
-        while batch := [(r.where, r.fields, r.problem, r.raw) for r in islice(records, CHUNK_RECORDS)]:
+        while batch := list(islice(records, CHUNK_RECORDS)):
             yield index, batch
 
 
@@ -208,9 +207,8 @@ def _run(tasks: Iterator) -> Iterator[Chunk]:
     if first is None:
         return
     yield scan_chunk(first)  # in this process: a bad first record (a wrong format) stops the run before any fork
-    enough = FORK_AFTER_CHUNKS
-    head = list(islice(tasks, enough))
-    workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < enough else 1 << 40)
+    head = list(islice(tasks, FORK_AFTER_CHUNKS))
+    workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < FORK_AFTER_CHUNKS else 1 << 40)
     if workers <= 1:
         yield from map(scan_chunk, chain(head, tasks))
         return
@@ -603,7 +601,7 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
     progress.done()
     store.close()
     del kept  # the parts hold what is kept; the digests and ranks have done their work (dedup, split)
-    for scanned in {id(p[0]): p[0] for p in parts.values()}.values():
+    for scanned, *_ in parts.values():
         scanned.digests = scanned.ranks = np.zeros(0, np.uint64)
 
     native_tools = template_renders_tools(template)

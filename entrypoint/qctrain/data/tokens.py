@@ -274,10 +274,10 @@ def rust_backend(tokenizer) -> Backend | None:
     if backend is None:
         return None
     added = added_tokens(backend)
-    return Backend(backend, added, *_plain_twin(backend, added))
+    return Backend(backend, added, *_metaspace_step(backend, added))
 
 
-def _plain_twin(backend, added: AddedTokens | None) -> tuple:
+def _metaspace_step(backend, added: AddedTokens | None) -> tuple:
     """For a tokenizer whose only text step is a Metaspace pre-tokenizer without split (Phi-3 and Llama 2 style
     SentencePiece): (True, its replacement character, its prepend rule). Replacing the spaces in Python and
     encoding without that step gives the same ids ~10% faster (Rust's replace keeps an alignment per character).
@@ -413,7 +413,7 @@ def _encode(messages: list[list[dict]], tools: list[list[dict] | None], tokenize
             masked: bool) -> Tokenized:
     texts, spans = _render(messages, tools, template, masked, tokenizer.special_tokens_map)
     added, matches = backend.added, None
-    if added is not None:  # no offsets needed: the fast encode, on the plain twin where there is one
+    if added is not None:  # no offsets needed: the fast encode, without the Metaspace step where it can
         matches = [list(added.pattern.finditer(text)) for text in texts]
         if backend.plain:
             encodings = backend.encode_plain(_plain_texts(texts, matches, backend))
