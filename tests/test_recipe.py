@@ -84,8 +84,8 @@ def test_token_in_recipe_is_rejected(tmp_path):
 
 def test_token_value_anywhere_is_rejected_even_through_env(tmp_path):
     fake = "hf_" + "A1b2C3d4" * 5
-    recipe = {**MINIMAL, "data": {"sources": [{"path": "d.json", "revision": "${SECRET}"}]}}
-    lines = problems(write(tmp_path, recipe), env={"SECRET": fake})
+    recipe = {**MINIMAL, "data": {"sources": [{"path": "d.json", "revision": "${DATA_REVISION}"}]}}
+    lines = problems(write(tmp_path, recipe), env={"DATA_REVISION": fake})
     assert lines == [f"{tmp_path / 'r.yaml'}: data.sources[0].revision: never put a Hub token in a recipe; "
                      "set HF_TOKEN or HF_TOKEN_FILE in the environment"]
     assert fake not in "".join(lines)

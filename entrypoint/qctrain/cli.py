@@ -11,7 +11,8 @@ from pathlib import Path
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
 from qctrain.console import say
-from qctrain.errors import ExitCode, InputError, QcError
+from qctrain.errors import ExitCode, InputError, QcError, shorten
+from qctrain.secretmask import mask, masked_streams
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -316,17 +317,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_ERROR_LINES = 50  # problems listed (a recipe with thousands of unknown keys is one mistake, told briefly)
+MAX_ERROR_CHARS = 300  # characters of one line, whatever the input quoted into it
+
+
+def error_lines(message: str) -> str:
+    """An error message as `qctrain: error: ` lines, secrets masked, each cut to MAX_ERROR_CHARS, at most
+    MAX_ERROR_LINES."""
+    lines = message.splitlines() or [""]
+    shown = [shorten(mask(line), MAX_ERROR_CHARS) for line in lines[:MAX_ERROR_LINES]]  # masked before cut
+    if len(lines) > MAX_ERROR_LINES:
+        shown.append(f"... and {len(lines) - MAX_ERROR_LINES} more problems")
+    return "".join(f"qctrain: error: {line}\n" for line in shown)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
-    args.debug = getattr(args, "debug", False)
-    _quiet_libraries(args.debug)
+    with masked_streams():  # no secret leaves through argparse's usage errors, print, logging or a traceback
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
+        args.debug = getattr(args, "debug", False)
+        _quiet_libraries(args.debug)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except QcError as err:
         if args.debug:
             traceback.print_exc()
-        say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
+        say(error_lines(str(err)))
         return int(err.exit_code)
     except KeyboardInterrupt:
         say("qctrain: interrupted\n")
@@ -334,6 +354,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if args.debug:
             raise
-        first_line = str(err).splitlines()[0] if str(err) else ""
+        first_line = shorten(mask(str(err).splitlines()[0]) if str(err) else "", MAX_ERROR_CHARS)
         say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)

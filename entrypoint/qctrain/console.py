@@ -1,16 +1,16 @@
 """qctrain's own lines on stderr: one system call per message, so the lines of parallel ranks never
-interleave, with any Hub token a library put into a message masked first."""
+interleave, with every secret (secretmask) a library or an input put into a message masked first."""
 
 import contextlib
 import os
 import sys
 
-from qctrain.hubtoken import redact
+from qctrain.secretmask import mask
 
 
 def say(text: str) -> None:
     """Write `text` (whole lines, newline included) to stderr."""
-    text = redact(text)
+    text = mask(text)
     with contextlib.suppress(RuntimeError, OSError, ValueError):  # in a signal handler: a reentrant flush
         sys.stderr.flush()
     try:
