@@ -165,3 +165,34 @@ def test_shipped_recipes_validate():
         if "accelerate" in path.parts:
             continue
         load_recipe(path, env={})
+
+
+def test_train_ranges_name_real_sftconfig_fields():
+    from qctrain.recipe import TRAIN_RANGES, sft_field_types
+
+    assert set(TRAIN_RANGES) <= set(sft_field_types())
+
+
+def test_numbers_at_the_edges_of_their_ranges_pass(tmp_path):
+    train = {"learning_rate": 1e-9, "num_train_epochs": 0, "max_steps": -1, "seed": 0, "data_seed": 2**32 - 1,
+             "warmup_steps": 0.03, "weight_decay": 0, "adam_beta2": 1, "per_device_train_batch_size": 1,
+             "save_total_limit": 0}
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "train": train,
+                                          "data": {**MINIMAL["data"], "seed": 2**32 - 1, "max_seq_length": 1 << 24},
+                                          "hub": {"repo_id": "org/x", "merged_repo_id": "org/x-merged"}}), env={})
+    assert recipe.sft_kwargs()["data_seed"] == 2**32 - 1 and recipe.data.seed == 2**32 - 1
+    assert recipe.sft_kwargs()["learning_rate"] == 1e-9
+
+
+@pytest.mark.parametrize("path", ["hub:org/name", "hub:squad", "hub:org/name.v2"])
+def test_hub_data_ids_pass(tmp_path, path):
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "data": {"sources": [{"path": path}]}}), env={})
+    assert recipe.data.sources[0].path == path
+
+
+def test_a_variable_holding_text_that_is_not_yaml_stays_that_text(tmp_path):
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "train": {"run_name": "${NAME}"}}), env={"NAME": "[a: {"})
+    assert recipe.train["run_name"] == "[a: {"
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "seed": "${SEED}"}}),
+                         env={"SEED": "7"})
+    assert recipe.data.seed == 7
