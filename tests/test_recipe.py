@@ -196,3 +196,23 @@ def test_a_variable_holding_text_that_is_not_yaml_stays_that_text(tmp_path):
     recipe = load_recipe(write(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "seed": "${SEED}"}}),
                          env={"SEED": "7"})
     assert recipe.data.seed == 7
+
+
+@pytest.mark.parametrize("key", ["dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"])
+def test_knobs_that_change_the_weights_are_not_harmless(key):
+    """A resume with one of these changed would train on other records, replay the data or change the batch."""
+    from qctrain.recipe import harmless
+
+    assert not harmless(f"train.{key}", False, True)
+    assert harmless("train.dataloader_num_workers", 0, 2) and harmless("train.save_steps", 10, 20)
+
+
+def test_weight_changing_knobs_are_in_the_resume_fingerprint(tmp_path):
+    from qctrain.checkpoint import recipe_fingerprint
+
+    base = load_recipe(write(tmp_path, MINIMAL), env={})
+    for key in ("dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"):
+        changed = load_recipe(write(tmp_path, {**MINIMAL, "train": {key: True}}, "c.yaml"), env={})
+        assert recipe_fingerprint(changed) != recipe_fingerprint(base), key
+    quiet = load_recipe(write(tmp_path, {**MINIMAL, "train": {"dataloader_num_workers": 3}}, "q.yaml"), env={})
+    assert recipe_fingerprint(quiet) == recipe_fingerprint(base)

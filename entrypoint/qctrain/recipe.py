@@ -223,15 +223,19 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # (checkpoint.plan_resume).
 HARMLESS_TRAIN_KEYS = frozenset({
     "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm", "log_level", "log_level_replica",
-    "log_on_each_node", "per_device_eval_batch_size", "auto_find_batch_size", "use_liger_kernel",
+    "log_on_each_node", "per_device_eval_batch_size", "use_liger_kernel",
     "liger_kernel_config", "skip_memory_metrics", "ddp_timeout", "ddp_find_unused_parameters",
     "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_backend", "use_cpu", "overwrite_output_dir",
     "resume_from_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
     "prediction_loss_only", "batch_eval_metrics", "restore_callback_states_from_checkpoint",
-    "ignore_data_skip", "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
+    "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
 })
 HARMLESS_TRAIN_PREFIXES = ("dataloader_", "activation_checkpointing", "gradient_checkpointing", "torch_compile",
                            "logging_", "eval_", "save_", "hub_", "push_to_hub", "include_", "jit_")
+# Named like harmless knobs, but they change the weights: dataloader_drop_last changes which records each epoch
+# trains on, ignore_data_skip replays the data from the start on resume, auto_find_batch_size changes the
+# batch size (and with it the steps and the schedule).
+WEIGHT_CHANGING_TRAIN_KEYS = frozenset({"dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"})
 # Attention kernels that compute the same attention (up to rounding): switching between them is harmless.
 EQUIVALENT_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
 
@@ -242,7 +246,8 @@ def harmless(key: str, old: Any, new: Any) -> bool:
         return old in EQUIVALENT_ATTENTION and new in EQUIVALENT_ATTENTION
     section, _, name = key.partition(".")
     name = name.split(".", 1)[0]
-    return section == "train" and (name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
+    return section == "train" and name not in WEIGHT_CHANGING_TRAIN_KEYS and (
+        name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
 
 
 class Recipe(_Strict):
