@@ -224,3 +224,20 @@ def test_no_secret_in_any_stream_or_file_of_a_run(tmp_path, tiny_model_dir):
     assert "what is ***?" in files["data_report.json"].decode()  # the held-out prompts quote the data
     assert "what is ***?" in files["README.md"].decode()  # the card's sample generations
     assert b"quotes ***." in streams[2]  # prepare printed a sample that quoted a secret
+
+
+def test_debug_tracebacks_are_masked(tmp_path, monkeypatch, capfd):
+    """An internal error under --debug: the whole traceback, with the secret it quotes masked."""
+    from qctrain import cli
+
+    def broken(args):
+        raise RuntimeError(f"library failed talking to https://user:{WANDB}@example.com with {HF}")
+
+    monkeypatch.setenv("WANDB_API_KEY", WANDB)
+    monkeypatch.setattr(cli, "cmd_doctor", broken)
+    assert cli.main(["--debug", "doctor"]) == 1
+    assert cli.main(["doctor"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: library failed" in err
+    assert "internal error: RuntimeError" in err
+    assert WANDB not in err and HF not in err

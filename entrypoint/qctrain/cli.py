@@ -352,8 +352,9 @@ def _run(args) -> int:
         say("qctrain: interrupted\n")
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, through the masked stderr (the interpreter's own would not be)
+            traceback.print_exc()
+            return int(ExitCode.INTERNAL)
         first_line = shorten(mask(str(err).splitlines()[0]) if str(err) else "", MAX_ERROR_CHARS)
         say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)
