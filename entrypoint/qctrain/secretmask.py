@@ -36,8 +36,9 @@ FILE_WORDS = frozenset({"FILE", "PATH"})  # HF_TOKEN_FILE=/run/secrets/token: th
 # Hub user access tokens ("hf_" and 34 letters today; 20 or more covers older and test tokens) and the old
 # organisation API tokens, anywhere in a text: run_hf_XXXX is as much a leak as hf_XXXX alone.
 TOKEN_PATTERN = re.compile(r"(hf_|api_org_)[A-Za-z0-9]{20,}")
-# user:password@ (or a token as user@) in a URL: https://x-access-token:ghs_XXXX@github.com/...
-URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# user:password@ (or a token as user@) in a URL: https://x-access-token:ghs_XXXX@github.com/... The lookbehind
+# starts a match only where a scheme can start (linear in a long run of letters, such as hex digests).
+URL_CREDENTIALS = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
 
 
 @functools.cache
@@ -109,8 +110,20 @@ def mask(text: str, extra: Iterable[str | None] = (), env: Mapping[str, str] | N
     for value in [*(v for v in extra if v and len(v) >= MIN_SECRET_CHARS), *known_secrets(env)]:
         if value in text:
             text = text.replace(value, MASK)
-    text = TOKEN_PATTERN.sub(lambda m: m.group(1) + MASK, text)
-    return URL_CREDENTIALS.sub(lambda m: m.group(1) + MASK + "@", text)
+    if _may_hold_token(text):
+        text = TOKEN_PATTERN.sub(lambda m: m.group(1) + MASK, text)
+    if _may_hold_url(text):
+        text = URL_CREDENTIALS.sub(lambda m: m.group(1) + MASK + "@", text)
+    return text
+
+
+# Substring tests (memchr speed) before the patterns: most texts, and megabytes of JSON, hold neither.
+def _may_hold_token(text: str) -> bool:
+    return "hf_" in text or "api_org_" in text
+
+
+def _may_hold_url(text: str) -> bool:
+    return "://" in text and "@" in text
 
 
 def _escaped(value: str) -> str:
@@ -121,8 +134,9 @@ def mask_json_text(value: Any, text: str, env: Mapping[str, str] | None = None) 
     """`value` with secrets masked in every string (keys included), if `text` (its JSON) shows one; else
     `value` itself (the common case costs one scan of the text per secret)."""
     secrets = known_secrets(env)
-    if not (any(s in text or _escaped(s) in text for s in secrets) or TOKEN_PATTERN.search(text)
-            or URL_CREDENTIALS.search(text)):
+    if not (any(s in text or _escaped(s) in text for s in secrets)
+            or (_may_hold_token(text) and TOKEN_PATTERN.search(text))
+            or (_may_hold_url(text) and URL_CREDENTIALS.search(text))):
         return value
     return mask_value(value, env)
 
@@ -143,7 +157,7 @@ def find_secret(text: str, env: Mapping[str, str] | None = None) -> str | None:
     for value, source in known_secrets(env).items():
         if value in text:
             return source
-    return "a Hub token" if TOKEN_PATTERN.search(text) else None
+    return "a Hub token" if _may_hold_token(text) and TOKEN_PATTERN.search(text) else None
 
 
 class MaskedStream:
