@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
-from qctrain.console import say
+from qctrain.console import log_to_stderr, say
 from qctrain.errors import ExitCode, InputError, QcError, shorten
 from qctrain.secretmask import mask, masked_streams
 
@@ -22,17 +22,16 @@ def _quiet_libraries(debug: bool) -> None:
     # bitsandbytes on AVX512-BF16 CPUs fetches a kernel from the Hub through the `kernels` package at
     # import; an offline container must not reach for the Hub, so that import fails at once here.
     sys.modules.setdefault("kernels", None)
+    root = logging.getLogger()  # library logs: through the mask, like every line qctrain writes
+    root.setLevel(logging.INFO if debug else logging.ERROR)
+    log_to_stderr(root, "%(name)s: %(levelname)s: %(message)s")
     if debug:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
         return
     warnings.simplefilter("ignore")  # library deprecations and notes: not the user's to act on
-    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(levelname)s: %(message)s")
     ours = logging.getLogger("qctrain")  # our own warnings (Hub retries, a checkpoint not pushed) still show
     ours.setLevel(logging.WARNING)
     ours.propagate = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("qctrain: %(message)s"))
-    ours.addHandler(handler)
+    log_to_stderr(ours, "qctrain: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
