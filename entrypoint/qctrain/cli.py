@@ -10,8 +10,9 @@ from pathlib import Path
 
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
-from qctrain.console import say
-from qctrain.errors import ExitCode, InputError, QcError
+from qctrain.console import log_to_stderr, say
+from qctrain.errors import ExitCode, InputError, QcError, shorten
+from qctrain.secretmask import mask, masked_streams
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -21,17 +22,16 @@ def _quiet_libraries(debug: bool) -> None:
     # bitsandbytes on AVX512-BF16 CPUs fetches a kernel from the Hub through the `kernels` package at
     # import; an offline container must not reach for the Hub, so that import fails at once here.
     sys.modules.setdefault("kernels", None)
+    root = logging.getLogger()  # library logs: through the mask, like every line qctrain writes
+    root.setLevel(logging.INFO if debug else logging.ERROR)
+    log_to_stderr(root, "%(name)s: %(levelname)s: %(message)s")
     if debug:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
         return
     warnings.simplefilter("ignore")  # library deprecations and notes: not the user's to act on
-    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(levelname)s: %(message)s")
     ours = logging.getLogger("qctrain")  # our own warnings (Hub retries, a checkpoint not pushed) still show
     ours.setLevel(logging.WARNING)
     ours.propagate = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("qctrain: %(message)s"))
-    ours.addHandler(handler)
+    log_to_stderr(ours, "qctrain: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -316,24 +316,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_ERROR_LINES = 50  # problems listed (a recipe with thousands of unknown keys is one mistake, told briefly)
+MAX_ERROR_CHARS = 300  # characters of one line, whatever the input quoted into it
+
+
+def error_lines(message: str) -> str:
+    """An error message as `qctrain: error: ` lines, secrets masked, each cut to MAX_ERROR_CHARS, at most
+    MAX_ERROR_LINES."""
+    lines = message.splitlines() or [""]
+    shown = [shorten(mask(line), MAX_ERROR_CHARS) for line in lines[:MAX_ERROR_LINES]]  # masked before cut
+    if len(lines) > MAX_ERROR_LINES:
+        shown.append(f"... and {len(lines) - MAX_ERROR_LINES} more problems")
+    return "".join(f"qctrain: error: {line}\n" for line in shown)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
-    args.debug = getattr(args, "debug", False)
-    _quiet_libraries(args.debug)
+    with masked_streams():  # no secret leaves through argparse's usage errors, print, logging or a traceback
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
+        args.debug = getattr(args, "debug", False)
+        _quiet_libraries(args.debug)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except QcError as err:
         if args.debug:
             traceback.print_exc()
-        say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
+        say(error_lines(str(err)))
         return int(err.exit_code)
     except KeyboardInterrupt:
         say("qctrain: interrupted\n")
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if args.debug:
-            raise
-        first_line = str(err).splitlines()[0] if str(err) else ""
+        if args.debug:  # the traceback, through the masked stderr (the interpreter's own would not be)
+            traceback.print_exc()
+            return int(ExitCode.INTERNAL)
+        first_line = shorten(mask(str(err).splitlines()[0]) if str(err) else "", MAX_ERROR_CHARS)
         say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)
