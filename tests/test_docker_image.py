@@ -92,7 +92,7 @@ def test_doctor_without_gpu_exits_0(image):
 
 
 def test_entrypoint_user_and_provenance(image, config):
-    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "qctrain"]
+    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "qctrain-entrypoint"]
     assert config["User"] == "10001:10001"
     labels = config["Labels"]
     env = dict(item.split("=", 1) for item in config["Env"])
