@@ -153,7 +153,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, train
+    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
@@ -162,6 +162,9 @@ def _train_held(recipe, args, stop) -> int:
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
 
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), Path(recipe.output.dir))
+    if tracker_env and distributed.is_main():
+        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     base = model.load_base_model(recipe.model)
     modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
