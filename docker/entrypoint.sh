@@ -10,8 +10,12 @@
 # `qctrain train` and `qctrain doctor` then say so and exit 3). See docker/README.md.
 #   QCTRAIN_CUDA_COMPAT=off    skip this step (the host's libcuda, whatever its version)
 #   QCTRAIN_CUDA_COMPAT=force  use the compat libraries whenever the driver is older, whatever the GPU
+#
+# By absolute path: launchers that run commands in the container through their own shell (SkyPilot's
+# runtime, `docker exec`) may put another Python first on PATH.
 set -eu
+VENV=${QCTRAIN_VENV:-/opt/venv}  # the image's venv (docker/Dockerfile); tests point it elsewhere
 if [ "${QCTRAIN_CUDA_COMPAT:-auto}" = off ]; then
-  exec qctrain "$@"
+  exec "$VENV/bin/qctrain" "$@"
 fi
-exec python3 -m qctrain.cudacompat exec -- qctrain "$@"
+exec "$VENV/bin/python3" -m qctrain.cudacompat exec -- "$VENV/bin/qctrain" "$@"

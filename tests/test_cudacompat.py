@@ -295,10 +295,18 @@ def test_facts_prints_json(tmp_path):
     assert report["facts"]["compat_version"] == "580.82.07"
 
 
-def test_entrypoint_script_and_dockerfile_wire_it():
-    script = (ROOT / "docker/entrypoint.sh").read_text()
-    assert "python3 -m qctrain.cudacompat exec -- qctrain" in script.replace("/opt/venv/bin/", "")
-    assert os.access(ROOT / "docker/entrypoint.sh", os.X_OK)
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_the_entrypoint_script_runs_qctrain_with_the_arguments(tmp_path, mode):
+    """docker/entrypoint.sh as the image runs it, pointed at this venv (the image's is /opt/venv)."""
+    env = {**os.environ, "QCTRAIN_VENV": str(Path(sys.executable).parent.parent), "QCTRAIN_CUDA_COMPAT": mode,
+           "PYTHONPATH": str(ROOT / "entrypoint")}
+    done = subprocess.run([str(ROOT / "docker/entrypoint.sh"), "validate", "--help"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: qctrain validate")
+    bad = subprocess.run([str(ROOT / "docker/entrypoint.sh"), "validate", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr  # qctrain's own exit code comes through
 
 
 # ------------------------------------------------------------------ NVIDIA_REQUIRE_CUDA against the rule

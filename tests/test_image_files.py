@@ -116,7 +116,8 @@ def test_entrypoint_tini_qctrain_and_help_by_default():
     assert json.loads(entry[-1]) == ["/usr/bin/tini", "--", "qctrain-entrypoint"]
     # the entrypoint script applies CUDA forward compatibility, then execs qctrain with the arguments
     script = (DOCKER / "entrypoint.sh").read_text(encoding="utf-8")
-    assert script.rstrip().endswith('exec python3 -m qctrain.cudacompat exec -- qctrain "$@"')
+    assert script.rstrip().endswith('exec "$VENV/bin/python3" -m qctrain.cudacompat exec -- "$VENV/bin/qctrain" "$@"')
+    assert "VENV=${QCTRAIN_VENV:-/opt/venv}" in script and "python3 -m venv /opt/venv" in DOCKERFILE.read_text(encoding="utf-8")
     assert "COPY docker/entrypoint.sh /usr/local/bin/qctrain-entrypoint" in DOCKERFILE.read_text(encoding="utf-8")
     assert json.loads(cmd[-1]) == ["--help"]
     assert "tini" in DOCKERFILE.read_text(encoding="utf-8").split("AS wheel")[0]  # installed in os
