@@ -192,41 +192,29 @@ def test_geforce_on_an_old_driver_says_found_and_needed_in_one_line(monkeypatch)
     assert "NVIDIA driver            550.54.15 (R550)" in text
 
 
-def test_datacenter_gpu_on_r535_with_compat_loaded_is_ok(monkeypatch):
+COMPAT_LIB = "/usr/local/cuda-13.0/compat/libcuda.so.580.82.07"
+MOUNTED_COMPAT_LIB = "/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07"  # libnvidia-container's mount mode
+HOST_535 = "/usr/local/nvidia/lib64/libcuda.so.535.183.01"
+
+
+@pytest.mark.parametrize("facts, loaded, code, says", [
+    ({"driver": "535.183.01", "ld_library_path": "/usr/local/cuda/compat:/usr/local/nvidia/lib64"}, COMPAT_LIB, 0,
+     ["driver verdict           compat, applied", f"libcuda loaded           {COMPAT_LIB} (forward compatibility)"]),
+    ({"driver": "535.183.01", "loader_libcuda": MOUNTED_COMPAT_LIB}, MOUNTED_COMPAT_LIB, 0,
+     ["compat, by the container toolkit", "(forward compatibility)"]),
+    ({"driver": "535.183.01", "ld_library_path": "/usr/local/cuda/compat"}, HOST_535, 3,
+     ["(host driver)", f"but {HOST_535} (the host's) was loaded"]),
+    ({"driver": "580.95.05"}, "/usr/local/cuda/compat/libcuda.so.580.82.07", 3,
+     ["remove /usr/local/cuda/compat from LD_LIBRARY_PATH"]),
+], ids=["compat-applied", "toolkit-mount-mode", "host-lib-where-compat-needed", "compat-lib-on-new-driver"])
+def test_the_libcuda_the_process_loaded_against_the_verdict(monkeypatch, facts, loaded, code, says):
     gpu_host(monkeypatch)
-    driver(monkeypatch, driver="535.183.01", ld_library_path="/usr/local/cuda/compat:/usr/local/nvidia/lib64")
-    maps_with(monkeypatch, "/usr/local/cuda-13.0/compat/libcuda.so.580.82.07")
-    code, text = run()
-    assert code == 0, text
-    assert "driver verdict           compat, applied" in text
-    assert "libcuda loaded           /usr/local/cuda-13.0/compat/libcuda.so.580.82.07 (forward compatibility)" in text
-
-
-def test_toolkit_mount_mode_compat_is_recognised_as_loaded(monkeypatch):
-    gpu_host(monkeypatch)
-    driver(monkeypatch, driver="535.183.01", loader_libcuda="/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07")
-    maps_with(monkeypatch, "/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07")
-    code, text = run()
-    assert code == 0, text
-    assert "compat, by the container toolkit" in text and "(forward compatibility)" in text
-
-
-def test_host_libcuda_loaded_where_compat_was_needed_is_a_problem(monkeypatch):
-    gpu_host(monkeypatch)
-    driver(monkeypatch, driver="535.183.01", ld_library_path="/usr/local/cuda/compat")
-    maps_with(monkeypatch, "/usr/local/nvidia/lib64/libcuda.so.535.183.01")
-    code, text = run()
-    assert code == 3
-    assert "(host driver)" in text
-    assert "but /usr/local/nvidia/lib64/libcuda.so.535.183.01 (the host's) was loaded" in text
-
-
-def test_compat_libcuda_with_a_new_driver_is_a_problem(monkeypatch):
-    gpu_host(monkeypatch)
-    driver(monkeypatch, driver="580.95.05")
-    maps_with(monkeypatch, "/usr/local/cuda/compat/libcuda.so.580.82.07")
-    code, text = run()
-    assert code == 3 and "remove /usr/local/cuda/compat from LD_LIBRARY_PATH" in text
+    driver(monkeypatch, **facts)
+    maps_with(monkeypatch, loaded)
+    got, text = run()
+    assert got == code, text
+    for words in says:
+        assert words in text
 
 
 def test_entrypoint_bypassed_where_compat_was_needed(monkeypatch):

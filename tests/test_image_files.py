@@ -117,8 +117,9 @@ def test_entrypoint_tini_qctrain_and_help_by_default():
     # the entrypoint script applies CUDA forward compatibility, then execs qctrain with the arguments
     script = (DOCKER / "entrypoint.sh").read_text(encoding="utf-8")
     assert script.rstrip().endswith('exec "$VENV/bin/python3" -m qctrain.cudacompat exec -- "$VENV/bin/qctrain" "$@"')
-    assert "VENV=${QCTRAIN_VENV:-/opt/venv}" in script and "python3 -m venv /opt/venv" in DOCKERFILE.read_text(encoding="utf-8")
-    assert "COPY docker/entrypoint.sh /usr/local/bin/qctrain-entrypoint" in DOCKERFILE.read_text(encoding="utf-8")
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert "VENV=${QCTRAIN_VENV:-/opt/venv}" in script and "python3 -m venv /opt/venv" in dockerfile
+    assert "COPY docker/entrypoint.sh /usr/local/bin/qctrain-entrypoint" in dockerfile
     assert json.loads(cmd[-1]) == ["--help"]
     assert "tini" in DOCKERFILE.read_text(encoding="utf-8").split("AS wheel")[0]  # installed in os
 
