@@ -113,7 +113,13 @@ def test_entrypoint_tini_qctrain_and_help_by_default():
     instructions = dockerfile_instructions()
     entry = [args for word, args in instructions if word == "ENTRYPOINT"]
     cmd = [args for word, args in instructions if word == "CMD"]
-    assert json.loads(entry[-1]) == ["/usr/bin/tini", "--", "qctrain"]
+    assert json.loads(entry[-1]) == ["/usr/bin/tini", "--", "qctrain-entrypoint"]
+    # the entrypoint script applies CUDA forward compatibility, then execs qctrain with the arguments
+    script = (DOCKER / "entrypoint.sh").read_text(encoding="utf-8")
+    assert script.rstrip().endswith('exec "$VENV/bin/python3" -m qctrain.cudacompat exec -- "$VENV/bin/qctrain" "$@"')
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert "VENV=${QCTRAIN_VENV:-/opt/venv}" in script and "python3 -m venv /opt/venv" in dockerfile
+    assert "COPY docker/entrypoint.sh /usr/local/bin/qctrain-entrypoint" in dockerfile
     assert json.loads(cmd[-1]) == ["--help"]
     assert "tini" in DOCKERFILE.read_text(encoding="utf-8").split("AS wheel")[0]  # installed in os
 
@@ -160,7 +166,7 @@ def test_dockerfile_copies_only_allowed_context():
     rules = [r.strip() for r in ignore if r.strip() and not r.startswith("#")]
     assert rules[0] == "*", ".dockerignore is an allow-list"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "entrypoint", "docker/requirements.lock"}
+    assert allowed == {"pyproject.toml", "README.md", "entrypoint", "docker/requirements.lock", "docker/entrypoint.sh"}
     for never in (".venv", ".git", "out", "models", ".env", "data"):
         assert never not in allowed
     for word, args in dockerfile_instructions():

@@ -5,6 +5,7 @@ configs. Nothing here needs a cluster, a GPU or a network.
 """
 
 import copy
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -204,7 +205,8 @@ def test_trainjob_runs_qctrain_on_the_torch_distributed_runtime():
     assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                   "name": "torch-distributed"}
     trainer = spec["trainer"]
-    assert trainer["command"] == ["/usr/bin/tini", "--", "qctrain"]  # the image's entrypoint
+    entrypoint = re.findall(r"^ENTRYPOINT (.+)$", (ROOT / "docker" / "Dockerfile").read_text(), flags=re.M)[-1]
+    assert trainer["command"] == json.loads(entrypoint)  # the image's entrypoint, exactly
     assert trainer["args"] == ["train", "--nproc", "auto", "/recipes/recipe.yaml"]
     assert trainer["numNodes"] >= 2
     assert int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) >= 1

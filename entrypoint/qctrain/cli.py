@@ -136,10 +136,11 @@ def cmd_train(args) -> int:
 
 
 def _train(args, stop) -> int:
-    from qctrain import distributed, rundir
+    from qctrain import cudacompat, distributed, rundir
     from qctrain.preflight import check_train_args, run_checks
 
     recipe = _load(args)
+    cudacompat.check_driver()  # a driver too old for the image's CUDA, where forward compatibility cannot help: exit 3
     problems = run_checks(recipe) + check_train_args(recipe)  # check_train_args: TRL's own SFTConfig rules
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
@@ -152,7 +153,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, train
+    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
@@ -161,6 +162,9 @@ def _train_held(recipe, args, stop) -> int:
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
 
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), Path(recipe.output.dir))
+    if tracker_env and distributed.is_main():
+        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     base = model.load_base_model(recipe.model)
     modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
@@ -250,9 +254,12 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    from qctrain import distributed
     from qctrain.doctor import run_doctor
 
-    return run_doctor()
+    recipe = _load(args) if args.recipe else None
+    nproc = distributed.resolve_nproc(args.nproc) if args.nproc else None
+    return run_doctor(recipe=recipe, nproc=nproc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
-    add("doctor", cmd_doctor, "print torch/CUDA/bitsandbytes/GPU facts; non-zero on a broken stack", [common])
+    doctor = add("doctor", cmd_doctor, "check this host in seconds: torch/CUDA/bitsandbytes/GPU, the NVIDIA driver "
+                 "and CUDA forward compatibility, /dev/shm, writable folders, free disk, the HF cache (against "
+                 "RECIPE if given); exit 3 when a run would fail here", [common])
+    doctor.add_argument("recipe", nargs="?", help="YAML recipe to check the host against")
+    doctor.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe value, as for train")
+    doctor.add_argument("--nproc", metavar="N|auto", help="GPU processes per node, as for train (default: auto)")
     return parser
 
 

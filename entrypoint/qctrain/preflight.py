@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, distributed, modelfiles
+from qctrain import data, distributed, hubcache, modelfiles
 from qctrain.errors import InputError, QcError
 from qctrain.recipe import Recipe, output_data_overlap
 
@@ -159,7 +159,8 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     problems = output_data_overlap(recipe.data, recipe.output.dir) + check_sources(recipe)
     problems += check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
     problems += check_packages(recipe)
-    model_problems = _problem_of(lambda: modelfiles.model_source(recipe.model) and None)
+    model_problems = (_problem_of(lambda: modelfiles.model_source(recipe.model) and None)
+                      or hubcache.check_offline(recipe.model, env))  # offline: a missing cached file, named
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
     problems += model_problems or (check_template(recipe) + check_lora_targets(recipe) + check_sequence_length(recipe)
                                    + check_gpu_memory(recipe, env))
