@@ -66,14 +66,18 @@ def test_the_same_process_cannot_hold_twice_and_ranks_other_than_main_do_not_hol
 
 def test_a_dead_runs_temporary_files_are_removed_and_nothing_else(tmp_path, capsys):
     out = tmp_path / "out"
-    leftovers = [out / ".staging-123" / "adapter", out / ".merged.staging-55", out / "prepared" / ".tmp-abcd-9",
-                 out / ".run_manifest.json.tmp-77", out / ".metrics.jsonl.tmp"]
+    leftovers = [out / ".staging-123" / "adapter", out / ".merged.staging-55",
+                 out / "prepared" / ".tmp-0123456789abcdef-9", out / ".run_manifest.json.tmp-77",
+                 out / ".metrics.jsonl.tmp"]
     kept = [out / "adapter" / "adapter_model.safetensors", out / ".adapter.old" / "adapter_config.json",
             out / "run_manifest.json", out / "prepared" / "0123abcd" / "report.json", out / "metrics.jsonl",
-            out / "checkpoints" / "checkpoint-4" / "qctrain_checkpoint.json"]
+            out / "checkpoints" / "checkpoint-4" / "qctrain_checkpoint.json",
+            # shaped like ours, but not our names: a user's files
+            out / ".notes.tmp", out / ".staging-notes" / "draft.txt", out / ".notes.json.tmp-1",
+            out / "prepared" / ".tmp-notes", out / "adapter" / ".staging-5" / "x.txt"]
     for path in leftovers + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix or path.name.startswith(".run") or path.name.endswith(".tmp"):
+        if path.suffix or path.name.startswith((".run", ".notes")) or path.name.endswith(".tmp"):
             path.write_text("x")
         else:
             path.mkdir()
