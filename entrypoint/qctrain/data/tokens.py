@@ -477,6 +477,14 @@ def prep_workers(records: int) -> int:
     return max(1, min(wanted, -(-records // CHUNK_RECORDS)))
 
 
+def worker_pool(workers: int):
+    """A pool of forked workers that leave SIGTERM/SIGINT to this process and die with it (signals.worker_init):
+    a stop signal ends the command at once, with no worker left behind and no traceback from one."""
+    from qctrain.signals import worker_init
+
+    return multiprocessing.get_context("fork").Pool(workers, initializer=worker_init, initargs=(os.getpid(),))
+
+
 def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
                   workers: int | None = None, chunk: int = CHUNK_RECORDS) -> Tokenized:
     """Token ids and labels (IGNORE outside the assistant turns when loss_on is 'assistant') of every
@@ -499,7 +507,7 @@ def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _JOB = (messages, tools, tokenizer, backend, template, masked)
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             return Tokenized.concat(pool.map(_encode_range, ranges, chunksize=1))
     finally:
         _JOB = None
