@@ -272,9 +272,14 @@ def recipe_factory(tmp_path):
 def fake_checkpoint(recipe, step: int, marker: bool = True, fingerprint: str | None = None) -> Path:
     from qctrain import checkpoint
 
+    import torch
+    from safetensors.torch import save_file
+
     ckpt = checkpoint.checkpoints_dir(Path(recipe.output.dir)) / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
-    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+    save_file({"lora_A": torch.full((2, 2), float(step))}, ckpt / "adapter_model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, ckpt / "optimizer.pt")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 8, "log_history": []}))
     if marker:
         meta = {"complete": True, "recipe_fingerprint": fingerprint or checkpoint.recipe_fingerprint(recipe),
                 "recipe": checkpoint.training_recipe(recipe), "step": step}

@@ -57,3 +57,20 @@ def swap_in_folder(new: Path, dest: Path, aside: Path | None = None, fsync_paren
         finally:
             os.close(fd)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file under root, then every folder (deepest first), so a rename publishes data on disk
+    (files=False: the folders only)."""
+    for folder, _dirs, names in os.walk(root, topdown=False):
+        for name in names if files else ():
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder), directory=True)
