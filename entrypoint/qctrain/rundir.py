@@ -287,6 +287,7 @@ def _lock(path: Path) -> int:
             if err.errno in BUSY_ERRNOS:
                 raise InputError(f"output.dir: {path.parent} is in use by another run ({_holder(path)}); wait for "
                                  "it to end or set another output.dir") from None
+            path.unlink(missing_ok=True)  # no run can hold a lock here: the file only stood for one
             name = errno.errorcode.get(err.errno or 0, str(err.errno))
             raise InputError(f"output.dir: {path.parent} is on a filesystem that cannot lock files (flock: {name}, "
                              f"{err.strerror}); put output.dir on a local disk or a filesystem with locking, or set "
