@@ -1,6 +1,7 @@
 """Command line: wires the stages recipe -> preflight -> data -> model -> train -> export -> publish."""
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -366,6 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":
         args.stop.stage = f"in `qctrain {args.command}`; nothing half-written was kept"
     try:
+        code = _run(args)
+    finally:
+        args.stop.release()
+    if argv is None and args.stop.signum is not None:
+        _exit_now(code)
+    return code
+
+
+def _run(args) -> int:
+    try:
         return int(args.func(args) or 0)
     except QcError as err:
         return _report(err, args.debug)
@@ -381,8 +392,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the "
             "traceback)\n")
         return int(ExitCode.INTERNAL)
-    finally:
-        args.stop.release()
+
+
+def _exit_now(code: int) -> None:
+    """Stopped by a signal, as the program (not called from Python): the exit code and its line are settled and
+    everything of ours is closed, so the process ends now instead of spending seconds of the grace period on the
+    interpreter's teardown of torch and the other libraries."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def _report(err: QcError, debug: bool) -> int:

@@ -6,6 +6,10 @@ cache's temporary folder is removed, a worker pool is terminated). While `defer`
 signal only records itself: PreemptionCallback (train.py) stops training after the current optimizer step and
 saves a checkpoint. A second signal never interrupts anything and never prints a traceback.
 
+An exception raised from a signal handler lands wherever the main thread is: `critical()` marks the few places
+where that would leave things broken (a worker pool being started or stopped: its threads' bookkeeping); a signal
+there raises at the end of the section instead.
+
 Processes forked by the data stage call `worker_init` first: they leave the signals to their parent (which
 terminates the pool) and die with it, however it ends (Linux: PR_SET_PDEATHSIG).
 """
@@ -15,6 +19,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from qctrain.console import say
@@ -22,6 +27,7 @@ from qctrain.errors import Preempted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_active: list["StopOnSignal"] = []  # the installed handler, innermost last
 
 
 class StopOnSignal:
@@ -33,6 +39,8 @@ class StopOnSignal:
         self.defer = False
         self.stage = "before training started; nothing to save"
         self._previous: dict[int, Any] = {}
+        self._critical = 0
+        self._pending = False  # a signal came inside a critical section: raise at its end
 
     @property
     def name(self) -> str:
@@ -41,12 +49,15 @@ class StopOnSignal:
     def __enter__(self) -> "StopOnSignal":
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        with contextlib.suppress(ValueError):
+            _active.remove(self)
 
     def release(self) -> None:
         """The command is over: the previous handlers come back, unless a stop signal came. Then the process is on
@@ -58,6 +69,8 @@ class StopOnSignal:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
+        with contextlib.suppress(ValueError):
+            _active.remove(self)
 
     def interrupt_now(self) -> None:
         """From here on a signal raises at once (after training and export: the push, the exit); one that came
@@ -76,9 +89,30 @@ class StopOnSignal:
                     "saved\n")
             return  # already unwinding: the first signal's line is the one that counts
         self.signum = signum
+        if self._critical:
+            self._pending = True
+            return
         if not self.defer:
             raise Preempted(self._message())
         say(f"qctrain: {self.name} received: finishing the current step, saving a checkpoint, then exiting 75\n")
+
+
+@contextlib.contextmanager
+def critical() -> Iterator[None]:
+    """A section no stop signal interrupts: one that comes inside raises as it ends (where it would have raised)."""
+    stop = _active[-1] if _active else None
+    if stop is None:
+        yield
+        return
+    stop._critical += 1
+    try:
+        yield
+    finally:
+        stop._critical -= 1
+        if not stop._critical and stop._pending:
+            stop._pending = False
+            if not stop.defer:
+                raise Preempted(stop._message())
 
 
 def worker_init(parent: int) -> None:

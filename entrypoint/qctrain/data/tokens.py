@@ -1,9 +1,12 @@
 """Tokenizing: the fast path (jinja render, one batched Rust encode, labels from offsets) and the reference
 (apply_chat_template with the assistant mask)."""
 
+import contextlib
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -477,12 +480,20 @@ def prep_workers(records: int) -> int:
     return max(1, min(wanted, -(-records // CHUNK_RECORDS)))
 
 
-def worker_pool(workers: int):
-    """A pool of forked workers that leave SIGTERM/SIGINT to this process and die with it (signals.worker_init):
-    a stop signal ends the command at once, with no worker left behind and no traceback from one."""
-    from qctrain.signals import worker_init
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[multiprocessing.pool.Pool]:
+    """A pool of forked workers that leave SIGTERM/SIGINT to this process and die with it (signals.worker_init),
+    started and stopped where no stop signal interrupts (signals.critical): a signal ends the command at once, with
+    no worker left behind and no traceback from one."""
+    from qctrain.signals import critical, worker_init
 
-    return multiprocessing.get_context("fork").Pool(workers, initializer=worker_init, initargs=(os.getpid(),))
+    with critical():
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=worker_init, initargs=(os.getpid(),))
+    try:
+        yield pool
+    finally:
+        with critical():
+            pool.terminate()
 
 
 def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
