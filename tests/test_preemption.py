@@ -270,9 +270,8 @@ def recipe_factory(tmp_path):
 
 
 def fake_checkpoint(recipe, step: int, marker: bool = True, fingerprint: str | None = None) -> Path:
-    from qctrain import checkpoint
-
     import torch
+    from qctrain import checkpoint
     from safetensors.torch import save_file
 
     ckpt = checkpoint.checkpoints_dir(Path(recipe.output.dir)) / f"checkpoint-{step}"
