@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,28 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qctrain", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root: its mode, and a file's bytes (a link: its target)."""
+    found = {}
+    for path in sorted([root, *root.rglob("*")]):
+        info = path.lstat()
+        content = (os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else None)
+        found[str(path.relative_to(root))] = (stat.S_IMODE(info.st_mode), stat.S_IFMT(info.st_mode), content)
+    return found
+
+
+def foreign_home(root: Path) -> Path:
+    """A folder like a home: a private key, an executable, files shaped like our temporary names."""
+    (root / ".ssh").mkdir(parents=True)
+    (root / ".ssh").chmod(0o700)
+    (root / ".ssh" / "id_rsa").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (root / ".ssh" / "id_rsa").chmod(0o600)
+    (root / "bin").mkdir()
+    (root / "bin" / "tool").write_text("#!/bin/sh\necho hi\n")
+    (root / "bin" / "tool").chmod(0o750)
+    (root / ".notes.tmp").write_text("my notes")
+    (root / ".staging-notes").mkdir()
+    (root / ".staging-notes" / "draft.txt").write_text("draft")
+    return root

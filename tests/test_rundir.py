@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, alpaca_records, finish, write_json, write_recipe
+from conftest import REPO, alpaca_records, finish, foreign_home, snapshot, write_json, write_recipe
 from qctrain import rundir
 from qctrain.errors import InputError
 
@@ -119,31 +119,6 @@ def test_second_train_on_a_busy_output_dir_exits_2_and_leaves_the_first_alone(tm
 
 
 # --- which folders a run may write into: its own, never someone else's ---
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under root: its mode, and a file's bytes (a link: its target)."""
-    found = {}
-    for path in sorted([root, *root.rglob("*")]):
-        info = path.lstat()
-        content = (os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else None)
-        found[str(path.relative_to(root))] = (stat.S_IMODE(info.st_mode), stat.S_IFMT(info.st_mode), content)
-    return found
-
-
-def foreign_home(root: Path) -> Path:
-    """A folder like a home: a private key, an executable, files shaped like our temporary names."""
-    (root / ".ssh").mkdir(parents=True)
-    (root / ".ssh").chmod(0o700)
-    (root / ".ssh" / "id_rsa").write_text("-----BEGIN PRIVATE KEY-----\n")
-    (root / ".ssh" / "id_rsa").chmod(0o600)
-    (root / "bin").mkdir()
-    (root / "bin" / "tool").write_text("#!/bin/sh\necho hi\n")
-    (root / "bin" / "tool").chmod(0o750)
-    (root / ".notes.tmp").write_text("my notes")
-    (root / ".staging-notes").mkdir()
-    (root / ".staging-notes" / "draft.txt").write_text("draft")
-    return root
-
 
 @pytest.mark.parametrize("command", ["check", "prepare", "train"])
 def test_a_folder_holding_foreign_files_is_refused_before_anything_is_written(command, tmp_path, tiny_model_dir,
