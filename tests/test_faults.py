@@ -78,6 +78,8 @@ def test_a_read_only_filesystem_exits_74(tmp_path, tiny_model_dir, capsys):
         assert main(["prepare", str(recipe)]) == 74
         line = one_error_line(capsys.readouterr().err)
         assert "the filesystem is read-only (EROFS) writing" in line and "make it writable" in line
+        assert main(["check", str(recipe)]) == 2  # found by the preflight, before a run starts
+        assert f"output.dir: {tmp_path / 'ro'} is not writable" in one_error_line(capsys.readouterr().err)
     finally:
         subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True)
 

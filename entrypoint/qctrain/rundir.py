@@ -219,7 +219,8 @@ def output_dir_problem(output_dir: Path) -> str | None:
 
 def claim(output_dir: Path) -> None:
     """Make output.dir this run's folder: refused (InputError) before anything is written when
-    output_dir_problem says so; created (0755: others may read the outputs) if missing; marked as ours."""
+    output_dir_problem says so; created (0755: others may read the outputs) if missing; a new or empty folder is
+    marked as ours (a run folder of an earlier version is left as it is: it is recognised without the marker)."""
     if problem := output_dir_problem(output_dir):
         raise InputError(problem)
     if output_dir.exists() and not output_dir.is_dir():
@@ -227,10 +228,10 @@ def claim(output_dir: Path) -> None:
     if not output_dir.is_dir():
         output_dir.mkdir(parents=True, exist_ok=True)
         output_dir.chmod(0o755)  # the folder is ours: whatever the umask, a server under another uid reaches it
-    marker = RunDir(output_dir).marker
-    if not marker.is_file():
-        write_json_atomic(marker, {"qctrain_run_folder": 1, "created_by": f"qctrain {__version__}",
-                                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if all(entry.name in NOT_FOREIGN for entry in os.scandir(output_dir)):
+        write_json_atomic(RunDir(output_dir).marker, {
+            "qctrain_run_folder": 1, "created_by": f"qctrain {__version__}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 # --- one run at a time ---
