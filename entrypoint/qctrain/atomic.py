@@ -8,14 +8,17 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_json_atomic(path: Path, value: Any, shared: bool = False) -> None:
+    """shared: 0644, readable by a serving process under another uid whatever the umask (an output); else the
+    umask decides (checkpoint markers, the data cache's files)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(value, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)  # readable by a serving process under another uid, whatever the umask
+    if shared:
+        os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

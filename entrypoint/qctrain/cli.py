@@ -98,7 +98,7 @@ def _prepare(recipe, tokenizer=None):
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
         prepared = data.prepare(recipe.data, tokenizer, output_dir)
     if distributed.is_main():
-        write_json_atomic(RunDir(output_dir).data_report, prepared.report)
+        write_json_atomic(RunDir(output_dir).data_report, prepared.report, shared=True)
     return tokenizer, prepared
 
 

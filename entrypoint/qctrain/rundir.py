@@ -231,7 +231,7 @@ def claim(output_dir: Path) -> None:
     if all(entry.name in NOT_FOREIGN for entry in os.scandir(output_dir)):
         write_json_atomic(RunDir(output_dir).marker, {
             "qctrain_run_folder": 1, "created_by": f"qctrain {__version__}",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, shared=True)
 
 
 # --- one run at a time ---
