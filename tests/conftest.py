@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,3 +118,21 @@ def foreign_home(root: Path) -> Path:
     (root / ".staging-notes").mkdir()
     (root / ".staging-notes" / "draft.txt").write_text("draft")
     return root
+
+
+def gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """The pids still running (zombies count as gone) after up to `timeout` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

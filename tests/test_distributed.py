@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import alpaca_records, finish, write_json, write_recipe
+from conftest import alpaca_records, finish, gone, write_json, write_recipe
 from qctrain import distributed
 from qctrain.errors import InputError
 
@@ -114,24 +114,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def gone(pids: list[int], timeout: float = 15) -> list[int]:
-    """The pids still running (zombies count as gone) after up to `timeout` seconds."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -252,8 +234,8 @@ def test_data_is_tokenized_once_by_rank_0(runs):
 
 def test_one_set_of_outputs(runs):
     assert sorted(p.name for p in runs.out.iterdir()) == [
-        "README.md", "adapter", "checkpoints", "data_report.json", "loss.png", "metrics.jsonl", "prepared",
-        "run_manifest.json"]  # no second adapter, no leftover staging folder
+        ".qctrain-run", "README.md", "adapter", "checkpoints", "data_report.json", "loss.png", "metrics.jsonl",
+        "prepared", "run_manifest.json"]  # no second adapter, no leftover staging folder
     assert runs.resumed.stdout.count("done: adapter in") == 1
     rows = metrics(runs.out)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, MAX_STEPS + 1))

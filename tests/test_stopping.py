@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from conftest import REPO, write_recipe
+from conftest import REPO, gone, write_recipe
 
 RECORDS = 60_000  # ~6 s of preparation on 2 cores: the workers are busy when the signal comes
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "QCTRAIN_PREP_WORKERS": "2",
@@ -40,17 +40,6 @@ def workers_of(proc: subprocess.Popen, timeout: float = 300) -> list[int]:
             return [child.pid for child in children]
         time.sleep(0.05)
     raise AssertionError("no data workers within the timeout")
-
-
-def alive(pids: list[int]) -> list[int]:
-    found = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                found.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +71,7 @@ def stopped(tmp_path_factory, tiny_model_dir):
         if not hasattr(run, "seconds"):
             run.seconds = time.monotonic() - run.signalled
         run.stdout, run.stderr = run.proc.communicate(timeout=10)
-        run.left = alive([run.proc.pid, *run.workers])
+        run.left = gone([run.proc.pid, *run.workers], timeout=2)
     return runs
 
 
@@ -123,10 +112,7 @@ def test_worker_init_leaves_signals_to_the_parent_and_dies_with_it(tmp_path):
     assert workers
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while alive(workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert alive(workers) == []
+    assert gone(workers, timeout=10) == []
 
 
 # --- the other stages, in-process ---

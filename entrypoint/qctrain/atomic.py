@@ -1,11 +1,16 @@
 """JSON files: written atomically (beside the target, fsynced, then renamed over it: readers see old or new),
-and read leniently where a missing or broken file means "nothing recorded"."""
+and read leniently where a missing or broken file means "nothing recorded". Folders: written in a staging folder
+beside their place (removed when a write fails), then swapped in whole."""
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from qctrain.errors import writing
 
 
 def write_json_atomic(path: Path, value: Any, shared: bool = False) -> None:
@@ -42,6 +47,19 @@ def restore_interrupted_swap(dest: Path, aside: Path | None = None) -> None:
     aside = aside or aside_of(dest)
     if not dest.exists() and aside.exists():
         os.replace(aside, dest)
+
+
+@contextlib.contextmanager
+def staging_folder(staging: Path, needed: int | None = None) -> Iterator[Path]:
+    """Where outputs are written before they move into place: removed if anything fails (nothing half-written
+    stays, and a full disk gets its space back), a full disk named with the space needed (exit 74)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with writing(staging, needed):
+            yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def swap_in_folder(new: Path, dest: Path, aside: Path | None = None, fsync_parent: bool = False) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from qctrain import PROVENANCE_VARS, __version__, distributed
-from qctrain.atomic import read_json_object, swap_in_folder, write_json_atomic
-from qctrain.errors import InputError, writing
+from qctrain.atomic import read_json_object, staging_folder, swap_in_folder, write_json_atomic
+from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
 from qctrain.rundir import RunDir
@@ -381,15 +381,9 @@ class FinishedRun:
 
 def write_outputs(run: FinishedRun) -> dict[str, Any]:
     output_dir = Path(run.recipe.output.dir)
-    staging = output_dir / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with writing(staging):
-            staging.mkdir(parents=True)
-            manifest = _write_staged(run, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays (and a full disk gets its space back)
-        raise
+    with staging_folder(output_dir / f".staging-{os.getpid()}") as staging:
+        staging.mkdir(parents=True)
+        manifest = _write_staged(run, staging)
     publish_atomically(staging, output_dir)
     if RunDir(output_dir).metrics.is_file():
         make_shareable(RunDir(output_dir).metrics)  # appended to during training, outside the staging folder
@@ -459,26 +453,19 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
         raise InputError(f"{adapter}: cannot load the adapter onto {cfg.name}: {str(err).splitlines()[0]}") from None
     reference = base_reference(cfg)  # cfg: as resolved from here, its hub_id included
     hub_id = reference.hub_id
-    staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     needed = sum(p.numel() * p.element_size() for p in merged.parameters())
-    try:
-        with writing(staging, needed):
-            merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            card_data = ModelCardData(base_model=hub_id, base_model_relation="merge" if hub_id else None,
-                                      library_name="transformers", **base_license(reference),
-                                      tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
-            title = hub_id or Path(cfg.name).name
-            card = f"---\n{card_data.to_yaml()}\n---\n\n# {title} with a merged LoRA adapter\n\n" \
-                   f"The adapter from `{output_dir.name}` merged into the base in " \
-                   f"{str(dtype).removeprefix('torch.')} by qc-train-phi {__version__}. See the adapter's card for " \
-                   "data and metrics.\n"
-            (staging / "README.md").write_text(card, encoding="utf-8")
-            (staging / MERGED_MARKER).write_text(f"qc-train-phi {__version__}\n", encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staging_folder(dest.parent / f".{dest.name}.staging-{os.getpid()}", needed) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        card_data = ModelCardData(base_model=hub_id, base_model_relation="merge" if hub_id else None,
+                                  library_name="transformers", **base_license(reference),
+                                  tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
+        title = hub_id or Path(cfg.name).name
+        card = f"---\n{card_data.to_yaml()}\n---\n\n# {title} with a merged LoRA adapter\n\n" \
+               f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
+               f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / MERGED_MARKER).write_text(f"qc-train-phi {__version__}\n", encoding="utf-8")
     make_shareable(staging)
     swap_in_folder(staging, dest)
     return dest
@@ -501,14 +488,9 @@ def write_gguf(output_dir: Path, outtype: str = "f32", base_gguf: str | None = N
 
     cfg = model.run_model_section(output_dir)
     dest = RunDir(output_dir).gguf
-    staging = output_dir / f".gguf.staging-{os.getpid()}"
-    try:
-        with writing(staging):
-            done = gguf_adapter.export(RunDir(output_dir).adapter, staging, model.base_reference(cfg),
-                                       model.load_config(cfg), outtype, base_gguf, name=output_dir.resolve().name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staging_folder(output_dir / f".gguf.staging-{os.getpid()}") as staging:
+        done = gguf_adapter.export(RunDir(output_dir).adapter, staging, model.base_reference(cfg),
+                                   model.load_config(cfg), outtype, base_gguf, name=output_dir.resolve().name)
     make_shareable(staging)
     swap_in_folder(staging, dest)
     return done

@@ -31,8 +31,8 @@ _active: list["StopOnSignal"] = []  # the installed handler, innermost last
 
 
 class StopOnSignal:
-    """The command's SIGTERM/SIGINT handler (see the module docstring). `stage` names what a signal before
-    training interrupts, for its message."""
+    """The command's SIGTERM/SIGINT handler (see the module docstring). `stage` says, in the message, where a
+    signal that raises at once stopped the command."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -89,10 +89,10 @@ class StopOnSignal:
                     "saved\n")
             return  # already unwinding: the first signal's line is the one that counts
         self.signum = signum
-        if self._critical:
-            self._pending = True
-            return
         if not self.defer:
+            if self._critical:
+                self._pending = True  # raised as the critical section ends
+                return
             raise Preempted(self._message())
         say(f"qctrain: {self.name} received: finishing the current step, saving a checkpoint, then exiting 75\n")
 

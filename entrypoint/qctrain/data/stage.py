@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from qctrain.atomic import fsync_tree, swap_in_folder, write_json_atomic
+from qctrain.atomic import fsync_tree, staging_folder, swap_in_folder, write_json_atomic
 from qctrain.data.formats import BadRecord, conversation_digest, conversation_id, to_conversation
 from qctrain.data.pack import pack_rows, render_marked, token_stats_of
 from qctrain.data.sources import Record, read_source, source_fingerprint
@@ -40,7 +40,7 @@ from qctrain.data.tokens import (
     rust_backend,
     worker_pool,
 )
-from qctrain.errors import InputError, writing
+from qctrain.errors import InputError
 from qctrain.recipe import DataSection, DataSource, canonical_json, output_data_overlap
 from qctrain.rundir import RunDir
 
@@ -732,20 +732,14 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
             return PreparedData(train, evaluation, report, fingerprint, target, cached=True)
         print(f"data: the prepared data in {target} is damaged ({cached}); preparing it again", flush=True)
 
-    tmp = cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with writing(tmp):
-            tmp.mkdir(parents=True)
-            report, split = build(cfg, tokenizer, template, tmp)
-            shutil.rmtree(tmp / "tokens")
-            report["fingerprint"] = fingerprint
-            report["shards"] = {path.name: path.stat().st_size for path in sorted(tmp.glob("*.arrow"))}
-            write_json_atomic(tmp / "split.json", split)
-            fsync_tree(tmp)  # the shards are on disk before the report that vouches for them
-            write_json_atomic(tmp / "report.json", report)  # written last: its presence marks a complete cache
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staging_folder(cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}") as tmp:
+        tmp.mkdir(parents=True)
+        report, split = build(cfg, tokenizer, template, tmp)
+        shutil.rmtree(tmp / "tokens")
+        report["fingerprint"] = fingerprint
+        report["shards"] = {path.name: path.stat().st_size for path in sorted(tmp.glob("*.arrow"))}
+        write_json_atomic(tmp / "split.json", split)
+        fsync_tree(tmp)  # the shards are on disk before the report that vouches for them
+        write_json_atomic(tmp / "report.json", report)  # written last: its presence marks a complete cache
     swap_in_folder(tmp, target, fsync_parent=True)
     return PreparedData(*load_prepared(target), report, fingerprint, target, cached=False)
