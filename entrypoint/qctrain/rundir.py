@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from qctrain import __version__
 from qctrain.atomic import read_json_object, write_json_atomic
 from qctrain.console import say
-from qctrain.errors import InputError
+from qctrain.errors import InputError, disk_errno
 from qctrain.recipe import Recipe
 
 LOCK_NAME = ".qctrain.lock"
@@ -226,7 +226,12 @@ def claim(output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"output.dir: {output_dir} is a file, not a folder")
     if not output_dir.is_dir():
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if disk_errno(err) is not None:
+                raise  # a full or read-only disk: exit 74, named as such
+            raise InputError(f"output.dir: {output_dir} cannot be created ({err.strerror})") from None
         output_dir.chmod(0o755)  # the folder is ours: whatever the umask, a server under another uid reaches it
     if all(entry.name in NOT_FOREIGN for entry in os.scandir(output_dir)):
         write_json_atomic(RunDir(output_dir).marker, {
