@@ -164,10 +164,6 @@ def system_folder_problem(output_dir: Path) -> str | None:
     return None
 
 
-def _is_leftover(folder: str, name: str) -> bool:
-    return folder in LEFTOVERS and LEFTOVERS[folder].fullmatch(name) is not None
-
-
 def _recognised(root: Path) -> bool:
     """Written by a qctrain run: our marker, or (a run folder of a version before the marker) its manifest, a
     checkpoint or a prepared data set."""
@@ -191,7 +187,7 @@ def foreign_entries(root: Path, limit: int = 3) -> list[str]:
     found = []
     with os.scandir(root) as entries:
         for entry in entries:
-            if entry.name in OWN_NAMES or entry.name in NOT_FOREIGN or _is_leftover(".", entry.name):
+            if entry.name in OWN_NAMES or entry.name in NOT_FOREIGN or LEFTOVERS["."].fullmatch(entry.name):
                 continue
             found.append(entry.name)
             if len(found) >= limit:
