@@ -2,8 +2,10 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,3 +117,46 @@ def fill_hub_cache(hub_cache: Path, repo_id: str, folder: Path, skip: tuple[str,
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root: its mode, and a file's bytes (a link: its target)."""
+    found = {}
+    for path in sorted([root, *root.rglob("*")]):
+        info = path.lstat()
+        content = (os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else None)
+        found[str(path.relative_to(root))] = (stat.S_IMODE(info.st_mode), stat.S_IFMT(info.st_mode), content)
+    return found
+
+
+def foreign_home(root: Path) -> Path:
+    """A folder like a home: a private key, an executable, files shaped like our temporary names."""
+    (root / ".ssh").mkdir(parents=True)
+    (root / ".ssh").chmod(0o700)
+    (root / ".ssh" / "id_rsa").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (root / ".ssh" / "id_rsa").chmod(0o600)
+    (root / "bin").mkdir()
+    (root / "bin" / "tool").write_text("#!/bin/sh\necho hi\n")
+    (root / "bin" / "tool").chmod(0o750)
+    (root / ".notes.tmp").write_text("my notes")
+    (root / ".staging-notes").mkdir()
+    (root / ".staging-notes" / "draft.txt").write_text("draft")
+    return root
+
+
+def gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """The pids still running (zombies count as gone) after up to `timeout` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

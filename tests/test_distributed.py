@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import alpaca_records, finish, write_json, write_recipe
+from conftest import alpaca_records, finish, gone, write_json, write_recipe
 from qctrain import distributed
 from qctrain.errors import InputError
 
@@ -114,24 +114,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def gone(pids: list[int], timeout: float = 15) -> list[int]:
-    """The pids still running (zombies count as gone) after up to `timeout` seconds."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -252,8 +234,8 @@ def test_data_is_tokenized_once_by_rank_0(runs):
 
 def test_one_set_of_outputs(runs):
     assert sorted(p.name for p in runs.out.iterdir()) == [
-        "README.md", "adapter", "checkpoints", "data_report.json", "loss.png", "metrics.jsonl", "prepared",
-        "run_manifest.json"]  # no second adapter, no leftover staging folder
+        ".qctrain-run", "README.md", "adapter", "checkpoints", "data_report.json", "loss.png", "metrics.jsonl",
+        "prepared", "run_manifest.json"]  # no second adapter, no leftover staging folder
     assert runs.resumed.stdout.count("done: adapter in") == 1
     rows = metrics(runs.out)
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, MAX_STEPS + 1))
@@ -448,3 +430,45 @@ def test_signal_forwarder_forwards_to_workers_or_exits_75_before_they_start(monk
         assert forwarder.signum == signal.SIGTERM and exits == [75]
     finally:
         worker.kill()
+
+
+# --- a rank that dies: the others name it ---
+
+LOST_PEER = '''
+import os, sys, time
+import torch.distributed as dist
+from qctrain import cli, distributed
+from qctrain.signals import StopOnSignal
+
+dist.init_process_group("gloo")
+distributed.all_gather(0)
+if distributed.rank() == 1:
+    os._exit(9)  # killed: no goodbye to the others
+time.sleep(1)
+stop = StopOnSignal()
+if sys.argv[1] == "stopping":
+    stop.signum = 15  # this rank was signalled too: the others going away is the stop, not a fault
+try:
+    distributed.all_gather(1)
+except Exception as err:
+    fault = cli._fault(err, stop)
+    print(int(fault.exit_code), fault, flush=True)
+'''
+
+
+@pytest.mark.parametrize("case", ["lost", "stopping"])
+def test_a_dead_rank_is_named_not_an_internal_error(case, tmp_path):
+    port = str(free_port())
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    procs = [subprocess.Popen([sys.executable, "-c", LOST_PEER, case], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=30)
+    code, _, message = out.strip().partition(" ")
+    if case == "lost":
+        assert code == "3", out + err
+        assert message.startswith("rank 0 of 2 lost its connection to rank 1: that process died or was stopped ("), out
+        assert message.endswith("; rerun the same command to resume from the last complete checkpoint")
+    else:
+        assert code == "75", out + err
+        assert message.startswith("stopped by SIGTERM while the other ranks stopped too"), out

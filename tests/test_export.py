@@ -203,3 +203,18 @@ def test_hub_id_stays_out_of_recipe_dumps_until_set(tmp_path):
     assert checkpoint.recipe_fingerprint(plain) != checkpoint.recipe_fingerprint(copy)
     with pytest.raises(ValueError, match="hub_id"):
         recipe_for(tmp_path, "models/tiny", hub_id="not an id")
+
+
+def test_a_merge_replaces_only_a_folder_it_may(tmp_path):
+    """A merge replaces --dest whole: a folder of someone else's files is refused before any weight loads."""
+    run = tmp_path / "run"
+    foreign = tmp_path / "models"
+    foreign.mkdir()
+    (foreign / "keep.safetensors").write_bytes(b"someone else's model")
+    with pytest.raises(InputError, match="holds files qctrain did not write"):
+        export.check_merge_dest(run, foreign)
+    (foreign / export.MERGED_MARKER).write_text("qc-train-phi\n")  # an earlier merge's folder
+    for dest in (foreign, tmp_path / "new", run / "merged"):
+        export.check_merge_dest(run, dest)
+    (tmp_path / "empty").mkdir()
+    export.check_merge_dest(run, tmp_path / "empty")

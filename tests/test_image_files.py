@@ -362,6 +362,7 @@ def test_job_failure_policy_follows_exit_codes():
             for code in codes["values"]:
                 by_code[code] = rule["action"]
     assert by_code[int(ExitCode.BAD_INPUT)] == "FailJob"
+    assert by_code[int(ExitCode.DISK_FULL)] == "FailJob"
     assert by_code[int(ExitCode.PREEMPTED)] in ("Ignore", "Count")
     assert int(ExitCode.INTERNAL) not in by_code or by_code[int(ExitCode.INTERNAL)] == "Count"
     disruption = [

@@ -156,13 +156,22 @@ def test_card_shows_base_and_tuned_replies(local_run):
     assert "_not generated_" not in samples
 
 
-def test_every_output_is_readable_by_others(local_run):
+SHARED = ("adapter", "README.md", "run_manifest.json", "metrics.jsonl", "loss.png", "data_report.json")
+
+
+def test_every_output_is_readable_by_others_and_nothing_else_is_made_so(local_run):
+    """Trained under umask 077: the outputs are 0644/0755 all the same; the tokenised data and the checkpoints
+    keep what the umask gave them."""
     out, _, _ = local_run
-    paths = [out, *out.rglob("*")]
+    paths = [out, *(p for name in SHARED for p in [out / name, *(out / name).rglob("*")])]
     wrong = [f"{p.relative_to(out)} {oct(stat.S_IMODE(p.stat().st_mode))}" for p in paths
              if stat.S_IMODE(p.stat().st_mode) != (0o755 if p.is_dir() else 0o644)]
     assert not wrong
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    private = [p for name in ("prepared", "checkpoints") for p in [out / name, *(out / name).rglob("*")]]
+    opened = [f"{p.relative_to(out)} {oct(stat.S_IMODE(p.stat().st_mode))}" for p in private
+              if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert len(private) > 10 and not opened
 
 
 def test_tensorboard_logs_under_output_dir(local_run):

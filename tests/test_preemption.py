@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import finish
+from conftest import finish, foreign_home, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # adapter tensors, resumed vs uninterrupted (measured on CPU: 0.0, bit-identical)
@@ -254,6 +255,101 @@ def test_changed_data_refuses_to_resume(runs, capsys, tmp_path):
     assert tree_digest(out / "checkpoints") == before
 
 
+# --- a finished run stays finished (the finished run of `runs`, copied) ---
+
+FOREIGN = (".ssh", "bin", ".notes.tmp", ".staging-notes")
+
+
+def copy_run(runs, tmp_path: Path, **sections) -> tuple[Path, Path]:
+    out = tmp_path / "run"
+    shutil.copytree(runs.out, out, symlinks=True)
+    recipe = write_recipe(tmp_path / "r.yaml", runs.model_dir, runs.data, out)
+    if sections:
+        recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **sections}))
+    return out, recipe
+
+
+def test_rerunning_a_finished_run_trains_nothing(runs, tmp_path, capsys):
+    from qctrain.cli import main
+
+    out, recipe = copy_run(runs, tmp_path)
+    before = tree_digest(out)
+    assert main(["train", str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"run complete: adapter in {out / 'adapter'} (step {MAX_STEPS}, checkpoint-{MAX_STEPS}); nothing to "
+            "train (rerun with --restart to train again)") in printed
+    assert "resuming" not in printed and "train_loss" not in printed
+    assert tree_digest(out) == before  # not a byte changed: adapter, metrics, checkpoints, manifest, data report
+    # A manifest of an earlier version (no checkpoint record): told by its recipe and its time.
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    for key in ("checkpoint", "recipe_fingerprint"):
+        manifest.pop(key)
+    (out / "run_manifest.json").write_text(json.dumps(manifest))
+    assert main(["train", str(recipe)]) == 0
+    assert "run complete" in capsys.readouterr().out
+    assert tree_digest(out / "adapter") == {k.removeprefix("adapter/"): v for k, v in before.items()
+                                            if k.startswith("adapter/")}
+
+
+def test_a_finished_run_completes_only_the_stages_that_did_not_finish(runs, tmp_path, capsys, monkeypatch):
+    from qctrain.cli import main
+
+    out, recipe = copy_run(runs, tmp_path, hub={"repo_id": "someone/finished-run", "push": "end"})
+    adapter = tree_digest(out / "adapter")
+    pushed = []
+    monkeypatch.setattr("qctrain.preflight.check_publisher", lambda recipe, env: [])  # no Hub here
+    monkeypatch.setattr("qctrain.publish.HubPublisher.push_run", lambda self, output_dir: pushed.append(output_dir))
+    assert main(["train", str(recipe), "--set", "output.gguf=true"]) == 0  # a push and a GGUF export asked for
+    printed = capsys.readouterr().out
+    assert "run complete" in printed and "GGUF LoRA adapter: " in printed and pushed == [out]
+    [gguf] = (out / "gguf").glob("*.gguf")
+    written = gguf.stat().st_mtime_ns
+    assert main(["train", str(recipe), "--set", "output.gguf=true"]) == 0
+    assert "GGUF" not in capsys.readouterr().out and gguf.stat().st_mtime_ns == written  # done once, kept
+    assert pushed == [out, out]  # the push is asked of the Hub again (it commits nothing when nothing changed)
+    assert tree_digest(out / "adapter") == adapter
+
+
+def test_a_run_killed_before_its_outputs_writes_them_without_training(runs, tmp_path, capsys):
+    """Also: a run changes the modes of what it writes and of nothing else in its folder."""
+    from qctrain.cli import main
+    from safetensors.torch import load_file
+
+    out, recipe = copy_run(runs, tmp_path)
+    for name in ("adapter", "README.md", "run_manifest.json", "loss.png", "data_report.json"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    foreign_home(out)  # a user's files in the run folder
+    for private in (out / "prepared", out / "checkpoints"):
+        private.chmod(0o700)
+    kept = {name: snapshot(out / name) for name in (*FOREIGN, "prepared", "checkpoints")}
+    steps = metrics_steps(out)
+    assert main(["train", str(recipe)]) == 0
+    printed = capsys.readouterr().out
+    final = out / "checkpoints" / f"checkpoint-{MAX_STEPS}"
+    assert f"training finished at {final} (step {MAX_STEPS} of {MAX_STEPS}): writing its outputs without " \
+           "training more" in printed
+    assert metrics_steps(out) == steps  # no step trained
+    written, saved = adapter_tensors(out), load_file(final / "adapter_model.safetensors")
+    assert written.keys() == saved.keys() and all(torch_equal(written[k], saved[k]) for k in saved)
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    marker = json.loads((final / "qctrain_checkpoint.json").read_text())
+    assert manifest["checkpoint"] == {"name": final.name, "saved": marker["saved"]}
+    assert {name: snapshot(out / name) for name in kept} == kept  # names, modes, contents: untouched
+    shared = [out / "adapter", *(out / "adapter").iterdir(), out / "README.md", out / "run_manifest.json",
+              out / "loss.png", out / "metrics.jsonl", out / "data_report.json"]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in shared} == {
+        p.name: "0o755" if p.is_dir() else "0o644" for p in shared}
+    before = tree_digest(out / "adapter")
+    assert main(["train", str(recipe)]) == 0  # and now it is complete
+    assert "run complete" in capsys.readouterr().out and tree_digest(out / "adapter") == before
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 # --- plan_resume / --restart / time-based saving / signals, in-process (no training) ---
 
 @pytest.fixture
@@ -270,11 +366,15 @@ def recipe_factory(tmp_path):
 
 
 def fake_checkpoint(recipe, step: int, marker: bool = True, fingerprint: str | None = None) -> Path:
+    import torch
     from qctrain import checkpoint
+    from safetensors.torch import save_file
 
     ckpt = checkpoint.checkpoints_dir(Path(recipe.output.dir)) / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
-    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+    save_file({"lora_A": torch.full((2, 2), float(step))}, ckpt / "adapter_model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, ckpt / "optimizer.pt")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 8, "log_history": []}))
     if marker:
         meta = {"complete": True, "recipe_fingerprint": fingerprint or checkpoint.recipe_fingerprint(recipe),
                 "recipe": checkpoint.training_recipe(recipe), "step": step}

@@ -1,18 +1,24 @@
 """JSON files: written atomically (beside the target, fsynced, then renamed over it: readers see old or new),
 with secrets masked, and read leniently where a missing or broken file means "nothing recorded"; small input
-files (a recipe, a token file) read with a bound, regular files only."""
+files (a recipe, a token file) read with a bound, regular files only. Folders: written in a staging folder
+beside their place (removed when a write fails), then swapped in whole."""
 
+import contextlib
 import json
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qctrain.errors import writing
 from qctrain.secretmask import mask_json_text
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_json_atomic(path: Path, value: Any, shared: bool = False) -> None:
+    """shared: 0644, readable by a serving process under another uid whatever the umask (an output); else the
+    umask decides (checkpoint markers, the data cache's files)."""
     text = json.dumps(value, indent=2, ensure_ascii=False)
     if (masked := mask_json_text(value, text)) is not value:
         text = json.dumps(masked, indent=2, ensure_ascii=False)
@@ -22,7 +28,8 @@ def write_json_atomic(path: Path, value: Any) -> None:
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)  # readable by a serving process under another uid, whatever the umask
+    if shared:
+        os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -88,6 +95,19 @@ def restore_interrupted_swap(dest: Path, aside: Path | None = None) -> None:
         os.replace(aside, dest)
 
 
+@contextlib.contextmanager
+def staging_folder(staging: Path, needed: int | None = None) -> Iterator[Path]:
+    """Where outputs are written before they move into place: removed if anything fails (nothing half-written
+    stays, and a full disk gets its space back), a full disk named with the space needed (exit 74)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with writing(staging, needed):
+            yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def swap_in_folder(new: Path, dest: Path, aside: Path | None = None, fsync_parent: bool = False) -> None:
     """Put the finished folder `new` at `dest` whole: the old one is moved aside first, removed after, never
     half-overwritten (two renames cannot swap folders atomically; between them the old one waits aside)."""
@@ -104,3 +124,20 @@ def swap_in_folder(new: Path, dest: Path, aside: Path | None = None, fsync_paren
         finally:
             os.close(fd)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file under root, then every folder (deepest first), so a rename publishes data on disk
+    (files=False: the folders only)."""
+    for folder, _dirs, names in os.walk(root, topdown=False):
+        for name in names if files else ():
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder), directory=True)

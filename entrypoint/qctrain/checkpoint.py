@@ -3,8 +3,10 @@
 A checkpoint is written into `<output.dir>/checkpoints/.partial-checkpoint-N/checkpoint-N`, every file
 fsynced, then the completion marker `qctrain_checkpoint.json` is written (fsynced), and only then is
 the folder renamed to `checkpoints/checkpoint-N`. So a `checkpoint-N` folder is either complete or
-absent; anything else (a `.partial-*` folder, a `checkpoint-N` without the marker, e.g. from a
-SIGKILL or a full disk) is ignored and removed before the next run trains.
+absent; anything else (a `.partial-*` folder, a `checkpoint-N` whose marker is missing, broken or not
+`complete`, e.g. from a SIGKILL or a full disk) is ignored and removed before the next run trains. A marker that
+cannot be read at all (EIO, EACCES) says nothing: that checkpoint is neither used nor removed. A complete
+checkpoint whose files do not load (a damaged disk) is passed over for the one before it.
 
 The marker records the training recipe (model:, lora:, data: and every train: value SFTConfig gets),
 its fingerprint and the prepared data's fingerprint. A run resumes only from a checkpoint of the same
@@ -13,16 +15,19 @@ fast or how visibly it trains, when it saves, where it pushes. Anything else is 
 changed key with its old and new value.
 """
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qctrain.atomic import swap_in_folder, write_json_atomic
+from qctrain.atomic import fsync_tree, restore_interrupted_swap, swap_in_folder, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.recipe import Recipe, canonical_json, harmless
 from qctrain.rundir import RunDir
@@ -30,7 +35,9 @@ from qctrain.rundir import RunDir
 MARKER = "qctrain_checkpoint.json"
 PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 PARTIAL_PREFIX = ".partial-"
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
+COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"  # what a checkpoint's marker says
 
 def checkpoints_dir(output_dir: Path) -> Path:
     return RunDir(Path(output_dir)).checkpoints
@@ -56,29 +63,54 @@ def step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def marker_state(path: Path) -> tuple[str, dict[str, Any] | None, OSError | None]:
+    """What the checkpoint folder's marker says: COMPLETE (with the marker), INCOMPLETE (read, and missing,
+    broken or not complete) or UNREADABLE (the read failed: EIO, EACCES...; with the error)."""
     try:
-        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("complete") is True else None
+        text = (path / MARKER).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return INCOMPLETE, None, None
+    except OSError as err:
+        return UNREADABLE, None, err
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        return INCOMPLETE, None, None
+    if isinstance(marker, dict) and marker.get("complete") is True:
+        return COMPLETE, marker, None
+    return INCOMPLETE, None, None
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The marker of a complete checkpoint; None for any other."""
+    state, marker, _ = marker_state(path)
+    return marker if state == COMPLETE else None
+
+
+def _checkpoint_folders(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None),
+                  key=lambda p: step_of(p) or 0)
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None and read_marker(p)]
-    return sorted(found, key=lambda p: step_of(p) or 0)
+    return [p for p in _checkpoint_folders(ckpt_dir) if marker_state(p)[0] == COMPLETE]
+
+
+def unreadable_checkpoints(ckpt_dir: Path) -> list[tuple[Path, OSError]]:
+    return [(p, err) for p in _checkpoint_folders(ckpt_dir) if (err := marker_state(p)[2]) is not None]
 
 
 def incomplete_entries(ckpt_dir: Path) -> list[Path]:
-    """Half-written checkpoints: staging folders and checkpoint-N folders without a valid marker."""
+    """Half-written checkpoints: staging folders and checkpoint-N folders whose marker was read and does not say
+    complete (never one whose marker could not be read)."""
     if not ckpt_dir.is_dir():
         return []
     return sorted(p for p in ckpt_dir.iterdir()
                   if p.name.startswith(PARTIAL_PREFIX)
-                  or (p.is_dir() and step_of(p) is not None and read_marker(p) is None))
+                  or (p.is_dir() and step_of(p) is not None and marker_state(p)[0] == INCOMPLETE))
 
 
 def remove_incomplete(ckpt_dir: Path) -> list[Path]:
@@ -91,27 +123,51 @@ def remove_incomplete(ckpt_dir: Path) -> list[Path]:
     return entries
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+def restore_asides(ckpt_dir: Path) -> None:
+    """A crash between the two renames of commit's swap leaves the good checkpoint-N aside: put it back."""
+    if ckpt_dir.is_dir():
+        for aside in ckpt_dir.glob(f"{PARTIAL_PREFIX}old-{PREFIX}-*"):
+            restore_interrupted_swap(ckpt_dir / aside.name.removeprefix(f"{PARTIAL_PREFIX}old-"), aside)
+
+
+def load_problem(path: Path) -> str | None:
+    """Why the checkpoint's files would not load (None: they all do): JSON that does not parse, a safetensors
+    file that does not load, a torch file (a zip archive) that fails its checksums, no trainer state. Reads every
+    byte once and unpickles nothing."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (path / TRAINER_STATE).is_file():
+        return f"no {TRAINER_STATE}"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix()
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_bytes())
+            elif file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{name}: {bad} fails its checksum"
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
+            return f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+    return None
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file under root, then every folder (deepest first), so a rename publishes data on disk."""
-    for folder, _dirs, files in os.walk(root, topdown=False):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder), directory=True)
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def commit(written: Path, final: Path, marker: dict[str, Any]) -> None:
     """Make the fully written checkpoint folder `written` appear as `final`, atomically."""
     fsync_tree(written)
     write_json_atomic(written / MARKER, {**marker, "complete": True})
-    _fsync_path(written, directory=True)
+    fsync_tree(written, files=False)
     # The same step saved twice: the new copy replaces the old one whole.
     swap_in_folder(written, final, aside=final.with_name(f"{PARTIAL_PREFIX}old-{final.name}"), fsync_parent=True)
 
@@ -153,6 +209,25 @@ def trim_metrics(path: Path, step: int) -> int:
     return dropped
 
 
+def newest_size(ckpt_dir: Path) -> int | None:
+    """Bytes in the newest complete checkpoint: about what the next one needs."""
+    complete = complete_checkpoints(ckpt_dir)
+    if not complete:
+        return None
+    return sum(p.stat().st_size for p in complete[-1].rglob("*") if p.is_file())
+
+
+def checkpoint_record(path: Path | None) -> dict[str, Any] | None:
+    """What names a complete checkpoint for good (run_manifest.json records the newest one its outputs follow):
+    its name and the time its marker was written."""
+    marker = read_marker(path) if path is not None else None
+    return {"name": path.name, "saved": marker.get("saved")} if path is not None and marker else None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
 @dataclass
 class ResumePlan:
     output_dir: Path
@@ -160,6 +235,7 @@ class ResumePlan:
     restart: bool  # discard every checkpoint (and the metrics log) before training
     fingerprint: str
     recipe_parts: dict[str, Any]
+    newest: Path | None = None  # the newest complete checkpoint, loadable or not
 
     @property
     def step(self) -> int:
@@ -168,6 +244,35 @@ class ResumePlan:
     @property
     def marker(self) -> dict[str, Any]:
         return (read_marker(self.checkpoint) or {}) if self.checkpoint else {}
+
+    @property
+    def finished(self) -> bool:
+        """Training ended at this checkpoint (its step reached the run's max_steps, what max_steps or the epochs
+        asked for): there is nothing left to train."""
+        state = trainer_state(self.checkpoint) if self.checkpoint else {}
+        step, last = state.get("global_step"), state.get("max_steps")
+        return isinstance(step, int) and isinstance(last, int) and 0 < last <= step
+
+    def outputs_current(self, data_fingerprint: str) -> bool:
+        """The outputs in output.dir (adapter/, run_manifest.json) were written after the newest complete checkpoint,
+        for this recipe and data: the run is complete and nothing is left to train."""
+        run = RunDir(self.output_dir)
+        manifest = run.read_manifest(strict=False)
+        if self.restart or not (run.adapter / "adapter_config.json").is_file():
+            return False
+        if not isinstance(manifest.get("data"), dict) or manifest["data"].get("fingerprint") != data_fingerprint:
+            return False
+        if "checkpoint" in manifest:
+            return (manifest.get("recipe_fingerprint") == self.fingerprint
+                    and manifest["checkpoint"] == checkpoint_record(self.newest))
+        # A manifest of a version before the record: the same training recipe, written after the newest checkpoint.
+        try:
+            fingerprint = recipe_fingerprint(Recipe.model_validate(manifest.get("recipe")))
+        except ValueError:
+            return False
+        saved = (read_marker(self.newest) or {}).get("saved") if self.newest else None
+        return fingerprint == self.fingerprint and (
+            self.newest is None or isinstance(saved, int | float) and str(manifest.get("finished")) >= _iso(saved))
 
     def check_data(self, data_fingerprint: str) -> None:
         recorded = self.marker.get("data_fingerprint")
@@ -185,7 +290,7 @@ class ResumePlan:
         else:
             removed = remove_incomplete(ckpt_dir)
             if removed:
-                print(f"removed {len(removed)} incomplete checkpoint folder(s) (no {MARKER}): "
+                print(f"removed {len(removed)} incomplete checkpoint folder(s) (not marked complete): "
                       f"{', '.join(p.name for p in removed)}", flush=True)
         if self.checkpoint is None:
             metrics.unlink(missing_ok=True)
@@ -193,11 +298,27 @@ class ResumePlan:
             trim_metrics(metrics, self.step)
 
 
-def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
-    """Decide (without changing anything) whether `train` resumes, and from which checkpoint.
+def _changed_recipe(checkpoint: Path, parts: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The keys in which the recipe differs from the checkpoint's; InputError if one of them changes the weights."""
+    recorded = (read_marker(checkpoint) or {}).get("recipe")
+    changed = changed_keys(recorded, parts) if isinstance(recorded, dict) else [("(recipe)", None, None)]
+    blocking = [(key, old, new) for key, old, new in changed if not harmless(key, old, new)]
+    if blocking:
+        shown = ", ".join(f"{key} ({_shown(old)} -> {_shown(new)})" if key != "(recipe)" else "unknown"
+                          for key, old, new in blocking[:6])
+        more = f" and {len(blocking) - 6} more" if len(blocking) > 6 else ""
+        raise InputError(f"{checkpoint}: checkpoint of a different recipe (changed: {shown}{more}); "
+                         "rerun with --restart to discard the checkpoints and start fresh, "
+                         "or set another output.dir")
+    return changed
 
-    Raises InputError when the newest complete checkpoint belongs to a different recipe and
-    `restart` is not set.
+
+def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
+    """Decide (changing nothing but putting back a checkpoint a crash left aside) whether `train` resumes, and
+    from which checkpoint: the newest complete one whose files load, else the one before it.
+
+    Raises InputError when that checkpoint belongs to a different recipe and `restart` is not set, or when no
+    complete checkpoint loads.
     """
     output_dir = Path(recipe.output.dir)
     parts = training_recipe(recipe)
@@ -205,23 +326,29 @@ def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
     plan = ResumePlan(output_dir, None, restart, fingerprint, parts)
     if restart:
         return plan
-    complete = complete_checkpoints(checkpoints_dir(output_dir))
+    ckpt_dir = checkpoints_dir(output_dir)
+    restore_asides(ckpt_dir)
+    for path, err in unreadable_checkpoints(ckpt_dir):
+        print(f"{path}: its {MARKER} cannot be read ({errno.errorcode.get(err.errno or 0, '?')}: {err.strerror}); "
+              "not resumed from, not removed", flush=True)
+    complete = complete_checkpoints(ckpt_dir)
     if not complete:
         return plan
-    newest = complete[-1]
-    marker = read_marker(newest) or {}
-    recorded = marker.get("recipe")
-    changed = changed_keys(recorded, parts) if isinstance(recorded, dict) else [("(recipe)", None, None)]
-    blocking = [(key, old, new) for key, old, new in changed if not harmless(key, old, new)]
-    if blocking:
-        shown = ", ".join(f"{key} ({_shown(old)} -> {_shown(new)})" if key != "(recipe)" else "unknown"
-                          for key, old, new in blocking[:6])
-        more = f" and {len(blocking) - 6} more" if len(blocking) > 6 else ""
-        raise InputError(f"{newest}: checkpoint of a different recipe (changed: {shown}{more}); "
-                         "rerun with --restart to discard the checkpoints and start fresh, "
-                         "or set another output.dir")
+    plan.newest = complete[-1]
+    passed_over = []
+    for candidate in reversed(complete):
+        problem = load_problem(candidate)
+        if problem is None:
+            plan.checkpoint = candidate
+            break
+        passed_over.append(f"{candidate.name} ({problem})")
+    if passed_over:
+        print(f"cannot load {'; '.join(passed_over)}: passed over, not removed", flush=True)
+    if plan.checkpoint is None:
+        raise InputError(f"{ckpt_dir}: no complete checkpoint loads (the newest: {passed_over[0]}); rerun with "
+                         "--restart to discard the checkpoints and start fresh")
+    changed = _changed_recipe(plan.checkpoint, parts)
     if changed:
         print(f"resuming with changed knobs that do not change the weights: "
               f"{', '.join(f'{key} ({_shown(old)} -> {_shown(new)})' for key, old, new in changed)}", flush=True)
-    plan.checkpoint = newest
     return plan

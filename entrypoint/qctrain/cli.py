@@ -1,6 +1,7 @@
 """Command line: wires the stages recipe -> preflight -> data -> model -> train -> export -> publish."""
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -87,17 +88,17 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _prepare(recipe):
+def _prepare(recipe, tokenizer=None):
     from qctrain import data, distributed, model
     from qctrain.rundir import RunDir
 
     output_dir = Path(recipe.output.dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = model.load_tokenizer(recipe.model)
+    tokenizer = tokenizer or model.load_tokenizer(recipe.model)
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
         prepared = data.prepare(recipe.data, tokenizer, output_dir)
     if distributed.is_main():
-        write_json_atomic(RunDir(output_dir).data_report, prepared.report)
+        write_json_atomic(RunDir(output_dir).data_report, prepared.report, shared=True)
     return tokenizer, prepared
 
 
@@ -105,8 +106,8 @@ def cmd_prepare(args) -> int:
     from qctrain import rundir
 
     recipe = _load(args)
+    args.stop.stage = "while preparing the data; nothing half-written was kept"
     with rundir.hold(Path(recipe.output.dir)):
-        rundir.remove_leftovers(Path(recipe.output.dir))
         _, prepared = _prepare(recipe)
     _print_data_summary(prepared.report, prepared.cached)
     print(f"prepared data: {prepared.dir}")
@@ -124,15 +125,7 @@ def cmd_train(args) -> int:
             if not Path(args.recipe).is_file():  # the workers check the rest, each
                 raise InputError(f"{args.recipe}: recipe file not found")
             distributed.exec_launcher(distributed.strip_option(args.argv, "--nproc"), nproc)
-    from qctrain.train import StopOnSignal
-
-    stop = StopOnSignal()
-    try:
-        with stop:  # SIGTERM/SIGINT: checkpoint and exit 75 (see train.py)
-            return _train(args, stop)
-    finally:
-        if stop.signum is not None and distributed.under_launcher():
-            distributed.ignore_stop_signals()  # exiting 75: the launcher's follow-up SIGTERM must not kill it
+    return _train(args, args.stop)  # SIGTERM/SIGINT: checkpoint and exit 75 (see signals.py, train.py)
 
 
 def _train(args, stop) -> int:
@@ -147,27 +140,35 @@ def _train(args, stop) -> int:
     distributed.check_fsdp(recipe)
     output_dir = Path(recipe.output.dir)
     with rundir.hold(output_dir, enabled=distributed.is_main()):  # one run per output folder
-        if distributed.is_main():
-            rundir.remove_leftovers(output_dir)
         return _train_held(recipe, args, stop)
 
 
 def _train_held(recipe, args, stop) -> int:
     from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
+    from qctrain.rundir import RunDir
 
+    output_dir = Path(recipe.output.dir)
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
-    tokenizer, prepared = _prepare(recipe)
+    stop.stage = "while preparing the data; nothing half-written was kept"
+    tokenizer = model.load_tokenizer(recipe.model)
+    if not args.restart and (plan.newest is not None or RunDir(output_dir).manifest.is_file()):
+        fingerprint = data.fingerprint(recipe.data, tokenizer)  # a complete run is told before preparing data
+        plan.check_data(fingerprint)
+        if plan.outputs_current(fingerprint):
+            return _complete(recipe, plan, stop)
+    tokenizer, prepared = _prepare(recipe, tokenizer)
     plan.check_data(prepared.fingerprint)
     distributed.check_same_run(prepared.fingerprint, plan.step)
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
 
-    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), Path(recipe.output.dir))
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), output_dir)
     if tracker_env and distributed.is_main():
         print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
+    stop.stage = "while loading the model; nothing to save"
     base = model.load_base_model(recipe.model)
     modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
-    trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
+    trainer = train.build_trainer(recipe, base, tokenizer, prepared, output_dir, stop=stop)
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
         say("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes train "
             "as DDP)\n")
@@ -176,7 +177,8 @@ def _train_held(recipe, args, stop) -> int:
         trainer.add_callback(train.CheckpointPusher(publisher,
                                                       stopping=lambda: stop.signum is not None))
     result = train.run(trainer, plan, stop)
-    adapter_state = distributed.full_adapter_state(trainer)  # FSDP: gathered by every rank, else None
+    # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
+    adapter_state = distributed.full_adapter_state(trainer) if not plan.finished else None
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and pushes
 
@@ -184,13 +186,48 @@ def _train_held(recipe, args, stop) -> int:
     prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
     samples = export.before_after_samples(trainer.model, tokenizer, prompts)  # the base: adapter disabled
     chat_template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
+    newest = checkpoint.complete_checkpoints(checkpoint.checkpoints_dir(output_dir))
     export.write_outputs(export.FinishedRun(
         recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
-        result.log_history, result.started, result.finished, samples, state_dict=adapter_state))
-    print(f"done: adapter in {Path(recipe.output.dir) / 'adapter'} "
+        result.log_history, result.started, result.finished, samples, state_dict=adapter_state,
+        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None)))
+    print(f"done: adapter in {output_dir / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
-    return publish.publish_after_training(recipe, Path(recipe.output.dir), stop.name if stop.signum else None,
-                                          distributed.world_size())
+    return _publish(recipe, stop)
+
+
+def _complete(recipe, plan, stop) -> int:
+    """A rerun of a run that finished: nothing is trained; the stages that did not finish (the GGUF export, the
+    push) are completed, and those that did are left as they are."""
+    from qctrain import distributed, export
+    from qctrain.atomic import restore_interrupted_swap
+    from qctrain.rundir import RunDir
+
+    if not distributed.is_main():
+        return 0
+    run = RunDir(Path(recipe.output.dir))
+    restore_interrupted_swap(run.adapter)
+    step = f"step {plan.step}, {plan.newest.name}" if plan.newest is not None else "no checkpoint kept"
+    print(f"run complete: adapter in {run.adapter} ({step}); nothing to train (rerun with --restart to train "
+          "again)", flush=True)
+    if recipe.output.gguf and not any(run.gguf.glob("*.gguf")):
+        stop.stage = "while writing the GGUF export; the adapter is complete"
+        done = export.write_gguf(run.root)
+        print(f"GGUF LoRA adapter: {run.gguf / done.adapter.name}")
+    return _publish(recipe, stop)
+
+
+def _publish(recipe, stop) -> int:
+    """Push the finished run where the recipe says. A signal before this point (training, export) made it through
+    its stage: no push. One during the push stops it (one process: a rerun completes it)."""
+    from qctrain import distributed, publish
+
+    output_dir = Path(recipe.output.dir)
+    stopped_by = stop.name if stop.signum else None
+    if stopped_by is None and distributed.world_size() == 1:
+        stop.stage = f"during the push; outputs complete in {output_dir}, not pushed"
+        stop.interrupt_now()
+    return publish.publish_after_training(recipe, output_dir, stopped_by, distributed.world_size())
 
 
 def cmd_push(args) -> int:
@@ -227,19 +264,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from qctrain import export, gguf_adapter, model
-    from qctrain.atomic import swap_in_folder
+    from qctrain import export
     from qctrain.rundir import RunDir
 
     output_dir = Path(args.output_dir)
-    cfg = model.run_model_section(output_dir)
-    base = model.base_reference(cfg)
     dest = RunDir(output_dir).gguf
-    staging = output_dir / f".gguf.staging-{os.getpid()}"
-    done = gguf_adapter.export(RunDir(output_dir).adapter, staging, base, model.load_config(cfg), args.outtype,
-                               args.base_gguf, name=output_dir.resolve().name)
-    export.make_shareable(staging)
-    swap_in_folder(staging, dest)
+    done = export.write_gguf(output_dir, args.outtype, args.base_gguf)
     print(f"GGUF LoRA adapter: {dest / done.adapter.name} ({done.tensors} tensors, alpha {done.alpha:g})")
     print(f"Ollama Modelfile:  {dest / done.modelfile.name}")
     return 0
@@ -275,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qctrain", parents=[common],
         description="Fine-tune a 4-bit quantized LoRA adapter from one YAML recipe.",
-        epilog="exit codes: 0 ok, 1 internal error, 2 bad recipe/data/input, 3 environment, "
-               "4 trained but not pushed, 75 preempted (checkpoint saved, rerun to resume)")
+        epilog="exit codes: 0 ok, 1 internal error, 2 bad recipe/data/input, 3 environment (or a lost rank), "
+               "4 trained but not pushed, 74 disk full/quota/read-only (free space, rerun to resume), "
+               "75 preempted (checkpoint saved, rerun to resume)")
     parser.add_argument("--version", action="version", version=f"qctrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -343,30 +374,66 @@ def error_lines(message: str) -> str:
     return "".join(f"qctrain: error: {line}\n" for line in shown)
 
 
+def _fault(err: Exception, stop) -> QcError | None:
+    """An exception no stage turned into a QcError, named where it can be: a full disk (or quota, or a read-only
+    filesystem), a lost rank of a distributed run, or the fallout of a stop signal."""
+    from qctrain import distributed
+    from qctrain.errors import disk_full
+
+    return disk_full(err) or distributed.lost_peer(err, stopped_by=stop.name if stop.signum else None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from qctrain.signals import StopOnSignal
+
     with masked_streams():  # no secret leaves through argparse's usage errors, print, logging or a traceback
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
         args.debug = getattr(args, "debug", False)
         _quiet_libraries(args.debug)
-        return _run(args)
+        args.stop = StopOnSignal().__enter__()  # SIGTERM/SIGINT in any command and stage: one line, exit 75
+        if args.command != "train":
+            args.stop.stage = f"in `qctrain {args.command}`; nothing half-written was kept"
+        try:
+            code = _run(args)
+        finally:
+            args.stop.release()
+        if argv is None and args.stop.signum is not None:
+            _exit_now(code)
+        return code
 
 
 def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except QcError as err:
-        if args.debug:
-            traceback.print_exc()
-        say(error_lines(str(err)))
-        return int(err.exit_code)
+        return _report(err, args.debug)
     except KeyboardInterrupt:
         say("qctrain: interrupted\n")
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if (fault := _fault(err, args.stop)) is not None:
+            return _report(fault, args.debug)
         if args.debug:  # the traceback, through the masked stderr (the interpreter's own would not be)
             traceback.print_exc()
             return int(ExitCode.INTERNAL)
         first_line = shorten(mask(str(err).splitlines()[0]) if str(err) else "", MAX_ERROR_CHARS)
         say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)
+
+
+def _exit_now(code: int) -> None:
+    """Stopped by a signal, as the program (not called from Python): the exit code and its line are settled and
+    everything of ours is closed, so the process ends now instead of spending seconds of the grace period on the
+    interpreter's teardown of torch and the other libraries."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _report(err: QcError, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    say(error_lines(str(err)))
+    return int(err.exit_code)

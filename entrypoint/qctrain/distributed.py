@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from qctrain.console import say
-from qctrain.errors import ExitCode, InputError
+from qctrain.errors import ExitCode, InputError, Preempted, QcError
 
 # Any of these in the environment: a multi-node rendezvous is configured (torchrun reads PET_<FLAG>).
 RENDEZVOUS_ENV = ("PET_NNODES", "PET_MASTER_ADDR", "PET_RDZV_ENDPOINT")
@@ -169,12 +169,35 @@ def check_same_run(data_fingerprint: str, resume_step: int) -> None:
                          "volume), or set train.save_on_each_node: true")
 
 
-def ignore_stop_signals() -> None:
-    """A worker that stopped on a signal and is on its way out (exit 75): once one worker has exited,
-    torchrun's agent SIGTERMs the others, which must not turn their exit 75 into death by SIGTERM. (If
-    the exit hangs, the agent still SIGKILLs it after its shutdown timeout.)"""
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+# --- a lost rank ---
+
+# What gloo and NCCL say when the other end of a collective is gone (its process died or was killed).
+PEER_LOST_TEXTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+                   "ncclRemoteError", "NCCL communicator was aborted", "Connection refused")
+BACKENDS = ("gloo", "nccl", "NCCL", "c10d", "ProcessGroup", "TCPStore")  # a message from the collectives
+
+
+def lost_peer(err: BaseException, stopped_by: str | None = None, env: Mapping[str, str] | None = None
+              ) -> QcError | None:
+    """A collective that failed because another rank is gone, named as such (None: not that, or one process):
+    which rank (the other one of two; "another rank" beyond), and that a rerun resumes from the last checkpoint.
+    After a stop signal it is the other ranks stopping too: Preempted."""
+    size = world_size(env)
+    if size <= 1:
+        return None
+    text = str(err)
+    if not (any(part in text for part in PEER_LOST_TEXTS) and any(name in text for name in BACKENDS)):
+        return None
+    if stopped_by is not None:
+        return Preempted(f"stopped by {stopped_by} while the other ranks stopped too; rerun the same command to "
+                         "resume from the last complete checkpoint")
+    me = rank(env)
+    other = f"rank {1 - me}" if size == 2 else "another rank"
+    first = text.splitlines()[0] if text else type(err).__name__
+    detail = first.split("] ", 1)[-1].split(". ")[0][:120]  # gloo: "[path/pair.cc:553] Connection closed by peer..."
+    return QcError(f"rank {me} of {size} lost its connection to {other}: that process died or was stopped "
+                   f"({detail}); rerun the same command to resume from the last complete checkpoint",
+                   ExitCode.ENVIRONMENT)
 
 
 # --- FSDP ---

@@ -1,7 +1,9 @@
 """Export stage: adapter, model card, run manifest and loss plot, written atomically into output.dir.
 
 The outputs travel: the adapter names its base by absolute path or Hub id, holds the model card,
-tokenizer and chat template itself, and every file is readable by other users (0644, folders 0755).
+tokenizer and chat template itself, and every output is readable by other users (0644, folders 0755): adapter/,
+gguf/, merged/, the card, manifest, metrics, loss plot and data report. Modes are set on these alone, never on
+anything else in output.dir: prepared/ and checkpoints/ keep what the umask gives.
 """
 
 import json
@@ -19,13 +21,14 @@ from typing import Any
 import torch
 
 from qctrain import PROVENANCE_VARS, __version__, distributed
-from qctrain.atomic import read_json_object, swap_in_folder, write_json_atomic
+from qctrain.atomic import read_json_object, staging_folder, swap_in_folder, write_json_atomic
 from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
 from qctrain.rundir import RunDir
 from qctrain.secretmask import mask
 
+MERGED_MARKER = ".qctrain-merged"  # in a merged model's folder: qctrain wrote it, a later merge may replace it
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets",
             "huggingface-hub", "pydantic", "tokenizers", "safetensors"]
 
@@ -60,12 +63,17 @@ def iso(timestamp: float) -> str:
 
 
 def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics: dict, args,
-                   started: float, finished: float, base: BaseReference | None = None) -> dict[str, Any]:
+                   started: float, finished: float, base: BaseReference | None = None,
+                   checkpoint: dict | None = None) -> dict[str, Any]:
+    from qctrain.checkpoint import recipe_fingerprint
+
     world = distributed.world_size()
     return {
         "qctrain_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": recipe.sha256(),
+        "recipe_fingerprint": recipe_fingerprint(recipe),  # the training recipe's, as checkpoints record it
+        "checkpoint": checkpoint,  # the newest complete checkpoint these outputs follow (checkpoint.checkpoint_record)
         "base_model": asdict(base or base_reference(recipe.model)),
         "data": {
             "fingerprint": data_report.get("fingerprint"),
@@ -306,8 +314,9 @@ Greedy, at most 48 new tokens, generated at the end of training.
 
 
 def make_shareable(root: Path) -> None:
-    """Files 0644 and folders 0755 under root (safetensors writes 0600 whatever the umask), so a
-    serving process under another uid on a shared volume can read the outputs."""
+    """root (a file, or a folder and everything under it) 0644 for files and 0755 for folders (safetensors writes
+    0600 whatever the umask), so a serving process under another uid on a shared volume can read the outputs.
+    Only ever called on what this run wrote: its staging folders and its own files."""
     paths = [root, *root.rglob("*")] if root.is_dir() else [root]
     for path in paths:
         try:
@@ -345,7 +354,8 @@ def publish_atomically(staging: Path, output_dir: Path) -> None:
     swap_in_folder(staged.adapter, final.adapter)
     if staged.gguf.is_dir():
         swap_in_folder(staged.gguf, final.gguf)
-    for name in RunDir.FINAL_FILES:
+    # run_manifest.json last: its presence says the outputs beside it are complete (checkpoint.ResumePlan)
+    for name in sorted(RunDir.FINAL_FILES, key=lambda name: name == "run_manifest.json"):
         if (staging / name).exists():
             os.replace(staging / name, output_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
@@ -367,21 +377,30 @@ class FinishedRun:
     finished: float
     samples: list[Sample]
     state_dict: dict | None = None  # FSDP: the adapter gathered from every rank
+    checkpoint: dict | None = None  # checkpoint.checkpoint_record of the newest complete checkpoint
 
 
 def write_outputs(run: FinishedRun) -> dict[str, Any]:
+    output_dir = Path(run.recipe.output.dir)
+    with staging_folder(output_dir / f".staging-{os.getpid()}") as staging:
+        staging.mkdir(parents=True)
+        manifest = _write_staged(run, staging)
+    publish_atomically(staging, output_dir)
+    if RunDir(output_dir).metrics.is_file():
+        make_shareable(RunDir(output_dir).metrics)  # appended to during training, outside the staging folder
+    return manifest
+
+
+def _write_staged(run: FinishedRun, staging: Path) -> dict[str, Any]:
     recipe, trainer, data_report, metrics = run.recipe, run.trainer, run.data_report, run.metrics
     output_dir = Path(recipe.output.dir)
-    staging = output_dir / f".staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     base = base_reference(recipe.model)
     staged = RunDir(staging)
     adapter = staged.adapter
     save_adapter(trainer, run.tokenizer, run.chat_template, adapter, run.state_dict)
     point_adapter_at_base(adapter, base)
     manifest = build_manifest(recipe, data_report, run.split_path, metrics, trainer.args, run.started, run.finished,
-                              base)
+                              base, run.checkpoint)
     write_json_atomic(staged.manifest, manifest)
     write_json_atomic(staged.data_report, data_report)
     plot_loss(run.log_history, staged.loss_plot)
@@ -394,8 +413,6 @@ def write_outputs(run: FinishedRun) -> dict[str, Any]:
 
         gguf_adapter.export(adapter, staged.gguf, base, _model_config(trainer), name=output_dir.resolve().name)
     make_shareable(staging)
-    publish_atomically(staging, output_dir)
-    make_shareable(output_dir)
     return manifest
 
 
@@ -427,6 +444,7 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
     from qctrain.model import run_model_section
 
     cfg = run_model_section(output_dir)
+    check_merge_dest(output_dir, dest)
     adapter = output_dir / "adapter"
     base = load_base_for_merge(cfg, dtype)
     try:
@@ -436,18 +454,44 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
         raise InputError(f"{adapter}: cannot load the adapter onto {cfg.name}: {str(err).splitlines()[0]}") from None
     reference = base_reference(cfg)  # cfg: as resolved from here, its hub_id included
     hub_id = reference.hub_id
-    staging = dest.parent / f".{dest.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    card_data = ModelCardData(base_model=hub_id, base_model_relation="merge" if hub_id else None,
-                              library_name="transformers", **base_license(reference),
-                              tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
-    title = hub_id or Path(cfg.name).name
-    card = f"---\n{card_data.to_yaml()}\n---\n\n# {title} with a merged LoRA adapter\n\n" \
-           f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
-           f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
-    (staging / "README.md").write_text(mask(card), encoding="utf-8")
+    needed = sum(p.numel() * p.element_size() for p in merged.parameters())
+    with staging_folder(dest.parent / f".{dest.name}.staging-{os.getpid()}", needed) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        card_data = ModelCardData(base_model=hub_id, base_model_relation="merge" if hub_id else None,
+                                  library_name="transformers", **base_license(reference),
+                                  tags=["qlora", "merged", "qc-train-phi"], pipeline_tag="text-generation")
+        title = hub_id or Path(cfg.name).name
+        card = f"---\n{card_data.to_yaml()}\n---\n\n# {title} with a merged LoRA adapter\n\n" \
+               f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
+               f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
+        (staging / "README.md").write_text(mask(card), encoding="utf-8")
+        (staging / MERGED_MARKER).write_text(f"qc-train-phi {__version__}\n", encoding="utf-8")
     make_shareable(staging)
     swap_in_folder(staging, dest)
     return dest
+
+
+def check_merge_dest(output_dir: Path, dest: Path) -> None:
+    """A merge replaces `dest` whole: it must be absent, empty, or a merged model qctrain wrote (its marker)."""
+    if dest.resolve() == RunDir(output_dir).merged.resolve() or not dest.exists():
+        return
+    if not dest.is_dir():
+        raise InputError(f"--dest {dest}: is a file, not a folder")
+    if any(dest.iterdir()) and not (dest / MERGED_MARKER).is_file():
+        raise InputError(f"--dest {dest}: holds files qctrain did not write, and a merge replaces the folder whole; "
+                         "name a new or empty folder")
+
+
+def write_gguf(output_dir: Path, outtype: str = "f32", base_gguf: str | None = None):
+    """`qctrain export --gguf`: the finished run's adapter as a GGUF LoRA and Modelfile in output_dir/gguf."""
+    from qctrain import gguf_adapter, model
+
+    cfg = model.run_model_section(output_dir)
+    dest = RunDir(output_dir).gguf
+    with staging_folder(output_dir / f".gguf.staging-{os.getpid()}") as staging:
+        done = gguf_adapter.export(RunDir(output_dir).adapter, staging, model.base_reference(cfg),
+                                   model.load_config(cfg), outtype, base_gguf, name=output_dir.resolve().name)
+    make_shareable(staging)
+    swap_in_folder(staging, dest)
+    return done

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, distributed, hubcache, modelfiles
+from qctrain import data, distributed, hubcache, modelfiles, rundir
 from qctrain.errors import InputError, QcError
 from qctrain.recipe import Recipe, output_data_overlap
 
@@ -57,6 +57,8 @@ def nearest_existing(path: Path) -> Path:
 
 def check_output_dir(recipe: Recipe, min_free: int = MIN_FREE_BYTES) -> list[str]:
     out = Path(recipe.output.dir)
+    if problem := rundir.output_dir_problem(out):  # a system folder, the home folder, someone else's files
+        return [problem]
     existing = nearest_existing(out.absolute())
     if existing.exists() and not existing.is_dir():
         return [f"output.dir: {existing} is a file, not a folder"]

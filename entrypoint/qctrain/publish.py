@@ -111,7 +111,7 @@ def push_output(
     message = commit_message or default_commit_message(output_dir)
     result = _push(files, repo_id, token, private, revision or "main", message, endpoint, retry)
     record = {**asdict(result), "time": datetime.now(UTC).isoformat(timespec="seconds")}
-    write_json_atomic(RunDir(output_dir).push_record, record)
+    write_json_atomic(RunDir(output_dir).push_record, record, shared=True)
     return result
 
 

@@ -34,13 +34,13 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qctrain import checkpoint, distributed
 from qctrain.checkpoint import checkpoints_dir
-from qctrain.console import say
 from qctrain.data import IGNORE, PreparedData
-from qctrain.errors import InputError, Preempted
+from qctrain.errors import InputError, Preempted, writing
 from qctrain.hubtoken import redact
 from qctrain.model import lora_config
 from qctrain.recipe import Recipe
 from qctrain.rundir import RunDir
+from qctrain.signals import StopOnSignal
 
 log = logging.getLogger("qctrain.train")
 
@@ -72,49 +72,8 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
-            with open(self.path, "a", encoding="utf-8") as handle:
+            with writing(self.path), open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(redact(json.dumps(row)) + "\n")
-
-
-class StopOnSignal:
-    """SIGTERM/SIGINT handling for `train`, installed for the whole command.
-
-    Before training starts nothing is worth saving: a signal raises Preempted at once (exit 75).
-    Once `defer` is set (training, export), a signal only records itself; PreemptionCallback stops
-    training after the current optimizer step and saves a checkpoint. Further signals are ignored,
-    so nothing interrupts a checkpoint being written.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.defer = False
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "signal"
-
-    def __enter__(self) -> "StopOnSignal":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            say(f"qctrain: {signal.Signals(signum).name} again: already stopping, the checkpoint is being saved\n")
-            return
-        self.signum = signum
-        if not self.defer:
-            raise Preempted(f"stopped by {self.name} before training started; nothing to save, "
-                            "rerun to start")
-        say(f"qctrain: {self.name} received: finishing the current step, saving a checkpoint, then exiting 75\n")
 
 
 class PreemptionCallback(TrainerCallback):
@@ -235,7 +194,6 @@ class AtomicCheckpoints:
         return self._staging_root or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer import TRAINER_STATE_NAME
         from transformers.trainer_utils import rotate_checkpoints
 
         run_dir = Path(super()._get_output_dir(trial))
@@ -250,25 +208,36 @@ class AtomicCheckpoints:
         # write everything (adapter, optimizer, scheduler, RNG, trainer state) there instead.
         self._staging_root = str(staging_root)
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        distributed.barrier()
+            with writing(staging_root, checkpoint.newest_size(run_dir)):
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self._staging_root = None
+                distributed.barrier()
+                if main:
+                    self._commit(run_dir, staging_root / name, final)
+        except BaseException:
+            if main:  # nothing half-written stays, and a full disk gets the space back
+                shutil.rmtree(staging_root, ignore_errors=True)
+            raise
         if main:
-            written = staging_root / name
-            best = self.state.best_global_step
-            best_dir = run_dir / f"{checkpoint.PREFIX}-{best}"
-            if best and (best == self.state.global_step or best_dir.is_dir()):
-                self.state.best_model_checkpoint = str(best_dir)
-                self.state.save_to_json(str(written / TRAINER_STATE_NAME))  # it recorded the staging path
-            marker = {**self.checkpoint_meta, "step": self.state.global_step, "epoch": self.state.epoch,
-                      "saved": round(time.time(), 3)}
-            checkpoint.commit(written, final, marker)
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
                                use_mtime=False)
         distributed.barrier()
         self.last_saved_step = self.state.global_step
+
+    def _commit(self, run_dir: Path, written: Path, final: Path) -> None:
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        best = self.state.best_global_step
+        best_dir = run_dir / f"{checkpoint.PREFIX}-{best}"
+        if best and (best == self.state.global_step or best_dir.is_dir()):
+            self.state.best_model_checkpoint = str(best_dir)
+            self.state.save_to_json(str(written / TRAINER_STATE_NAME))  # it recorded the staging path
+        marker = {**self.checkpoint_meta, "step": self.state.global_step, "epoch": self.state.epoch,
+                  "saved": round(time.time(), 3)}
+        checkpoint.commit(written, final, marker)
 
 
 class QcTrainer(AtomicCheckpoints, SFTTrainer):
@@ -445,9 +414,12 @@ def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
 
 def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
         stop: StopOnSignal | None = None) -> TrainResult:
-    """Train (resuming as `plan` says); on a signal, save and raise Preempted (exit 75)."""
+    """Train (resuming as `plan` says); on a signal, save and raise Preempted (exit 75). A plan whose checkpoint
+    ends the training (a run that died before writing its outputs) trains nothing: see finish_from_checkpoint."""
     if stop is not None:
         stop.defer = True  # from here on a signal stops training cleanly instead of raising
+    if plan is not None and plan.finished:
+        return finish_from_checkpoint(trainer, plan.checkpoint)
     if plan is not None:
         if trainer.args.should_save:  # one process cleans the (shared) output folder, the others wait
             plan.apply()
@@ -467,6 +439,36 @@ def run(trainer: SFTTrainer, plan: checkpoint.ResumePlan | None = None,
     metrics = dict(output.metrics)
     if resume_from is not None and (loss := logged_train_loss(trainer.state.log_history)) is not None:
         metrics["train_loss"] = loss  # the Trainer's covers only the steps since the resume (none on a rerun)
+    return _result(trainer, metrics, started)
+
+
+def finish_from_checkpoint(trainer: SFTTrainer, ckpt: Path) -> TrainResult:
+    """The end of a run whose training finished at `ckpt` (global_step = max_steps) but that ended before its
+    outputs were written: the adapter weights and the trainer state (log history, step, epoch) come from the
+    checkpoint, and no step is trained (transformers would train one more past max_steps, on a restarted
+    learning-rate schedule)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    started = time.time()
+    trainer.state = TrainerState.load_from_json(str(ckpt / checkpoint.TRAINER_STATE))
+    weights = load_file(ckpt / "adapter_model.safetensors")
+    loaded = set_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model), weights)
+    if loaded.unexpected_keys:
+        raise InputError(f"{ckpt}: its adapter does not fit this model (e.g. {loaded.unexpected_keys[0]}); "
+                         "rerun with --restart")
+    if trainer.args.should_save:
+        print(f"training finished at {ckpt} (step {trainer.state.global_step} of {trainer.state.max_steps}): "
+              "writing its outputs without training more", flush=True)
+    metrics: dict[str, Any] = {"epoch": trainer.state.epoch}
+    if (loss := logged_train_loss(trainer.state.log_history)) is not None:
+        metrics["train_loss"] = loss
+    return _result(trainer, metrics, started)
+
+
+def _result(trainer: SFTTrainer, metrics: dict[str, Any], started: float) -> TrainResult:
+    """The run's result, with the final evaluation (logged at the last step, else run now)."""
     if trainer.eval_dataset is not None:
         last_eval = [row for row in trainer.state.log_history
                      if "eval_loss" in row and row.get("step") == trainer.state.global_step]

@@ -11,8 +11,8 @@ import fcntl
 import gc
 import hashlib
 import json
-import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from qctrain.atomic import swap_in_folder, write_json_atomic
+from qctrain.atomic import fsync_tree, staging_folder, swap_in_folder, write_json_atomic
 from qctrain.data.formats import BadRecord, conversation_digest, conversation_id, to_conversation
 from qctrain.data.pack import pack_rows, render_marked, token_stats_of
 from qctrain.data.sources import Record, read_source, source_fingerprint
@@ -38,6 +38,7 @@ from qctrain.data.tokens import (
     encode_chunk,
     prep_workers,
     rust_backend,
+    worker_pool,
 )
 from qctrain.errors import InputError
 from qctrain.recipe import DataSection, DataSource, canonical_json, output_data_overlap
@@ -212,7 +213,7 @@ def _run(tasks: Iterator) -> Iterator[Chunk]:
     if workers <= 1:
         yield from map(scan_chunk, chain(head, tasks))
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         _widen_pipes(pool)
         pending: deque = deque()
         for task in chain(head, tasks):
@@ -463,7 +464,7 @@ def write_shards(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, row
     try:
         if len(ranges) == 1:
             return _write_shard(0)
-        with multiprocessing.get_context("fork").Pool(len(ranges)) as pool:
+        with worker_pool(len(ranges)) as pool:
             return sum(pool.map(_write_shard, range(len(ranges)), chunksize=1))
     finally:
         _WRITE = None
@@ -661,6 +662,62 @@ def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:
     return load("train"), load("eval")
 
 
+def fingerprint(cfg: DataSection, tokenizer) -> str:
+    """The prepared data's fingerprint (its cache key) without preparing anything: the sources' content hashed,
+    the tokenizer, the training template and the settings."""
+    template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
+    return data_fingerprint(cfg, tokenizer, template)
+
+
+SHARD = re.compile(r"(train|eval)-(\d{5})-of-(\d{5})\.arrow")
+
+
+def cache_problem(folder: Path, report: dict[str, Any]) -> str | None:
+    """What is wrong with a prepared data folder whose report.json is there (None: nothing): a shard missing, of
+    another size than recorded, or row counts other than the report's."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for path in folder.glob("*-of-*.arrow"):
+        if match := SHARD.fullmatch(path.name):
+            found.setdefault(match[1], []).append((int(match[2]), int(match[3])))
+    for name in ("train", "eval"):
+        if not isinstance(report.get(name), dict) or "sequences" not in report[name]:
+            continue
+        shards = sorted(found.get(name, []))
+        total = shards[0][1] if shards else 0
+        if not shards or shards != [(k, total) for k in range(total)]:
+            return f"{name} shards missing ({len(shards)} of {total or '?'} there)"
+    for name, size in (report.get("shards") or {}).items():
+        try:
+            actual = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} missing"
+        if actual != size:
+            return f"{name}: {actual} bytes, the report says {size}"
+    return None
+
+
+def _load_checked(folder: Path) -> tuple[dict[str, Any], "Dataset", "Dataset | None"] | str:
+    """The cached report and data sets, or what is wrong with them."""
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"report.json: {err}"
+    if not isinstance(report, dict):
+        return "report.json holds no report"
+    if problem := cache_problem(folder, report):
+        return problem
+    try:
+        train, evaluation = load_prepared(folder)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    for name, dataset in (("train", train), ("eval", evaluation)):
+        expected = report.get(name, {}).get("sequences") if isinstance(report.get(name), dict) else None
+        rows = dataset.num_rows if dataset is not None else None
+        if expected is not None and rows != expected:
+            return f"{name}: {rows} rows, the report says {expected}"
+    return report, train, evaluation
+
+
 def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
     if problems := output_data_overlap(cfg, output_dir):
         raise InputError("\n".join(problems))
@@ -669,20 +726,20 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
     cache_root = RunDir(output_dir).prepared
     target = cache_root / fingerprint[:16]
     if not force and (target / "report.json").is_file():
-        report = json.loads((target / "report.json").read_text(encoding="utf-8"))
-        return PreparedData(*load_prepared(target), report, fingerprint, target, cached=True)
+        cached = _load_checked(target)
+        if not isinstance(cached, str):
+            report, train, evaluation = cached
+            return PreparedData(train, evaluation, report, fingerprint, target, cached=True)
+        print(f"data: the prepared data in {target} is damaged ({cached}); preparing it again", flush=True)
 
-    tmp = cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staging_folder(cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}") as tmp:
+        tmp.mkdir(parents=True)
         report, split = build(cfg, tokenizer, template, tmp)
         shutil.rmtree(tmp / "tokens")
         report["fingerprint"] = fingerprint
+        report["shards"] = {path.name: path.stat().st_size for path in sorted(tmp.glob("*.arrow"))}
         write_json_atomic(tmp / "split.json", split)
+        fsync_tree(tmp)  # the shards are on disk before the report that vouches for them
         write_json_atomic(tmp / "report.json", report)  # written last: its presence marks a complete cache
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_in_folder(tmp, target)
+    swap_in_folder(tmp, target, fsync_parent=True)
     return PreparedData(*load_prepared(target), report, fingerprint, target, cached=False)

@@ -1,9 +1,12 @@
 """Tokenizing: the fast path (jinja render, one batched Rust encode, labels from offsets) and the reference
 (apply_chat_template with the assistant mask)."""
 
+import contextlib
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -477,6 +480,22 @@ def prep_workers(records: int) -> int:
     return max(1, min(wanted, -(-records // CHUNK_RECORDS)))
 
 
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[multiprocessing.pool.Pool]:
+    """A pool of forked workers that leave SIGTERM/SIGINT to this process and die with it (signals.worker_init),
+    started and stopped where no stop signal interrupts (signals.critical): a signal ends the command at once, with
+    no worker left behind and no traceback from one."""
+    from qctrain.signals import critical, worker_init
+
+    with critical():
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=worker_init, initargs=(os.getpid(),))
+    try:
+        yield pool
+    finally:
+        with critical():
+            pool.terminate()
+
+
 def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
                   workers: int | None = None, chunk: int = CHUNK_RECORDS) -> Tokenized:
     """Token ids and labels (IGNORE outside the assistant turns when loss_on is 'assistant') of every
@@ -499,7 +518,7 @@ def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _JOB = (messages, tools, tokenizer, backend, template, masked)
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             return Tokenized.concat(pool.map(_encode_range, ranges, chunksize=1))
     finally:
         _JOB = None
