@@ -84,6 +84,8 @@ class DataSource(_Strict):
     format: Literal["auto", *DATA_FORMATS] = "auto"
     # our field name -> the column that holds it in this source, e.g. {instruction: prompt}
     columns: dict[str, str] = {}
+    # keys of this source's records (or turns) that are not read and not to be reported: its own metadata
+    ignore_keys: list[str] = []
     split: str = "train"  # Hub data sets only
     revision: str | None = None  # Hub data sets only
 
@@ -123,6 +125,9 @@ class DataSection(_Strict):
     dedup: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
     on_overlong: Literal["drop", "truncate"] = "drop"
+    # A reasoning trace (reasoning_content) where the chat template does not render one: a think block before the
+    # answer, trained on (inline), or left out and counted (drop).
+    reasoning: Literal["inline", "drop"] = "inline"
 
 
 class OutputSection(_Strict):
