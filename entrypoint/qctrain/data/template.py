@@ -144,57 +144,73 @@ TOOLS_HEADER = ('You can call these tools. To call them, answer with {"tool_call
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 EXTENSION_MARK = "{#- qctrain template extension"
 
+# Dict keys are read as m['key'] (one lookup) rather than m.key (an attribute lookup that fails first), and the
+# loop keeps no state between turns but the output list: a namespace read costs the sandbox's safety checks.
 _EXTENSION_HEAD = EXTENSION_MARK + r""" (FEATURES): rewrites the messages the way the model was trained, then
     the model's own template (below) renders them. -#}
-{%- set qc = namespace(out=[], latest=[], k=0, seen=[]) -%}
+{%- set qc = namespace(out=[]) -%}
 {%- for m in messages -%}
-{%- if m.role == 'assistant' -%}
-{%- set text = m.content if m.content is string else '' -%}
-{%- set changed = namespace(yes=false) -%}
+{%- if m['role'] == 'assistant' and (CHANGES) -%}
+{%- set text = m['content'] if m['content'] is defined and m['content'] is string else '' -%}
 """
-_EXTENSION_CALLS = r"""{%- if m.tool_calls -%}
-{%- set qc.latest = m.tool_calls -%}{%- set qc.k = 0 -%}{%- set qc.seen = qc.seen + m.tool_calls -%}
-{%- set calls = namespace(parts=[]) -%}
-{%- for c in m.tool_calls -%}
-{%- set f = c.function if c.function is defined else c -%}
-{%- set args = f.arguments if f.arguments is defined and f.arguments is not none else {} -%}
-{%- set args = (args | trim or '{}') if args is string else (args | tojson) -%}
-{%- set calls.parts = calls.parts + ['{"name": ' + (f.name | tojson) + ', "arguments": ' + args + '}'] -%}
+_CHANGES_CALLS = "m['tool_calls'] is defined and m['tool_calls']"
+_CHANGES_THINK = "m['reasoning_content'] is string and m['reasoning_content'] | trim"
+_EXTENSION_CALLS = r"""{%- if m['tool_calls'] is defined and m['tool_calls'] -%}
+{%- set calls -%}
+{"tool_calls": [
+{%- for c in m['tool_calls'] -%}
+{%- set f = c['function'] if c['function'] is defined else c -%}
+{%- set args = f['arguments'] if f['arguments'] is defined and f['arguments'] is not none else {} -%}
+{{- '' if loop.first else ', ' -}}
+{"name": {{ f['name'] | tojson }}, "arguments": {{ ((args | trim) or '{}') if args is string else args | tojson }}}
 {%- endfor -%}
-{%- set calls = '{"tool_calls": [' + (calls.parts | join(', ')) + ']}' -%}
+]}
+{%- endset -%}
 {%- set text = (text + '\n' + calls) if text | trim else calls -%}
-{%- set changed.yes = true -%}
 {%- endif -%}
 """
-_EXTENSION_THINK = r"""{%- if m.reasoning_content is string and m.reasoning_content | trim -%}
-{%- set text = THINK_OPEN + m.reasoning_content + THINK_CLOSE + text -%}
-{%- set changed.yes = true -%}
+_EXTENSION_THINK = r"""{%- if m['reasoning_content'] is string and m['reasoning_content'] | trim -%}
+{%- set text = THINK_OPEN + m['reasoning_content'] + THINK_CLOSE + text -%}
 {%- endif -%}
 """
-_EXTENSION_ASSISTANT_END = r"""{%- set m = {'role': 'assistant', 'content': text} if changed.yes else m -%}
-{%- set qc.out = qc.out + [m] -%}
+_EXTENSION_ASSISTANT_END = r"""{%- set qc.out = qc.out + [{'role': 'assistant', 'content': text}] -%}
 """
-_EXTENSION_RESULTS = r"""{%- elif m.role == 'tool' -%}
-{%- set r = namespace(name=m.name if m.name is string else '') -%}
-{%- if not r.name and m.tool_call_id is defined -%}
-{%- for c in qc.seen -%}
-{%- if c.id is defined and c.id == m.tool_call_id -%}
-{%- set r.name = c.function.name if c.function is defined else c.name -%}
+_EXTENSION_RESULTS = r"""{%- elif m['role'] == 'tool' -%}
+{%- set name = m['name'] if m['name'] is defined and m['name'] is string else '' -%}
+{%- if not name and m['tool_call_id'] is defined -%}
+{%- set name -%}
+{%- for p in messages[:loop.index0] if p['role'] == 'assistant' and p['tool_calls'] is defined -%}
+{%- for c in p['tool_calls'] if c['id'] is defined and c['id'] == m['tool_call_id'] -%}
+{{- (c['function'] if c['function'] is defined else c)['name'] -}}
+{%- endfor -%}
+{%- endfor -%}
+{%- endset -%}
+{%- endif -%}
+{%- if not name -%}
+{%- set tail = namespace(k=0, calls=[]) -%}
+{%- for p in messages[:loop.index0] | reverse -%}
+{%- if p['role'] == 'tool' -%}
+{%- set tail.k = tail.k + 1 -%}
+{%- else -%}
+{%- if p['role'] == 'assistant' and p['tool_calls'] is defined and p['tool_calls'] -%}
+{%- set tail.calls = p['tool_calls'] -%}
+{%- endif -%}
+{%- break -%}
 {%- endif -%}
 {%- endfor -%}
+{%- if tail.k < tail.calls | length -%}
+{%- set c = tail.calls[tail.k] -%}
+{%- set name = (c['function'] if c['function'] is defined else c)['name'] -%}
 {%- endif -%}
-{%- if not r.name and qc.k < qc.latest | length -%}
-{%- set c = qc.latest[qc.k] -%}
-{%- set r.name = c.function.name if c.function is defined else c.name -%}
 {%- endif -%}
-{%- set qc.k = qc.k + 1 -%}
-{%- if m.content is string -%}
-{%- set t = m.content | trim -%}
-{%- set body = t if (t[:1] == '{' and t[-1:] == '}') or (t[:1] == '[' and t[-1:] == ']') else m.content | tojson -%}
+{%- set body = m['content'] if m['content'] is defined else '' -%}
+{%- if body is string -%}
+{%- set t = body | trim -%}
+{%- set body = t if (t[:1] == '{' and t[-1:] == '}') or (t[:1] == '[' and t[-1:] == ']') else body | tojson -%}
 {%- else -%}
-{%- set body = m.content | tojson if m.content is defined else '""' -%}
+{%- set body = body | tojson -%}
 {%- endif -%}
-{%- set result = '{"tool_result": {"name": ' + (r.name | tojson) + ', "content": ' + body + '}}' -%}
+{%- set result = '{"tool_result": {"name": ' + (name | string | tojson) + ', "content": ' + body + '}}' -%}
 {%- set qc.out = qc.out + [{'role': 'user', 'content': result}] -%}
 """
 _EXTENSION_LOOP_END = r"""{%- else -%}
@@ -203,17 +219,22 @@ _EXTENSION_LOOP_END = r"""{%- else -%}
 {%- endfor -%}
 """
 _EXTENSION_TOOLS = r"""{%- if tools -%}
+{%- if tools | rejectattr('function', 'defined') | list -%}
 {%- set defs = namespace(parts=[]) -%}
 {%- for t in tools -%}
-{%- set defs.parts = defs.parts + [t if t.function is defined else {'type': 'function', 'function': t}] -%}
+{%- set defs.parts = defs.parts + [t if t['function'] is defined else {'type': 'function', 'function': t}] -%}
 {%- endfor -%}
 {%- set block = TOOLS_HEADER + (defs.parts | tojson) -%}
-{%- if qc.out and qc.out[0].role == 'system' -%}
-{%- set first = qc.out[0].content if qc.out[0].content is string else '' -%}
-{%- set first = (first + '\n\n' + block) if first | trim else block -%}
-{%- set qc.out = [{'role': 'system', 'content': first}] + qc.out[1:] -%}
 {%- else -%}
-{%- set qc.out = [{'role': 'system', 'content': block}] + qc.out -%}
+{%- set block = TOOLS_HEADER + (tools | tojson) -%}
+{%- endif -%}
+{%- set out = qc.out -%}
+{%- if out and out[0]['role'] == 'system' -%}
+{%- set first = out[0]['content'] if out[0]['content'] is string else '' -%}
+{%- set first = (first + '\n\n' + block) if first | trim else block -%}
+{%- set qc.out = [{'role': 'system', 'content': first}] + out[1:] -%}
+{%- else -%}
+{%- set qc.out = [{'role': 'system', 'content': block}] + out -%}
 {%- endif -%}
 {%- endif -%}
 """
@@ -229,9 +250,11 @@ def _literal(text: str) -> str:
 def template_extension(tools: bool, think: bool) -> str:
     """The preamble that makes a template render tools (tools) and reasoning traces as think blocks (think)."""
     features = ", ".join(name for name, on in (("tools", tools), ("reasoning think blocks", think)) if on)
-    text = (_EXTENSION_HEAD.replace("FEATURES", features) + (_EXTENSION_CALLS if tools else "")
-            + (_EXTENSION_THINK if think else "") + _EXTENSION_ASSISTANT_END + (_EXTENSION_RESULTS if tools else "")
-            + _EXTENSION_LOOP_END + (_EXTENSION_TOOLS if tools else "") + _EXTENSION_END)
+    changes = " or ".join(c for c, on in ((_CHANGES_CALLS, tools), (_CHANGES_THINK, think)) if on)
+    text = (_EXTENSION_HEAD.replace("FEATURES", features).replace("CHANGES", changes)
+            + (_EXTENSION_CALLS if tools else "") + (_EXTENSION_THINK if think else "") + _EXTENSION_ASSISTANT_END
+            + (_EXTENSION_RESULTS if tools else "") + _EXTENSION_LOOP_END + (_EXTENSION_TOOLS if tools else "")
+            + _EXTENSION_END)
     return (text.replace("TOOLS_HEADER", _literal(TOOLS_HEADER)).replace("THINK_OPEN", _literal(THINK_OPEN))
             .replace("THINK_CLOSE", _literal(THINK_CLOSE)))
 

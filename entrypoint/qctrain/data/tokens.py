@@ -386,10 +386,28 @@ def _plain_strings(conversation: list[dict]) -> bool:
                for m in conversation)
 
 
-def _render_direct(messages: list[list[dict]], template: str, special_tokens: dict) -> tuple[list, list] | None:
-    """render_jinja_template(..., return_assistant_tokens_mask=True) for conversations of _plain_strings, without
-    its per-conversation copy (a fifth of the render time): the same compiled template and span tracker, called
-    as it calls them. None where this transformers lacks those functions."""
+def _plain_json(value: Any) -> bool:
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return True
+    if kind is list:
+        return all(map(_plain_json, value))
+    return kind is dict and all(type(k) is str and _plain_json(v) for k, v in value.items())
+
+
+def _plain_data(conversation: list[dict], tools: list[dict] | None) -> bool:
+    """Messages (and tools) of plain JSON types, no message value null, no reasoning: what render_jinja_template
+    would pass to the template unchanged (as _plain_strings, for conversations with tool calls and tools)."""
+    return (all(type(m) is dict and not (m.keys() & REASONING_KEYS) and all(v is not None for v in m.values())
+                and _plain_json(m) for m in conversation) and _plain_json(tools))
+
+
+def _render_direct(messages: list[list[dict]], template: str, special_tokens: dict,
+                   tools: list[list[dict] | None] | None = None) -> tuple[list, list] | None:
+    """render_jinja_template(..., return_assistant_tokens_mask=True) for conversations of _plain_strings (or
+    _plain_data, with their tools), without its per-conversation copy (a fifth of the render time): the same
+    compiled template and span tracker, called as it calls them. None where this transformers lacks those
+    functions."""
     from transformers.utils import chat_template_utils
 
     compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
@@ -399,8 +417,8 @@ def _render_direct(messages: list[list[dict]], template: str, special_tokens: di
     compiled = compile_template(template)
     special_tokens = chat_template_utils._plain_template_data(special_tokens)
     texts, spans = [], []
-    for conversation in messages:
-        text, indices = render(compiled, conversation, None, None, False, **special_tokens)
+    for conversation, record_tools in zip(messages, tools or [None] * len(messages), strict=True):
+        text, indices = render(compiled, conversation, record_tools, None, False, **special_tokens)
         texts.append(text)
         spans.append(indices)
     return texts, spans
@@ -447,11 +465,12 @@ def _render_with(messages: list[list[dict]], tools: list[list[dict] | None], tem
     from transformers.utils.chat_template_utils import render_jinja_template
 
     kwargs = {"chat_template": template, "return_assistant_tokens_mask": masked, **special_tokens}
+    if masked and (all(map(_plain_strings, messages)) if not any(tools) else
+                   all(map(_plain_data, messages, tools))):
+        direct = _render_direct(messages, template, special_tokens, tools)
+        if direct is not None:
+            return direct
     if not any(tools):
-        if masked and all(map(_plain_strings, messages)):
-            direct = _render_direct(messages, template, special_tokens)
-            if direct is not None:
-                return direct
         return render_jinja_template(conversations=[_without_none(c) for c in messages], **kwargs)
     texts, spans = [], []
     for conversation, record_tools in zip(messages, tools, strict=True):
