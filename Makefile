@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml docker/requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python docker/lock_to_constraints.py docker/requirements.lock > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test,trackers]'
 	touch $@
 
 tiny-model: setup $(TINY_MODEL)/config.json

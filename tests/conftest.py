@@ -91,3 +91,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qctrain", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def fill_hub_cache(hub_cache: Path, repo_id: str, folder: Path, skip: tuple[str, ...] = ()) -> Path:
+    """Put a model folder into a Hugging Face cache (HF_HUB_CACHE layout: blobs, a snapshot of symlinks, refs/main)
+    as `hf download` leaves it, less the files in `skip`; return the snapshot folder."""
+    import hashlib
+
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if path.name in skip or not path.is_file():
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.name
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from functools import cache
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_doctor_without_gpu_exits_0(image):
 
 
 def test_entrypoint_user_and_provenance(image, config):
-    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "qctrain"]
+    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "qctrain-entrypoint"]
     assert config["User"] == "10001:10001"
     labels = config["Labels"]
     env = dict(item.split("=", 1) for item in config["Env"])
@@ -138,3 +139,47 @@ def test_locked_versions_installed(image):
     installed = result.stdout.split()
     assert "transformers==5.24.0" in installed and "bitsandbytes==0.50.2" in installed
     assert any(item.startswith("torch==2.13.0") for item in installed)
+
+
+def fake_gpu_host(tmp_path, driver: str, gpu: str) -> list[str]:
+    """docker run options that make the container see an NVIDIA host with this driver and GPU (a fake nvidia-smi,
+    as the toolkit would mount the real one) and forward-compatibility libraries (CI's base has none)."""
+    bin_dir, compat = tmp_path / "bin", tmp_path / "compat"
+    bin_dir.mkdir()
+    compat.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\ncase "$*" in *driver_version*) echo {driver};; *name*) echo "{gpu}";; esac\n')
+    smi.chmod(0o755)
+    (compat / "libcuda.so.580.82.07").write_bytes(b"")
+    for path in (tmp_path, bin_dir, compat):
+        path.chmod(0o755)
+    return ["-v", f"{bin_dir}:/fakebin:ro", "-v", f"{compat}:/fakecompat:ro",
+            "-e", "PATH=/fakebin:/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "-e", "QCTRAIN_CUDA_COMPAT_DIR=/fakecompat"]
+
+
+def test_entrypoint_applies_forward_compatibility_on_an_old_datacenter_driver(image, tmp_path):
+    result = docker("run", "--rm", "--network", "none", *fake_gpu_host(tmp_path, "535.183.01", "NVIDIA A100-SXM4-80GB"),
+                    image, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("qctrain ")
+    assert result.stderr.strip() == ("qctrain: driver 535.183.01, CUDA 13.0 runtime needs R580+: forward compatibility "
+                                     "with /fakecompat (580.82.07)")
+
+
+def test_geforce_on_an_old_driver_train_and_doctor_exit_3_in_one_line(image, tmp_path):
+    host = fake_gpu_host(tmp_path, "550.54.15", "NVIDIA GeForce RTX 4090")
+    recipes = Path(__file__).resolve().parents[1] / "docker" / "smoke"
+    train = docker("run", "--rm", "--network", "none", *host, "-v", f"{recipes}:/recipes:ro", image,
+                   "train", "/recipes/smoke.yaml")
+    assert train.returncode == 3, train.stderr
+    lines = train.stderr.strip().splitlines()
+    assert len(lines) == 1 and "550.54.15" in lines[0] and "R580" in lines[0] and "GeForce RTX 4090" in lines[0]
+    doctor = docker("run", "--rm", "--network", "none", *host, image, "doctor")
+    assert doctor.returncode == 3
+    assert "problem: the NVIDIA driver 550.54.15 is older than R580" in doctor.stdout
+
+
+def test_nvidia_require_cuda_is_set_for_the_runtime(config):
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["NVIDIA_REQUIRE_CUDA"].startswith("cuda>=13.0 brand=tesla,driver>=535,driver<536")

@@ -7,7 +7,8 @@ A case is a recipe overlaying tests/hostile/base.yaml; its header comments say h
     # expect: <text>            a substring of the error output (one `expect:` per line)
     # accept: <text>            instead of expect: the command must succeed and print <text>
     # args: --set a.b=c         extra command-line arguments
-    # setup: chmod000|eio|min-free|no-outputs|data-in-out|symlink-loop   see `prepare_case`
+    # setup: chmod000|eio|min-free|no-outputs|data-in-out|symlink-loop|special-files|not-yaml-env
+    #                           see `prepare_case`
 
 The corpus runs in-process through `qctrain.cli.main` (one Python start instead of 65 starts of ~10 s each on
 this machine); `test_real_entrypoint` runs a case of each command through `python -m qctrain` subprocesses.
@@ -89,6 +90,14 @@ def prepare_case(spec: dict, tmp: Path, model_dir: Path, monkeypatch) -> Path:
         (tmp / "loops").mkdir()
         (tmp / "loops" / "good.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
         os.symlink(tmp / "loops" / "loop.jsonl", tmp / "loops" / "loop.jsonl")
+    if "special-files" in setup:  # a FIFO and a link to /dev/zero named like data, each beside a good file
+        for folder in ("specials", "zeros"):
+            (tmp / folder).mkdir()
+            (tmp / folder / "good.jsonl").write_text((CORPUS / "data" / "good.jsonl").read_text())
+        os.mkfifo(tmp / "specials" / "pipe.jsonl")
+        os.symlink("/dev/zero", tmp / "zeros" / "zero.jsonl")
+    if "not-yaml-env" in setup:
+        monkeypatch.setenv("QCTRAIN_TEST_NOT_YAML", "[unclosed: {")
     if "min-free" in setup:
         monkeypatch.setenv("QCTRAIN_MIN_FREE_BYTES", str(1 << 60))  # an exbibyte: no disk has that free
     return out
@@ -224,3 +233,102 @@ def test_output_dir_apart_from_data_in_preflight_and_prepare(tmp_path, model_dir
         with pytest.raises(InputError, match=relation):
             data.prepare(recipe.data, None, out)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "good.jsonl"]
+
+
+def _hostile_recipes(tmp: Path) -> dict[str, Path]:
+    """Recipes (and bases) that used to hang, exhaust memory or print megabytes."""
+    big = tmp / "big.yaml"
+    with open(big, "wb") as handle:  # 100 MB (sparse: the size is what matters, nothing should read it)
+        handle.truncate(100 * 10**6)
+    amplified = tmp / "amplified.yaml"  # one 1 KiB anchor, 90,000 aliases: 630 KB standing for 92 MB
+    amplified.write_text("model: {name: x}\nx-anchor: &a " + "a" * 1024 + "\nx-list:\n" + "  - *a\n" * 90_000)
+    assert 500_000 < amplified.stat().st_size < 1 << 20
+    fifo = tmp / "fifo.yaml"
+    os.mkfifo(fifo)
+    recipes = {"100MB": big, "aliases": amplified, "fifo": fifo, "dev-zero": Path("/dev/zero")}
+    for name, base in (("fifo-base", fifo), ("dev-zero-base", Path("/dev/zero"))):
+        recipes[name] = tmp / f"{name}.yaml"
+        recipes[name].write_text(f"base: {base}\nmodel: {{name: x}}\n")
+    return recipes
+
+
+HOSTILE_RECIPES = {"100MB": "big.yaml: 100,000,000 bytes, more than the limit of 1,048,576",
+                   "aliases": "YAML aliases (*name) expand the recipe beyond 2 MiB",
+                   "fifo": "fifo.yaml: a FIFO (named pipe), not a regular file",
+                   "dev-zero": "/dev/zero: a character device, not a regular file",
+                   "fifo-base": "fifo.yaml: a FIFO (named pipe), not a regular file",
+                   "dev-zero-base": "/dev/zero: a character device, not a regular file"}
+
+
+@pytest.mark.parametrize("command", ["validate", "check"])
+def test_hostile_recipes_are_refused_in_seconds_with_one_line(command, tmp_path):
+    """Through the real entry point, each with a 10 s limit: a hang or a flood fails the test, not the suite."""
+    import time
+
+    recipes = _hostile_recipes(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "entrypoint")}
+    for name, expected in HOSTILE_RECIPES.items():
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "qctrain", command, str(recipes[name])], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=10)
+        elapsed = time.perf_counter() - started
+        assert proc.returncode == 2, (name, proc.stderr[-500:])
+        assert elapsed < 10, (name, elapsed)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qctrain: error: ") and expected in lines[0], (name, lines)
+        assert proc.stdout == "" and len(proc.stderr) < MAX_LINE, name
+
+
+def test_recipe_size_bounds_apply_to_bases_and_set_values(tmp_path):
+    from qctrain.errors import InputError
+    from qctrain.recipe import load_recipe
+
+    bomb = "[" + ", ".join(["&a [" + ", ".join(["x" * 100] * 100) + "]"] + ["*a"] * 1000) + "]"
+    (tmp_path / "r.yaml").write_text("model: {name: x}\ndata: {sources: [{path: d.json}]}\noutput: {dir: out}\n")
+    with pytest.raises(InputError, match=r"--set train.x: YAML aliases \(\*name\) expand the recipe beyond"):
+        load_recipe(tmp_path / "r.yaml", [f"train.x={bomb}"], env={})
+    refs = "\n".join(f"  k{i}: ${{BIG}}" for i in range(100))  # 100 references to a 64 KiB variable
+    (tmp_path / "refs.yaml").write_text(f"base: r.yaml\ntrain:\n  lr_scheduler_kwargs:\n{refs}\n")
+    with pytest.raises(InputError, match=r"\$\{VAR\} values make the recipe larger than 2 MiB"):
+        load_recipe(tmp_path / "refs.yaml", env={"BIG": "x" * (64 << 10)})
+
+
+def test_error_output_is_capped(tmp_path, capsys):
+    """Ten thousand problems are one mistake: 50 lines and a count, each line at most 300 characters."""
+    from qctrain.cli import MAX_ERROR_CHARS, MAX_ERROR_LINES, main
+
+    keys = "\n".join(f"  unknown_{i}: 1" for i in range(10_000))
+    recipe = tmp_path / ("d" * 200) / ("e" * 200) / "r.yaml"  # every line names it: longer than a line may be
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text(f"model: {{name: x}}\ndata: {{sources: [{{path: d.json}}]}}\noutput: {{dir: out}}\n"
+                      f"lora:\n{keys}\n")
+    assert main(["validate", str(recipe)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == MAX_ERROR_LINES + 1 and lines[-1] == "qctrain: error: ... and 9950 more problems"
+    assert all(len(line) <= len("qctrain: error: ") + MAX_ERROR_CHARS for line in lines)
+    assert any(line.endswith("…") for line in lines)  # the long ones were cut
+
+
+def test_overlong_jsonl_line_is_a_bad_record_and_csv_line_an_error(tmp_path, monkeypatch):
+    from qctrain.data import sources
+    from qctrain.errors import InputError
+
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 1000)
+    good = '{"instruction": "hi", "output": "ho"}\n'
+    (tmp_path / "d.jsonl").write_text(good + '{"instruction": "' + "x" * 5000 + '"}\n' + good + "y" * 3000)
+    records = list(sources.read_file(tmp_path / "d.jsonl"))
+    assert [(r.where.rsplit(":", 1)[1], r.problem is not None) for r in records] == [
+        ("1", False), ("2", True), ("3", False), ("4", True)]
+    assert records[1].problem.startswith("line longer than") and records[2].raw == good.strip().encode()
+    (tmp_path / "d.csv").write_text("instruction,output\nhi,ho\n" + "z" * 2000 + ",b\n")
+    with pytest.raises(InputError, match=r"d.csv:3: line longer than"):
+        list(sources.read_file(tmp_path / "d.csv"))
+
+
+def test_long_csv_fields_within_the_line_cap_are_read(tmp_path):
+    """csv's own limit (128 KiB a field) no longer ends in an internal error."""
+    from qctrain.data import sources
+
+    (tmp_path / "d.csv").write_text("instruction,output\n" + "a" * 300_000 + ",b\n")
+    [record] = sources.read_file(tmp_path / "d.csv")
+    assert len(record.fields["instruction"]) == 300_000

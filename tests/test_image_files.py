@@ -113,7 +113,13 @@ def test_entrypoint_tini_qctrain_and_help_by_default():
     instructions = dockerfile_instructions()
     entry = [args for word, args in instructions if word == "ENTRYPOINT"]
     cmd = [args for word, args in instructions if word == "CMD"]
-    assert json.loads(entry[-1]) == ["/usr/bin/tini", "--", "qctrain"]
+    assert json.loads(entry[-1]) == ["/usr/bin/tini", "--", "qctrain-entrypoint"]
+    # the entrypoint script applies CUDA forward compatibility, then execs qctrain with the arguments
+    script = (DOCKER / "entrypoint.sh").read_text(encoding="utf-8")
+    assert script.rstrip().endswith('exec "$VENV/bin/python3" -m qctrain.cudacompat exec -- "$VENV/bin/qctrain" "$@"')
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert "VENV=${QCTRAIN_VENV:-/opt/venv}" in script and "python3 -m venv /opt/venv" in dockerfile
+    assert "COPY docker/entrypoint.sh /usr/local/bin/qctrain-entrypoint" in dockerfile
     assert json.loads(cmd[-1]) == ["--help"]
     assert "tini" in DOCKERFILE.read_text(encoding="utf-8").split("AS wheel")[0]  # installed in os
 
@@ -160,7 +166,7 @@ def test_dockerfile_copies_only_allowed_context():
     rules = [r.strip() for r in ignore if r.strip() and not r.startswith("#")]
     assert rules[0] == "*", ".dockerignore is an allow-list"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "entrypoint", "docker/requirements.lock"}
+    assert allowed == {"pyproject.toml", "README.md", "entrypoint", "docker/requirements.lock", "docker/entrypoint.sh"}
     for never in (".venv", ".git", "out", "models", ".env", "data"):
         assert never not in allowed
     for word, args in dockerfile_instructions():
@@ -458,3 +464,63 @@ def test_workflow_lints_tests_builds_smokes_and_pushes_with_attestations():
     for path in workflow_files():
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         assert data.get("permissions") == {"contents": "read"}, "least privilege by default"
+
+
+def test_only_pushes_to_main_and_tags_get_write_permissions():
+    """Pull requests run the image job (their Dockerfile, their smoke test) read-only; the one job that may
+    push, mint an OIDC token and attest runs for pushes to main and v* tags alone, from the tested image."""
+    ci = yaml.safe_load((WORKFLOWS / "ci.yml").read_text(encoding="utf-8"))
+    triggers = ci.get("on", ci.get(True))  # YAML 1.1 reads the key `on` as true
+    assert "pull_request" in triggers
+    writers = {}
+    for name, job in ci["jobs"].items():
+        permissions = job.get("permissions", ci["permissions"])
+        writes = {scope for scope, level in permissions.items() if level == "write"}
+        if writes:
+            writers[name] = job
+            condition = job.get("if", "")
+            assert "github.event_name == 'push'" in condition and "refs/heads/main" in condition \
+                and "refs/tags/v" in condition, (name, condition)
+            steps = yaml.safe_dump(job["steps"])
+            assert "make smoke" not in steps and "make test" not in steps, name
+    assert set(writers) == {"publish"}
+    assert {s for s, level in writers["publish"]["permissions"].items() if level == "write"} == {
+        "packages", "id-token", "attestations"}
+    image = ci["jobs"]["image"]
+    assert image["permissions"] == {"contents": "read"} and "if" not in image
+    assert "make smoke" in yaml.safe_dump(image["steps"])
+    assert writers["publish"]["needs"] == ["image"]
+    verify = next(s for s in writers["publish"]["steps"] if s.get("name") == "Pushed image is the smoke-tested image")
+    assert verify["env"]["TESTED"] == "${{ needs.image.outputs.tested }}"
+
+
+def _public_url(url: str) -> str:
+    result = subprocess.run(["bash", "-c", 'source docker/build-image.sh && public_url "$1"', "_", url], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+@pytest.mark.parametrize("remote, label", [
+    ("https://x-access-token:ghs_SECRET0123456789@github.com/acme/qc-train-phi.git",
+     "https://github.com/acme/qc-train-phi"),
+    ("https://ghp_SECRET0123456789@github.com/acme/qc-train-phi", "https://github.com/acme/qc-train-phi"),
+    ("https://oauth2:glpat-SECRET@gitlab.example.com/g/r.git?private_token=SECRET#frag", "https://gitlab.example.com/g/r"),
+    ("git@github.com:acme/qc-train-phi.git", "https://github.com/acme/qc-train-phi"),
+    ("ssh://git@github.com:22/acme/qc-train-phi.git", "https://github.com/acme/qc-train-phi"),
+    ("https://github.com/acme/qc-train-phi", "https://github.com/acme/qc-train-phi"),
+    ("", ""),
+])
+def test_source_label_url_has_no_credentials(remote, label):
+    assert _public_url(remote) == label
+
+
+def test_build_script_labels_the_image_without_the_remotes_credentials(tmp_path):
+    """The whole script, with a stand-in docker client that records its arguments."""
+    fake = tmp_path / "docker"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {tmp_path / "args"}\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "DOCKER": str(fake), "GIT_REVISION": "abc", "VERSION": "1", "BUILD_DATE": "now",
+           "QCTRAIN_SOURCE_URL": "https://x-access-token:ghs_SECRET0123456789@github.com/acme/qc-train-phi.git"}
+    subprocess.run(["bash", str(DOCKER / "build-image.sh"), "img:test"], env=env, capture_output=True, check=True)
+    args = (tmp_path / "args").read_text()
+    assert "SOURCE_URL=https://github.com/acme/qc-train-phi\n" in args and "SECRET" not in args

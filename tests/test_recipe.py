@@ -84,8 +84,8 @@ def test_token_in_recipe_is_rejected(tmp_path):
 
 def test_token_value_anywhere_is_rejected_even_through_env(tmp_path):
     fake = "hf_" + "A1b2C3d4" * 5
-    recipe = {**MINIMAL, "data": {"sources": [{"path": "d.json", "revision": "${SECRET}"}]}}
-    lines = problems(write(tmp_path, recipe), env={"SECRET": fake})
+    recipe = {**MINIMAL, "data": {"sources": [{"path": "d.json", "revision": "${DATA_REVISION}"}]}}
+    lines = problems(write(tmp_path, recipe), env={"DATA_REVISION": fake})
     assert lines == [f"{tmp_path / 'r.yaml'}: data.sources[0].revision: never put a Hub token in a recipe; "
                      "set HF_TOKEN or HF_TOKEN_FILE in the environment"]
     assert fake not in "".join(lines)
@@ -165,3 +165,54 @@ def test_shipped_recipes_validate():
         if "accelerate" in path.parts:
             continue
         load_recipe(path, env={})
+
+
+def test_train_ranges_name_real_sftconfig_fields():
+    from qctrain.recipe import TRAIN_RANGES, sft_field_types
+
+    assert set(TRAIN_RANGES) <= set(sft_field_types())
+
+
+def test_numbers_at_the_edges_of_their_ranges_pass(tmp_path):
+    train = {"learning_rate": 1e-9, "num_train_epochs": 0, "max_steps": -1, "seed": 0, "data_seed": 2**32 - 1,
+             "warmup_steps": 0.03, "weight_decay": 0, "adam_beta2": 1, "per_device_train_batch_size": 1,
+             "save_total_limit": 0}
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "train": train,
+                                          "data": {**MINIMAL["data"], "seed": 2**32 - 1, "max_seq_length": 1 << 24},
+                                          "hub": {"repo_id": "org/x", "merged_repo_id": "org/x-merged"}}), env={})
+    assert recipe.sft_kwargs()["data_seed"] == 2**32 - 1 and recipe.data.seed == 2**32 - 1
+    assert recipe.sft_kwargs()["learning_rate"] == 1e-9
+
+
+@pytest.mark.parametrize("path", ["hub:org/name", "hub:squad", "hub:org/name.v2"])
+def test_hub_data_ids_pass(tmp_path, path):
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "data": {"sources": [{"path": path}]}}), env={})
+    assert recipe.data.sources[0].path == path
+
+
+def test_a_variable_holding_text_that_is_not_yaml_stays_that_text(tmp_path):
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "train": {"run_name": "${NAME}"}}), env={"NAME": "[a: {"})
+    assert recipe.train["run_name"] == "[a: {"
+    recipe = load_recipe(write(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "seed": "${SEED}"}}),
+                         env={"SEED": "7"})
+    assert recipe.data.seed == 7
+
+
+@pytest.mark.parametrize("key", ["dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"])
+def test_knobs_that_change_the_weights_are_not_harmless(key):
+    """A resume with one of these changed would train on other records, replay the data or change the batch."""
+    from qctrain.recipe import harmless
+
+    assert not harmless(f"train.{key}", False, True)
+    assert harmless("train.dataloader_num_workers", 0, 2) and harmless("train.save_steps", 10, 20)
+
+
+def test_weight_changing_knobs_are_in_the_resume_fingerprint(tmp_path):
+    from qctrain.checkpoint import recipe_fingerprint
+
+    base = load_recipe(write(tmp_path, MINIMAL), env={})
+    for key in ("dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"):
+        changed = load_recipe(write(tmp_path, {**MINIMAL, "train": {key: True}}, "c.yaml"), env={})
+        assert recipe_fingerprint(changed) != recipe_fingerprint(base), key
+    quiet = load_recipe(write(tmp_path, {**MINIMAL, "train": {"dataloader_num_workers": 3}}, "q.yaml"), env={})
+    assert recipe_fingerprint(quiet) == recipe_fingerprint(base)

@@ -5,6 +5,7 @@ configs. Nothing here needs a cluster, a GPU or a network.
 """
 
 import copy
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -52,7 +53,8 @@ def test_kubernetes_validate_strict():
     result = subprocess.run([tool("kubernetes-validate"), "--strict", "k8s/multi-node/indexed-job.yaml",
                              "k8s/multi-node/pvc-rwx.yaml"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" passed for resource ") == 4, result.stdout  # Service, Job, two claims
+    # Service, Job, NetworkPolicy, two claims
+    assert result.stdout.count(" passed for resource ") == 5, result.stdout
 
 
 def test_kubernetes_validate_strict_rejects_a_misspelt_field(tmp_path):
@@ -203,7 +205,8 @@ def test_trainjob_runs_qctrain_on_the_torch_distributed_runtime():
     assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
                                   "name": "torch-distributed"}
     trainer = spec["trainer"]
-    assert trainer["command"] == ["/usr/bin/tini", "--", "qctrain"]  # the image's entrypoint
+    entrypoint = re.findall(r"^ENTRYPOINT (.+)$", (ROOT / "docker" / "Dockerfile").read_text(), flags=re.M)[-1]
+    assert trainer["command"] == json.loads(entrypoint)  # the image's entrypoint, exactly
     assert trainer["args"] == ["train", "--nproc", "auto", "/recipes/recipe.yaml"]
     assert trainer["numNodes"] >= 2
     assert int(trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) >= 1
@@ -349,3 +352,46 @@ def test_manifest_names_are_dns_labels():
         for doc in docs(path):
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
             assert len(doc["metadata"]["name"]) <= 50  # room for "-<index>" hostnames and pod suffixes
+
+
+# --- who may reach the pods, and what they carry ---
+
+def test_network_policies_admit_only_the_jobs_own_pods():
+    """The ranks trust their peers (the rendezvous store, all_gather_object unpickles what they send): only
+    the run's own pods may connect to them, from the same namespace, on any port (NCCL/gloo pick theirs)."""
+    job, service = one(INDEXED_JOB, "Job"), one(INDEXED_JOB, "Service")
+    trainjob = one(TRAINJOB, "TrainJob")
+    for path, own in ((INDEXED_JOB, {"batch.kubernetes.io/job-name": job["metadata"]["name"]}),
+                      (TRAINJOB, {"jobset.sigs.k8s.io/jobset-name": trainjob["metadata"]["name"]})):
+        policy = one(path, "NetworkPolicy")["spec"]
+        assert policy["podSelector"] == {"matchLabels": own}
+        assert policy["policyTypes"] == ["Ingress"]
+        assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": own}}]}]  # no namespace, no ipBlock
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+
+
+def test_pods_mount_no_service_account_token():
+    for pod in (single_node_job()["spec"]["template"]["spec"], one(INDEXED_JOB, "Job")["spec"]["template"]["spec"]):
+        assert pod["automountServiceAccountToken"] is False
+    # A TrainJob's runtimePatches cannot set the pod field: its ServiceAccount says it instead.
+    [patch] = one(TRAINJOB, "TrainJob")["spec"]["runtimePatches"]
+    pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    account = one(TRAINJOB, "ServiceAccount")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account["automountServiceAccountToken"] is False
+
+
+def test_trainjob_companions_validate_strict(tmp_path):
+    """The ServiceAccount and NetworkPolicy beside the TrainJob (kubernetes-validate has no TrainJob schema)."""
+    path = tmp_path / "companions.yaml"
+    path.write_text(yaml.safe_dump_all([d for d in docs(TRAINJOB) if d["kind"] != "TrainJob"]), encoding="utf-8")
+    result = subprocess.run([tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.count(" passed for resource ") == 2, result.stdout
+
+
+@pytest.mark.parametrize("path", [K8S / "job.yaml", INDEXED_JOB, TRAINJOB], ids=lambda p: p.name)
+def test_examples_show_the_image_pinned_by_digest(path):
+    text = path.read_text(encoding="utf-8")
+    image_line = next(i for i, line in enumerate(text.splitlines()) if re.match(r"\s*image: ", line))
+    above = "\n".join(text.splitlines()[image_line - 3:image_line])
+    assert re.search(r"#\s+image: ghcr\.io/OWNER/qc-train-phi:[\w.]+@sha256:<", above), above

@@ -1,17 +1,24 @@
 """JSON files: written atomically (beside the target, fsynced, then renamed over it: readers see old or new),
-and read leniently where a missing or broken file means "nothing recorded"."""
+with secrets masked, and read leniently where a missing or broken file means "nothing recorded"; small input
+files (a recipe, a token file) read with a bound, regular files only."""
 
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
+from qctrain.secretmask import mask_json_text
+
 
 def write_json_atomic(path: Path, value: Any) -> None:
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    if (masked := mask_json_text(value, text)) is not value:
+        text = json.dumps(masked, indent=2, ensure_ascii=False)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, ensure_ascii=False)
+        handle.write(text)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -26,6 +33,46 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+class NotRegularFile(OSError):
+    """A FIFO, a device, a socket or a folder where a regular file was expected (reading could block forever
+    or never end)."""
+
+
+class FileTooLarge(OSError):
+    """More bytes than the caller's bound."""
+
+
+def kind_of(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def check_regular(info: os.stat_result, limit: int | None = None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFile(f"{kind_of(info.st_mode)}, not a regular file")
+    if limit is not None and info.st_size > limit:
+        raise FileTooLarge(f"{info.st_size:,} bytes, more than the limit of {limit:,}")
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (links followed). Checked with stat before it is
+    opened (a FIFO would block the open), opened non-blocking, checked again, and never read past limit + 1."""
+    check_regular(os.stat(path), limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        check_regular(os.fstat(fd), limit)  # replaced between the stat and the open
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:  # grew after the stat
+        raise FileTooLarge(f"more than the limit of {limit:,} bytes")
+    return b"".join(chunks)
 
 
 # --- folders: staged beside their place, then swapped in whole ---

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from qctrain import __version__
 from qctrain.atomic import write_json_atomic
-from qctrain.console import say
-from qctrain.errors import ExitCode, InputError, QcError
+from qctrain.console import log_to_stderr, say
+from qctrain.errors import ExitCode, InputError, QcError, shorten
+from qctrain.secretmask import mask, masked_streams
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -21,17 +22,16 @@ def _quiet_libraries(debug: bool) -> None:
     # bitsandbytes on AVX512-BF16 CPUs fetches a kernel from the Hub through the `kernels` package at
     # import; an offline container must not reach for the Hub, so that import fails at once here.
     sys.modules.setdefault("kernels", None)
+    root = logging.getLogger()  # library logs: through the mask, like every line qctrain writes
+    root.setLevel(logging.INFO if debug else logging.ERROR)
+    log_to_stderr(root, "%(name)s: %(levelname)s: %(message)s")
     if debug:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
         return
     warnings.simplefilter("ignore")  # library deprecations and notes: not the user's to act on
-    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(levelname)s: %(message)s")
     ours = logging.getLogger("qctrain")  # our own warnings (Hub retries, a checkpoint not pushed) still show
     ours.setLevel(logging.WARNING)
     ours.propagate = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("qctrain: %(message)s"))
-    ours.addHandler(handler)
+    log_to_stderr(ours, "qctrain: %(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -149,10 +149,11 @@ def cmd_train(args) -> int:
 
 
 def _train(args, stop) -> int:
-    from qctrain import distributed, rundir
+    from qctrain import cudacompat, distributed, rundir
     from qctrain.preflight import check_train_args, run_checks
 
     recipe = _load(args)
+    cudacompat.check_driver()  # a driver too old for the image's CUDA, where forward compatibility cannot help: exit 3
     problems = run_checks(recipe) + check_train_args(recipe)  # check_train_args: TRL's own SFTConfig rules
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
@@ -165,7 +166,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, train
+    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     tokenizer, prepared = _prepare(recipe)
@@ -174,6 +175,9 @@ def _train_held(recipe, args, stop) -> int:
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
 
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), Path(recipe.output.dir))
+    if tracker_env and distributed.is_main():
+        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     base = model.load_base_model(recipe.model)
     modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, Path(recipe.output.dir), stop=stop)
@@ -269,9 +273,12 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    from qctrain import distributed
     from qctrain.doctor import run_doctor
 
-    return run_doctor()
+    recipe = _load(args) if args.recipe else None
+    nproc = distributed.resolve_nproc(args.nproc) if args.nproc else None
+    return run_doctor(recipe=recipe, nproc=nproc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,28 +341,54 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
-    add("doctor", cmd_doctor, "print torch/CUDA/bitsandbytes/GPU facts; non-zero on a broken stack", [common])
+    doctor = add("doctor", cmd_doctor, "check this host in seconds: torch/CUDA/bitsandbytes/GPU, the NVIDIA driver "
+                 "and CUDA forward compatibility, /dev/shm, writable folders, free disk, the HF cache (against "
+                 "RECIPE if given); exit 3 when a run would fail here", [common])
+    doctor.add_argument("recipe", nargs="?", help="YAML recipe to check the host against")
+    doctor.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe value, as for train")
+    doctor.add_argument("--nproc", metavar="N|auto", help="GPU processes per node, as for train (default: auto)")
     return parser
 
 
+MAX_ERROR_LINES = 50  # problems listed (a recipe with thousands of unknown keys is one mistake, told briefly)
+MAX_ERROR_CHARS = 300  # characters of one line, whatever the input quoted into it
+
+
+def error_lines(message: str) -> str:
+    """An error message as `qctrain: error: ` lines, secrets masked, each cut to MAX_ERROR_CHARS, at most
+    MAX_ERROR_LINES."""
+    lines = message.splitlines() or [""]
+    shown = [shorten(mask(line), MAX_ERROR_CHARS) for line in lines[:MAX_ERROR_LINES]]  # masked before cut
+    if len(lines) > MAX_ERROR_LINES:
+        shown.append(f"... and {len(lines) - MAX_ERROR_LINES} more problems")
+    return "".join(f"qctrain: error: {line}\n" for line in shown)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
-    args.debug = getattr(args, "debug", False)
-    _quiet_libraries(args.debug)
+    with masked_streams():  # no secret leaves through argparse's usage errors, print, logging or a traceback
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` hands it on to the workers
+        args.debug = getattr(args, "debug", False)
+        _quiet_libraries(args.debug)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except QcError as err:
         if args.debug:
             traceback.print_exc()
-        say("".join(f"qctrain: error: {line}\n" for line in str(err).splitlines()))
+        say(error_lines(str(err)))
         return int(err.exit_code)
     except KeyboardInterrupt:
         say("qctrain: interrupted\n")
         return 130
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if args.debug:
-            raise
-        first_line = str(err).splitlines()[0] if str(err) else ""
+        if args.debug:  # the traceback, through the masked stderr (the interpreter's own would not be)
+            traceback.print_exc()
+            return int(ExitCode.INTERNAL)
+        first_line = shorten(mask(str(err).splitlines()[0]) if str(err) else "", MAX_ERROR_CHARS)
         say(f"qctrain: internal error: {type(err).__name__}: {first_line} (rerun with --debug for the traceback)\n")
         return int(ExitCode.INTERNAL)

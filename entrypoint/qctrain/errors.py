@@ -36,3 +36,8 @@ class PushFailed(QcError):
 
 class Preempted(QcError):
     exit_code = ExitCode.PREEMPTED
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """text cut to `limit` characters: an error line stays short whatever it quotes."""
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"

@@ -24,6 +24,7 @@ from qctrain.errors import InputError
 from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
 from qctrain.rundir import RunDir
+from qctrain.secretmask import mask
 
 PACKAGES = ["torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets",
             "huggingface-hub", "pydantic", "tokenizers", "safetensors"]
@@ -309,7 +310,7 @@ Greedy, at most 48 new tokens, generated at the end of training.
 ```yaml
 {dump_recipe(recipe)}```
 """
-    return ModelCard(content).content
+    return mask(ModelCard(content).content)  # samples and data counts quote the data: no secret in a card
 
 
 def make_shareable(root: Path) -> None:
@@ -460,7 +461,7 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
     card = f"---\n{card_data.to_yaml()}\n---\n\n# {title} with a merged LoRA adapter\n\n" \
            f"The adapter from `{output_dir.name}` merged into the base in {str(dtype).removeprefix('torch.')} " \
            f"by qc-train-phi {__version__}. See the adapter's card for data and metrics.\n"
-    (staging / "README.md").write_text(card, encoding="utf-8")
+    (staging / "README.md").write_text(mask(card), encoding="utf-8")
     make_shareable(staging)
     swap_in_folder(staging, dest)
     return dest

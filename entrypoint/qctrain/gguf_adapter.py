@@ -21,6 +21,7 @@ import numpy as np
 from qctrain.data.template import TOOLS_HEADER
 from qctrain.errors import InputError
 from qctrain.model import BaseReference
+from qctrain.secretmask import mask
 
 # transformers architecture -> llama.cpp architecture, for bases whose tensors convert_hf_to_gguf.py
 # writes unpermuted (a LoRA of a permuted weight, e.g. Llama's q/k, would need the same permutation).
@@ -48,7 +49,7 @@ def export(adapter_dir: Path, dest: Path, base: BaseReference, base_config, outt
     gguf_path = dest / f"{name}-lora-{outtype}.gguf"
     tensors, alpha = write_lora_gguf(adapter_dir, gguf_path, base_config, base, outtype, name)
     modelfile = dest / "Modelfile"
-    modelfile.write_text(modelfile_text(base, gguf_path.name, base_gguf, adapter_chat_template(adapter_dir)),
+    modelfile.write_text(mask(modelfile_text(base, gguf_path.name, base_gguf, adapter_chat_template(adapter_dir))),
                          encoding="utf-8")
     return GgufExport(gguf_path, modelfile, tensors, alpha)
 

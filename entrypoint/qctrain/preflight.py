@@ -13,8 +13,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, distributed, modelfiles
-from qctrain.errors import QcError
+from qctrain import data, distributed, hubcache, modelfiles
+from qctrain.errors import InputError, QcError
 from qctrain.recipe import Recipe, output_data_overlap
 
 MIN_FREE_BYTES = 1 << 30  # adapter, checkpoints and prepared data of a LoRA run fit well inside 1 GiB
@@ -117,6 +117,17 @@ def check_lora_targets(recipe: Recipe) -> list[str]:
     return _problem_of(check)
 
 
+def check_sequence_length(recipe: Recipe) -> list[str]:
+    """data.max_seq_length within the positions the model has (config.json's max_position_embeddings)."""
+    def check() -> None:
+        config = modelfiles.read_config(recipe.model)
+        limit = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
+        if isinstance(limit, int) and not isinstance(limit, bool) and recipe.data.max_seq_length > limit:
+            raise InputError(f"data.max_seq_length: {recipe.data.max_seq_length:,} tokens is beyond what "
+                             f"{recipe.model.name} supports (max_position_embeddings {limit:,} in its config.json)")
+    return _problem_of(check)
+
+
 def check_packages(recipe: Recipe) -> list[str]:
     """Recipe switches that need a package the image may not hold: say so now, not at the first step.
     Liger is on by default for Phi-3 on CUDA when liger-kernel is installed (`qctrain train` says whether it
@@ -148,9 +159,11 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     problems = output_data_overlap(recipe.data, recipe.output.dir) + check_sources(recipe)
     problems += check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
     problems += check_packages(recipe)
-    model_problems = _problem_of(lambda: modelfiles.model_source(recipe.model) and None)
+    model_problems = (_problem_of(lambda: modelfiles.model_source(recipe.model) and None)
+                      or hubcache.check_offline(recipe.model, env))  # offline: a missing cached file, named
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
-    problems += model_problems or check_template(recipe) + check_lora_targets(recipe) + check_gpu_memory(recipe, env)
+    problems += model_problems or (check_template(recipe) + check_lora_targets(recipe) + check_sequence_length(recipe)
+                                   + check_gpu_memory(recipe, env))
     if hub:
         problems += check_publisher(recipe, env)
     return list(dict.fromkeys(problems))

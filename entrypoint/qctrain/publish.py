@@ -4,7 +4,7 @@
 namespace, repo id well formed, repo created (private by default). `push_output` uploads a
 finished run in one commit with retries; when it still fails the outputs stay as they were and
 `PushFailed` (exit 4, "trained, not pushed") says which of token, permission or repo id is
-wrong. The token is never logged, printed or written: messages pass through `redact`.
+wrong. The token is never logged, printed or written: messages and commit messages pass through secretmask.
 
 Where runs go is one seam at the end of this module: a `Publisher` (check before training, push the
 run, push a checkpoint), `publisher_for(recipe)` choosing it from the recipe, and the push policy of
@@ -37,6 +37,7 @@ from qctrain.errors import InputError, Preempted, PushFailed
 from qctrain.hubtoken import redact, resolve_token
 from qctrain.recipe import HubSection, Recipe
 from qctrain.rundir import RunDir
+from qctrain.secretmask import mask
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,7 @@ def _push(
     if problem := _repo_id_problem(repo_id) or (None if token else _NO_TOKEN):
         raise PushFailed(problem)
     api = _api(endpoint, token)
+    message = mask(message, (token,))  # built from the manifest and repo ids: no secret in the Hub's history
     head_before: list[str | None] = []  # read once: a retry after a lost answer still compares to it
 
     def attempt() -> str:

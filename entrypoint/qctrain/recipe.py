@@ -8,6 +8,7 @@ every TRL/TrainingArguments knob works without being re-typed here.
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import typing
@@ -26,12 +27,40 @@ from pydantic import (
     model_validator,
 )
 
-from qctrain.errors import InputError
-from qctrain.hubtoken import TOKEN_PATTERN
+from qctrain.atomic import FileTooLarge, NotRegularFile, read_regular
+from qctrain.errors import InputError, shorten
+from qctrain.secretmask import find_secret, is_secret_name, mask
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan: a NaN would be written as null into run_manifest.json, which then no longer validates
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+MAX_SEED = 2**32 - 1  # numpy's and CUDA's seeds are 32-bit
+MAX_SEQ_LENGTH = 1 << 24  # tokens; preflight also holds it to the model's max_position_embeddings
+MAX_LORA_RANK = 4096
+
+
+def hub_id_problem(value: str, owner_required: bool) -> str | None:
+    """Why `value` is not a Hub repo id (huggingface_hub's own rules: no '..', no leading '/', one '/' at most),
+    None when it is one."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        return str(err).split(": '", 1)[0].removesuffix(".").replace("Repo id", "a Hub id")
+    if owner_required and value.count("/") != 1:
+        return "a Hub repo id names its owner: 'user-or-org/name'"
+    return None
+
+
+def _repo_id(value: str | None) -> str | None:
+    if value is not None and (problem := hub_id_problem(value, owner_required=True)):
+        raise ValueError(problem)
+    return value
 
 
 class Quantization(_Strict):
@@ -64,8 +93,8 @@ class ModelSection(_Strict):
 
 
 class LoraSection(_Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
+    r: int = Field(16, gt=0, le=MAX_LORA_RANK)
+    alpha: int = Field(32, gt=0, le=1 << 20)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -92,6 +121,8 @@ class DataSource(_Strict):
     @field_validator("path")
     @classmethod
     def _not_a_url(cls, path: str) -> str:
+        if path.startswith("hub:") and (problem := hub_id_problem(path.removeprefix("hub:"), owner_required=False)):
+            raise ValueError(f"hub:NAME names a Hub data set: {problem}")
         url = _URL.match(path)
         if url is None:
             return path
@@ -117,16 +148,16 @@ class EvalSplit(_Strict):
 class DataSection(_Strict):
     sources: list[DataSource] = Field(min_length=1)
     eval: EvalSplit | None = EvalSplit(fraction=0.05)  # null: no evaluation
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     chat_template: str = "model"  # "model", a TRL template name (phi3_5), or a .jinja file
-    max_seq_length: int = Field(2048, gt=0)
+    max_seq_length: int = Field(2048, gt=0, le=MAX_SEQ_LENGTH)
     packing: bool = True
     loss_on: Literal["assistant", "all"] = "assistant"
     dedup: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
     on_overlong: Literal["drop", "truncate"] = "drop"
-    # A reasoning trace (reasoning_content) where the chat template does not render one: a think block before the
-    # answer, trained on (inline), or left out and counted (drop).
+    # An assistant turn's reasoning trace: rendered and trained on (inline: by the chat template, or as a think
+    # block before the answer where the template has no place for it), or left out and counted (drop).
     reasoning: Literal["inline", "drop"] = "inline"
 
 
@@ -146,6 +177,8 @@ class HubSection(_Strict):
     revision: str | None = None  # branch to push to
     push_merged: bool = False
     merged_repo_id: str | None = None
+
+    _repo_ids = field_validator("repo_id", "merged_repo_id")(_repo_id)
 
 
 # SFTConfig fields that other recipe sections decide; naming them under train: is an error.
@@ -195,15 +228,19 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 # (checkpoint.plan_resume).
 HARMLESS_TRAIN_KEYS = frozenset({
     "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm", "log_level", "log_level_replica",
-    "log_on_each_node", "per_device_eval_batch_size", "auto_find_batch_size", "use_liger_kernel",
+    "log_on_each_node", "per_device_eval_batch_size", "use_liger_kernel",
     "liger_kernel_config", "skip_memory_metrics", "ddp_timeout", "ddp_find_unused_parameters",
     "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_backend", "use_cpu", "overwrite_output_dir",
     "resume_from_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
     "prediction_loss_only", "batch_eval_metrics", "restore_callback_states_from_checkpoint",
-    "ignore_data_skip", "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
+    "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
 })
 HARMLESS_TRAIN_PREFIXES = ("dataloader_", "activation_checkpointing", "gradient_checkpointing", "torch_compile",
                            "logging_", "eval_", "save_", "hub_", "push_to_hub", "include_", "jit_")
+# Named like harmless knobs, but they change the weights: dataloader_drop_last changes which records each epoch
+# trains on, ignore_data_skip replays the data from the start on resume, auto_find_batch_size changes the
+# batch size (and with it the steps and the schedule).
+WEIGHT_CHANGING_TRAIN_KEYS = frozenset({"dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"})
 # Attention kernels that compute the same attention (up to rounding): switching between them is harmless.
 EQUIVALENT_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
 
@@ -214,7 +251,8 @@ def harmless(key: str, old: Any, new: Any) -> bool:
         return old in EQUIVALENT_ATTENTION and new in EQUIVALENT_ATTENTION
     section, _, name = key.partition(".")
     name = name.split(".", 1)[0]
-    return section == "train" and (name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
+    return section == "train" and name not in WEIGHT_CHANGING_TRAIN_KEYS and (
+        name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
 
 
 class Recipe(_Strict):
@@ -280,11 +318,6 @@ def sft_field_types() -> dict[str, Any]:
     return field_types()
 
 
-def shorten(text: str, limit: int = 60) -> str:
-    """text cut to `limit` characters: an error line stays short whatever it quotes."""
-    return text if len(text) <= limit else f"{text[:limit - 1]}…"
-
-
 def abbreviate(value: Any, limit: int = 60) -> str:
     return shorten(repr(value), limit)
 
@@ -292,6 +325,49 @@ def abbreviate(value: Any, limit: int = 60) -> str:
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# Ranges of the numeric train: keys (TRL/transformers accept some of these out of range and fail late, or train
+# on nonsense): key -> (lowest, highest, whether the lowest is allowed). None: unbounded on that side.
+_POSITIVE = (0, None, False)
+_NON_NEGATIVE = (0, None, True)
+_AT_LEAST_ONE = (1, None, True)
+_FRACTION = (0, 1, True)
+TRAIN_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "learning_rate": _POSITIVE, "num_train_epochs": _NON_NEGATIVE, "max_steps": (-1, None, True),
+    "seed": (0, MAX_SEED, True), "data_seed": (0, MAX_SEED, True),
+    "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE, "adam_beta1": _FRACTION, "adam_beta2": _FRACTION, "adam_epsilon": _POSITIVE,
+    "label_smoothing_factor": _FRACTION, "neftune_noise_alpha": _NON_NEGATIVE,
+    "per_device_train_batch_size": _AT_LEAST_ONE, "per_device_eval_batch_size": _AT_LEAST_ONE,
+    "gradient_accumulation_steps": _AT_LEAST_ONE, "eval_accumulation_steps": _AT_LEAST_ONE,
+    "logging_steps": _POSITIVE, "save_steps": _POSITIVE, "eval_steps": _POSITIVE, "eval_delay": _NON_NEGATIVE,
+    "save_total_limit": _NON_NEGATIVE, "dataloader_num_workers": _NON_NEGATIVE,
+    "dataloader_prefetch_factor": _AT_LEAST_ONE, "torch_empty_cache_steps": _AT_LEAST_ONE,
+    "ddp_timeout": _POSITIVE,
+}
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return isinstance(value, list) and any(_non_finite(v) for v in value)
+
+
+def range_problem(key: str, value: Any) -> str | None:
+    """Why a checked train: value is out of range (NaN and infinity anywhere in it included), None if it is not."""
+    if _non_finite(value):
+        return f"must be a finite number (got {abbreviate(value)})"
+    if key not in TRAIN_RANGES or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high, low_allowed = TRAIN_RANGES[key]
+    if low is not None and (value < low or (value == low and not low_allowed)):
+        return f"must be {'at least' if low_allowed else 'greater than'} {low} (got {abbreviate(value)})"
+    if high is not None and value > high:
+        return f"must be at most {high:,} (got {abbreviate(value)})"
+    return None
 
 
 class _TrainProblems(ValueError):
@@ -319,6 +395,9 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
                 continue
             except Exception:  # a field type pydantic cannot check; SFTConfig checks it at train time
                 continue
+            if problem := range_problem(key, checked[key]):
+                problems.append((key, problem))
+                continue
             choices = enum_choices().get(key)
             if choices and isinstance(value, str) and value not in choices:
                 problems.append((key, f"unknown value {value!r}{did_you_mean(value, choices)}; one of: "
@@ -332,53 +411,83 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+# A recipe is a few kilobytes. The bounds keep a hostile one (a FIFO, /dev/zero, a 100 MB file, a kilobyte
+# of aliases standing for gigabytes) to a one-line refusal within a second.
+MAX_RECIPE_BYTES = 1 << 20  # each file: the recipe and each base:
+MAX_EXPANDED_BYTES = 2 << 20  # what it stands for once aliases, bases, --set and ${VAR} are written out
+MAX_YAML_VALUES = 100_000  # a recipe holds a few hundred values
+MAX_BASE_DEPTH = 16  # base: files chained
 
-MAX_YAML_VALUES = 100_000  # a recipe holds a few hundred; aliases (*name) may not multiply that past sanity
-
-
-def _expanded_size(node: yaml.Node, path: Path, sizes: dict[int, int], open_nodes: set[int]) -> int:
-    """How many values the node stands for once every alias is written out (stops counting past the bound)."""
-    key = id(node)
-    if key in sizes:
-        return sizes[key]
-    if key in open_nodes:
-        raise InputError(f"{path}: a YAML alias (*name) refers to a value that contains it; write the value out")
-    open_nodes.add(key)
-    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
-                else node.value if isinstance(node, yaml.SequenceNode) else [])
-    total = 1
-    for child in children:
-        total += _expanded_size(child, path, sizes, open_nodes)
-        if total > MAX_YAML_VALUES:
-            break
-    open_nodes.discard(key)
-    sizes[key] = total
-    return total
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-def _safe_load_bounded(text: str, path: Path) -> Any:
-    """yaml.safe_load, refusing a document whose aliases expand it beyond MAX_YAML_VALUES (an alias bomb: a
-    kilobyte that stands for billions of values) or that refers to itself, before anything walks it."""
-    loader = yaml.SafeLoader(text)
+class _Size:
+    """Values and bytes a YAML node stands for once every alias is written out (memoised per node)."""
+
+    def __init__(self, path: Path | str):
+        self.path, self.known, self.open = path, {}, set()
+
+    def of(self, node: yaml.Node) -> tuple[int, int]:
+        key = id(node)
+        if key in self.known:
+            return self.known[key]
+        if key in self.open:
+            raise InputError(f"{self.path}: a YAML alias (*name) refers to a value that contains it; write the "
+                             "value out")
+        self.open.add(key)
+        if isinstance(node, yaml.ScalarNode):
+            values, size = 1, len(node.value.encode("utf-8", "replace")) + 2
+        else:
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+            values, size = 1, 2
+            for child in children:
+                child_values, child_size = self.of(child)
+                values, size = values + child_values, size + child_size
+                if values > MAX_YAML_VALUES or size > MAX_EXPANDED_BYTES:
+                    break
+        self.open.discard(key)
+        self.known[key] = values, size
+        return values, size
+
+
+def _safe_load_bounded(text: str, path: Path | str) -> Any:
+    """yaml.safe_load (libyaml's), refusing a document whose aliases expand it beyond MAX_EXPANDED_BYTES or
+    MAX_YAML_VALUES (an alias bomb: a kilobyte that stands for gigabytes) or that refers to itself, before
+    anything walks it."""
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        if _expanded_size(node, path, {}, set()) > MAX_YAML_VALUES:
-            raise InputError(f"{path}: YAML aliases (*name) expand the recipe beyond {MAX_YAML_VALUES:,} values; "
-                             "write the values out")
+        values, size = _Size(path).of(node)
+        if values > MAX_YAML_VALUES or size > MAX_EXPANDED_BYTES:
+            raise InputError(f"{path}: YAML aliases (*name) expand the recipe beyond "
+                             f"{MAX_EXPANDED_BYTES >> 20} MiB or {MAX_YAML_VALUES:,} values; write the values out")
         return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def _read_recipe_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = read_regular(path, MAX_RECIPE_BYTES)
     except FileNotFoundError:
         raise InputError(f"{path}: recipe file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read recipe: {err}") from None
+    except NotRegularFile as err:
+        raise InputError(f"{path}: {err}; a recipe is a YAML file") from None
+    except FileTooLarge as err:
+        raise InputError(f"{path}: {err} ({MAX_RECIPE_BYTES >> 20} MiB); a recipe is a few kilobytes") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read recipe: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: cannot read recipe: invalid UTF-8 at byte {err.start}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    text = _read_recipe_text(path)
     try:
         data = _safe_load_bounded(text, path)
     except yaml.YAMLError as err:
@@ -409,6 +518,8 @@ def load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise InputError(f"{path}: 'base:' chain loops back to itself")
+    if len(seen) >= MAX_BASE_DEPTH:
+        raise InputError(f"{path}: 'base:' chain longer than {MAX_BASE_DEPTH} files")
     data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
@@ -447,7 +558,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             raise InputError(f"--set {shorten(assignment, 100)}: {shorten(str(part))} does not exist in the "
                          "recipe") from None
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = _safe_load_bounded(raw, f"--set {shorten(dotted, 100)}") if raw else ""
     except yaml.YAMLError:
         value = raw
     try:
@@ -457,16 +568,44 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                          "recipe") from None
 
 
-def expand_env(value: Any, env: typing.Mapping[str, str], where: str = "") -> Any:
+def secret_references(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """(place, variable) for every ${VAR} whose name says it holds a secret (secretmask.is_secret_name)."""
     if isinstance(value, dict):
-        return {k: expand_env(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return [r for k, v in value.items() for r in secret_references(v, f"{where}.{k}" if where else str(k))]
     if isinstance(value, list):
-        return [expand_env(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [r for i, v in enumerate(value) for r in secret_references(v, f"{where}[{i}]")]
+    if not isinstance(value, str):
+        return []
+    return [(where, m.group(1)) for m in _ENV_REF.finditer(value) if is_secret_name(m.group(1))]
+
+
+class _Budget:
+    """Bytes left for the values ${VAR} brings in (a thousand references to a 128 KiB variable)."""
+
+    def __init__(self, left: int):
+        self.left = left
+
+    def spend(self, text: str, where: str) -> None:
+        self.left -= len(text)
+        if self.left < 0:
+            raise InputError(f"{where}: ${{VAR}} values make the recipe larger than {MAX_EXPANDED_BYTES >> 20} MiB")
+
+
+def expand_env(value: Any, env: typing.Mapping[str, str], where: str = "", budget: _Budget | None = None) -> Any:
+    """${VAR} and ${VAR:-default} replaced from env. A variable named like a secret is left as written: a recipe
+    never holds a secret (load_recipe refuses the reference)."""
+    budget = budget or _Budget(MAX_EXPANDED_BYTES)
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, f"{where}.{k}" if where else str(k), budget) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{where}[{i}]", budget) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
+        if is_secret_name(name):
+            return match.group(0)
         if name in env and env[name] != "":
             return env[name]
         if default is not None:
@@ -474,9 +613,15 @@ def expand_env(value: Any, env: typing.Mapping[str, str], where: str = "") -> An
         raise InputError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}})")
 
     expanded = _ENV_REF.sub(substitute, value)
-    if expanded != value and _ENV_REF.fullmatch(value):
-        # A whole-value reference may stand for a number or a boolean.
-        loaded = yaml.safe_load(expanded) if expanded else expanded
+    if expanded == value:
+        return value
+    budget.spend(expanded, where)
+    if _ENV_REF.fullmatch(value) and len(expanded) <= 64:
+        # A whole-value reference may stand for a number or a boolean; anything else stays the string it is.
+        try:
+            loaded = yaml.load(expanded, Loader=_LOADER)
+        except yaml.YAMLError:
+            return expanded
         return loaded if isinstance(loaded, (int, float, bool)) else expanded
     return expanded
 
@@ -527,23 +672,43 @@ class RecipeError(InputError):
         super().__init__("\n".join(self.problems))
 
 
-def _token_like_values(value: Any, where: str) -> list[str]:
-    """Paths of values that hold a Hub token (typed in, or brought in by ${HF_TOKEN})."""
+HUB_TOKEN_ADVICE = "never put a Hub token in a recipe; set HF_TOKEN or HF_TOKEN_FILE in the environment"
+
+
+def _secret_places(value: Any, where: str, env: typing.Mapping[str, str]) -> list[tuple[str, str]]:
+    """(place, what it holds) for every key or value holding a secret: a Hub token, typed in or brought in by
+    --set, or the value of a secret environment variable (secretmask.find_secret)."""
     if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _token_like_values(v, f"{where}.{k}" if where else str(k))]
+        places = []
+        for key, item in value.items():
+            if isinstance(key, str) and (source := find_secret(key, env)):
+                places.append((f"{where}.<a key>" if where else "<a key>", source))  # the key would show it
+                continue
+            places += _secret_places(item, f"{where}.{key}" if where else str(key), env)
+        return places
     if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in _token_like_values(v, f"{where}[{i}]")]
-    return [where] if isinstance(value, str) and TOKEN_PATTERN.search(value) else []
+        return [p for i, v in enumerate(value) for p in _secret_places(v, f"{where}[{i}]", env)]
+    source = find_secret(value, env) if isinstance(value, str) else None
+    return [(where, source)] if source else []
 
 
-def _reject_secrets(data: dict[str, Any]) -> list[str]:
-    """The resolved recipe goes into run_manifest.json and the model card: no token may be in it."""
+def _reject_secrets(data: dict[str, Any], references: list[tuple[str, str]],
+                    env: typing.Mapping[str, str]) -> list[str]:
+    """The recipe is printed, written into run_manifest.json, the model card and checkpoint markers, pushed,
+    and its train: values reach the trainer's trackers: no secret may be in it. One line per place, naming
+    the variable, never the value."""
     hub = data.get("hub")
-    keys = [f"hub.{k}" for k in hub if "token" in str(k).lower()] if isinstance(hub, dict) else []
-    keys += [str(k) for k in data if "token" in str(k).lower()]
-    keys += [k for k in _token_like_values(data, "") if k not in keys]
-    return [f"{k}: never put a Hub token in a recipe; set HF_TOKEN or HF_TOKEN_FILE in the environment"
-            for k in keys]
+    problems = {f"hub.{k}": HUB_TOKEN_ADVICE for k in hub if "token" in str(k).lower()} if isinstance(hub, dict) \
+        else {}
+    problems.update({str(k): HUB_TOKEN_ADVICE for k in data if "token" in str(k).lower()})
+    for place, name in references:
+        problems.setdefault(place, f"${{{name}}} names a secret; secrets stay in the environment, never in a recipe "
+                                   "(it is printed, written into the run's manifest and card, and pushed)")
+    for place, source in _secret_places(data, "", env):
+        problems.setdefault(place, HUB_TOKEN_ADVICE if source == "a Hub token" else
+                            f"holds the value of {source}, a secret; secrets stay in the environment, never in a "
+                            "recipe")
+    return [f"{place}: {text}" for place, text in problems.items()]
 
 
 def output_data_overlap(data: DataSection, output_dir: str | Path) -> list[str]:
@@ -572,11 +737,16 @@ def output_data_overlap(data: DataSection, output_dir: str | Path) -> list[str]:
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (),
                 env: typing.Mapping[str, str] | None = None) -> Recipe:
     path = Path(path)
+    env = os.environ if env is None else env
     data = load_with_bases(path)
     for assignment in overrides:
         apply_override(data, assignment)
-    data = expand_env(data, os.environ if env is None else env)
-    problems = _reject_secrets(data)
+    references = secret_references(data)
+    data = expand_env(data, env)
+    if len(json.dumps(data, default=str)) > MAX_EXPANDED_BYTES:  # bases and --set values added up
+        raise InputError(f"{path}: the recipe with its bases and --set values is larger than "
+                         f"{MAX_EXPANDED_BYTES >> 20} MiB")
+    problems = _reject_secrets(data, references, env)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -585,9 +755,9 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (),
     else:
         problems += output_data_overlap(recipe.data, recipe.output.dir)
     if problems:
-        raise RecipeError(path, problems)
+        raise RecipeError(path, [mask(p, env=env) for p in problems])  # a type error quoting a refused value
     return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.dump(recipe.model_dump(mode="json"), Dumper=_DUMPER, sort_keys=False, allow_unicode=True)

@@ -73,7 +73,7 @@ class MetricsLog(TrainerCallback):
         if state.is_world_process_zero and logs:
             row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+                handle.write(redact(json.dumps(row)) + "\n")
 
 
 class StopOnSignal:

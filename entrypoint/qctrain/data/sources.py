@@ -6,6 +6,8 @@ import codecs
 import csv
 import errno
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +15,14 @@ from typing import Any
 
 import xxhash
 
+from qctrain.atomic import NotRegularFile, check_regular, kind_of
 from qctrain.errors import InputError
 from qctrain.recipe import DataSource, abbreviate, canonical_json
 
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
 BLOCK = 1 << 20  # bytes read at a time
 MAX_RECORD_CHARS = 64 << 20  # one JSON array item larger than this is refused (or it is an unterminated string)
+MAX_LINE_BYTES = 64 << 20  # one JSONL line longer than this is a bad record, one CSV line an error
 
 
 @dataclass
@@ -58,10 +62,15 @@ def source_files(src: DataSource) -> list[Path]:
         if path.suffix.lower() not in FILE_TYPES:
             raise InputError(f"{path}: unsupported data file type (use {', '.join(FILE_TYPES)})")
         return [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: {_not_regular(path)}; a data source is a file or a folder of files")
     try:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_TYPES and not p.name.startswith("."))
     except OSError as err:
         raise InputError(f"{path}: {os_error_text(err)}") from None
+    for file in files:
+        if (problem := _not_regular(file)) is not None:  # a FIFO or a link to /dev/zero named *.jsonl
+            raise InputError(f"{file}: {problem}; a data file is a regular file")
     if not files:
         raise InputError(f"{path}: folder holds no {', '.join(FILE_TYPES)} files")
     kinds = sorted({".json" if p.suffix.lower() == ".jsonl" else p.suffix.lower() for p in files})
@@ -71,11 +80,28 @@ def source_files(src: DataSource) -> list[Path]:
     return files
 
 
-def _open(path: Path):
+def _not_regular(path: Path) -> str | None:
+    """What `path` is when it is not a regular file (a FIFO would block the reader, /dev/zero never ends); None
+    for a regular file, or when it cannot be looked at (the reader names that error)."""
     try:
-        return open(path, "rb")  # noqa: SIM115 (closed by the reader's with)
-    except OSError as err:  # EACCES, ELOOP, EIO, a folder named like a file, a vanished mount...
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"{kind_of(mode)}, not a regular file"
+
+
+def _open(path: Path):
+    """Opened without blocking (a FIFO put in place after the check) and refused unless a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:  # EACCES, ELOOP, EIO, a vanished mount...
         raise InputError(f"{path}: {os_error_text(err)}") from None
+    try:
+        check_regular(os.fstat(fd))
+    except NotRegularFile as err:
+        os.close(fd)
+        raise InputError(f"{path}: {err}; a data file is a regular file") from None
+    return os.fdopen(fd, "rb")
 
 
 def _read_blocks(path: Path, handle) -> Iterator[bytes]:
@@ -199,9 +225,20 @@ def _read_json(path: Path) -> Iterator[Record]:
             raise doc.error(end, "Extra data")
 
 
-def _lines(path: Path, handle) -> Iterator[tuple[int, bytes]]:
-    for number, line in enumerate(handle, start=1):
+def _lines(path: Path, handle) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line); a line longer than MAX_LINE_BYTES comes as None, the rest of it read past, never held."""
+    number = 0
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := handle.readline(MAX_LINE_BYTES + 1)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+            continue
         yield number, line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
+
+
+LINE_TOO_LONG = f"line longer than {MAX_LINE_BYTES >> 20} MiB"
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
@@ -211,6 +248,10 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
         empty = True
         try:
             for number, line in _lines(path, handle):
+                if line is None:
+                    empty = False
+                    yield Record(f"{path}:{number}", None, f"{LINE_TOO_LONG} (the limit for one JSONL record)")
+                    continue
                 if not line.strip():
                     continue
                 empty = False
@@ -234,6 +275,8 @@ def parse_line(record: Record) -> Record:
 def _text_lines(path: Path, handle) -> Iterator[str]:
     offset = 0
     for number, line in _lines(path, handle):
+        if line is None:
+            raise InputError(f"{path}:{number}: {LINE_TOO_LONG} (the limit for one CSV line)")
         try:
             yield line.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -243,16 +286,26 @@ def _text_lines(path: Path, handle) -> Iterator[str]:
 
 
 def _read_csv(path: Path) -> Iterator[Record]:
+    csv.field_size_limit(MAX_LINE_BYTES)  # csv's own default (128 KiB a field) would refuse a long answer
     with _open(path) as handle:
         reader = csv.DictReader(_text_lines(path, handle))
         try:
             fields = reader.fieldnames  # reads the header line
         except OSError as err:
             raise InputError(f"{path}: {os_error_text(err)}") from None
+        except csv.Error as err:
+            raise InputError(f"{path}:1: invalid CSV: {err}") from None
         if not fields or not any(f.strip() for f in fields):
             raise InputError(f"{path}: file is empty")
         first_line = reader.line_num + 1
-        for row in reader:
+        rows = iter(reader)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as err:  # a quoted field longer than MAX_LINE_BYTES, a NUL byte...
+                raise InputError(f"{path}:{first_line}: invalid CSV: {err}") from None
             yield Record(f"{path}:{first_line}", row)  # where the record starts; quoted fields may span lines
             first_line = reader.line_num + 1
 
