@@ -107,7 +107,7 @@ def test_preemption_reruns_the_command_and_exit_75_is_recovered(task):
 def test_image_is_the_task_container_and_its_entrypoint_runs(task):
     image = task["resources"]["image_id"]
     assert image.startswith("docker:ghcr.io/") and "/qc-train-phi" in image
-    k8s_image = re.search(r"image: (\S+)", (ROOT / "k8s" / "job.yaml").read_text()).group(1)
+    k8s_image = re.search(r"^\s*image: (\S+)", (ROOT / "k8s" / "job.yaml").read_text(), re.M).group(1)
     assert image == f"docker:{k8s_image}"  # one released image everywhere
     assert all(line.startswith("qctrain-entrypoint ") for line in task["run"].strip().splitlines())
     options = task["config"]["docker"]["run_options"]
