@@ -222,6 +222,7 @@ def child_floor(args) -> dict:
     from itertools import islice
 
     from qctrain import data
+    from qctrain.data import template as templates
     from transformers.utils.chat_template_utils import render_jinja_template
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -232,7 +233,10 @@ def child_floor(args) -> dict:
     src = cfg.sources[0]
     conversations = [data.to_conversation(r, src.format, src.columns)
                      for r in islice(data.read_source(src), args.floor_records)]
-    messages, _ = data.template_inputs(conversations, False)
+    messages, *_ = data.template_inputs(conversations)
+    # The stage renders conversations without tools or traces with the template the extension extends (the same
+    # text): so does the floor.
+    template = (templates.unextended(template) or (template,))[0]
     start = time.perf_counter()
     texts, _ = render_jinja_template(conversations=messages, chat_template=template,
                                      return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)

@@ -19,13 +19,14 @@ QUICK = {
     "train_cpu.py": ["--rounds", "1", "--steps", "12", "--logging-steps", "3", "--warmup", "3", "--records", "400"],
     "gpu_qlora.py": ["--steps", "4", "--warmup", "1"],
     "check.py": ["--rounds", "3"],
+    "extension.py": ["--plain-records", "1000", "--tool-records", "500", "--rounds", "2"],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
-    parser.add_argument("--only", default="check.py,prep.py,packing.py,train_cpu.py,gpu_qlora.py")
+    parser.add_argument("--only", default="check.py,prep.py,extension.py,packing.py,train_cpu.py,gpu_qlora.py")
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
     args = parser.parse_args(argv)
 

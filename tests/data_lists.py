@@ -22,17 +22,20 @@ def to_dataset(input_ids: list[list[int]], labels: list[list[int]], packing: boo
     return data.to_dataset_flat(data.Tokenized.from_lists(input_ids, labels), packing, max_len, seed)
 
 
-def load_conversations(sources, on_bad: str) -> tuple[list[dict], dict[str, Any]]:
-    """Every source's conversations as one list, with per-source counts {read, bad, kept, by_reason, examples}
-    (the stage streams them instead)."""
+def load_conversations(sources, on_bad: str, loss_on: str = "assistant") -> tuple[list[dict], dict[str, Any]]:
+    """Every source's conversations as one list, with per-source counts {read, bad, kept, by_reason, examples,
+    unread_keys} (the stage streams them instead)."""
     conversations: list[dict] = []
     counts: dict[str, dict[str, Any]] = {}
     for src in sources:
-        tally = counts.setdefault(src.path, {"read": 0, "bad": 0, "kept": 0, "by_reason": {}, "examples": []})
+        tally = counts.setdefault(src.path, {"read": 0, "bad": 0, "kept": 0, "by_reason": {}, "examples": [],
+                                             "unread_keys": {}})
         for record in data.read_source(src):
             tally["read"] += 1
             try:
-                conversations.append(data.to_conversation(record, src.format, src.columns))
+                conversations.append(data.to_conversation(record, src.format, src.columns, frozenset(src.ignore_keys),
+                                                          None if on_bad == "error" else tally["unread_keys"],
+                                                          loss_on))
                 tally["kept"] += 1
             except data.BadRecord as err:
                 if on_bad == "error":

@@ -99,3 +99,11 @@ def test_check_timing_against_an_earlier_commit(tiny_model_dir, tmp_path):
     if subprocess.run(["git", "cat-file", "-e", "29bd231"], cwd=BENCH, capture_output=True).returncode == 0:
         assert "| qctrain at 29bd231 | check" in text  # a clone with history: the earlier commit is timed too
     assert "Target check < 3 s:" in text
+
+
+def test_extension(tiny_model_dir, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    assert bench_module("extension").main(["--plain-records", "40", "--tool-records", "20", "--rounds", "1",
+                                           "--model", str(tiny_model_dir), "--results", str(results)]) == 0
+    text = rows_of(results, "extension")
+    assert "plain (40)" in text and "tools (20)" in text and "extended, us/record" in text

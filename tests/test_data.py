@@ -35,7 +35,8 @@ def test_alpaca_json_with_system_and_history(tmp_path):
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "First?"}, {"role": "assistant", "content": "First answer."},
         {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "Now this."}], "tools": []}]
-    assert counts[str(path)] == {"read": 1, "bad": 0, "kept": 1, "by_reason": {}, "examples": []}
+    assert counts[str(path)] == {"read": 1, "bad": 0, "kept": 1, "by_reason": {}, "examples": [],
+                                 "unread_keys": {}}
 
 
 def test_jsonl_csv_parquet_and_folder_give_the_same_conversations(tmp_path):

@@ -51,9 +51,9 @@ def test_glaive_function_call_observation_and_tools_string(tokenizer, tmp_path):
     assert [t["function"]["name"] for t in tools] == ["calculate_area"] and tools[0]["type"] == "function"
     assert tools[0]["function"]["parameters"]["required"] == ["shape", "dimensions"]
     call = '{"tool_calls": [{"name": "calculate_area", "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}]}'
-    result = '<|user|>{"tool_result": {"name": "calculate_area", "content": "{\\"area\\": 15}"}}<|end|>'
+    result = '<|user|>{"tool_result": {"name": "calculate_area", "content": {"area": 15}}}<|end|>'  # JSON as JSON
     assert spans == [f"{call}<|end|>", "The rectangle's area is 15 square units.<|end|><|endoftext|>"]
-    assert result in tools_record and "area\\\": 15" not in supervised(spans)
+    assert result in tools_record and '"area": 15' not in supervised(spans) and "\\" not in tools_record
     assert "calculate_area" not in supervised(spans).replace(call, "")  # the definitions are not trained on
     # "tools": "[]" adds nothing: a plain conversation
     assert plain.startswith("<|user|>Tell me a joke") and "Tools" not in plain
@@ -180,7 +180,13 @@ def test_native_tool_template_gets_the_canonical_conversation(tokenizer):
                                                    "sharegpt_system.json")]}).sources, "error")
     qwen = data.training_template(data.resolve_chat_template("qwen3", tokenizer), tokenizer, "assistant")
     phi = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
-    assert data.template_renders_tools(qwen) and not data.template_renders_tools(phi)
+    assert data.rendering(data.resolve_chat_template("qwen3", tokenizer), "inline") == data.Rendering("template",
+                                                                                                     "template")
+    assert data.rendering(data.resolve_chat_template("model", tokenizer), "inline") == data.Rendering(
+        "fallback", "think_block")
+    assert not qwen.startswith(data.template_extension(True, True)[:30])  # Qwen3 as it is; Phi-3.5 extended
+    assert phi.startswith(data.template_extension(True, True))
+    assert data.template_renders_tools(qwen) and data.template_renders_tools(phi)
     for template in (qwen, phi):
         expected = data.tokenize_reference(conversations, tokenizer, template, "assistant")
         assert data.tokenize(conversations, tokenizer, template, "assistant") == expected

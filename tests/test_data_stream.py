@@ -116,9 +116,10 @@ def test_streaming_packs_split_and_truncates_as_the_list_path(tokenizer, tmp_pat
         assert {k: v for k, v in prepared.report[name].items() if k not in ("sequences", "packing_efficiency",
                                                                             "conversations")} \
             == {**fit_counts, **data.token_stats_flat(fitted)}
-    assert prepared.report["heldout_prompts"][0] == data.template_inputs(
-        [next(c for c, cid in zip(conversations, ids, strict=True) if cid in eval_ids)],
-        data.template_renders_tools(template))[0][0][:-1]
+    first_eval = next(c for c, cid in zip(conversations, ids, strict=True) if cid in eval_ids)
+    [messages], [tools], _ = data.template_inputs([first_eval])
+    assert tools, "the first held-out record calls tools: its prompt carries them"
+    assert prepared.report["heldout_prompts"][0] == {"messages": messages[:-1], "tools": tools}
     cached = data.prepare(cfg, tokenizer, tmp_path / "out")
     assert cached.cached and cached.train["input_ids"] == prepared.train["input_ids"]
 

@@ -1,5 +1,6 @@
 """GGUF LoRA export, read back with gguf's own reader and checked against PEFT's delta weights."""
 
+import json
 import math
 from pathlib import Path
 
@@ -152,3 +153,75 @@ def test_local_base_without_hub_id_has_no_base_model_entry(written, config, tmp_
     local = BaseReference("/models/tiny", None, None)
     gguf_adapter.write_lora_gguf(done.adapter.parent.parent / "adapter", path, config, local)
     assert not [k for k in gguf.GGUFReader(path).fields if k.startswith("general.base_model")]
+
+
+# --- the Modelfile's TEMPLATE: the adapter's chat template for Ollama ---
+
+def test_modelfile_has_no_template_it_cannot_match(tmp_path):
+    base = BaseReference("microsoft/Phi-3.5-mini-instruct", None, "microsoft/Phi-3.5-mini-instruct")
+    text = gguf_adapter.modelfile_text(base, "a.gguf", chat_template="{{ messages[0]['content'] }}")
+    assert "TEMPLATE" not in text.replace("No TEMPLATE", "") and "# No TEMPLATE: the adapter's chat template" in text
+    assert gguf_adapter.ollama_template(None) is None
+
+
+@pytest.fixture
+def ollama_render(tmp_path):
+    """Ollama's prompt for a TEMPLATE and a request: tests/ollama/render.go (Go's text/template as Ollama uses it)."""
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (apt install golang-go): Ollama's template language cannot be run here")
+    binary = tmp_path / "render"
+    subprocess.run([go, "build", "-o", str(binary), "render.go"], cwd=Path(__file__).parent / "ollama", check=True,
+                   capture_output=True, timeout=300)
+
+    def render(template: str, request: dict) -> str:
+        path = tmp_path / "template.gotmpl"
+        path.write_text(template, encoding="utf-8")
+        done = subprocess.run([str(binary), str(path)], input=json.dumps(request), capture_output=True, text=True,
+                              check=True, timeout=60)
+        return done.stdout
+
+    return render
+
+
+def test_modelfile_template_gives_ollama_the_training_prompt(tmp_path, tiny_model_dir, ollama_render):
+    from qctrain import data, export
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    export.save_tokenizer(tokenizer, data.extend_template(tokenizer.chat_template, "inline"), tmp_path / "adapter")
+    tuned = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    base = BaseReference(str(tiny_model_dir), None, None)
+    modelfile = gguf_adapter.modelfile_text(base, "a.gguf",
+                                            chat_template=gguf_adapter.adapter_chat_template(tmp_path / "adapter"))
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert 'PARAMETER stop "<|end|>"' in modelfile and "$m.Thinking" in template
+
+    def hf(messages, tools=None):
+        return tuned.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of Norway?"}]
+    assert ollama_render(template, {"messages": plain}) == hf(plain)
+    reasoning = [{"role": "user", "content": "Is 91 prime?"},
+                 {"role": "assistant", "content": "No.", "reasoning_content": "91 = 7 x 13."},
+                 {"role": "user", "content": "And 97?"}]
+    ollama = [{**m, "thinking": m["reasoning_content"]} if "reasoning_content" in m else m for m in reasoning]
+    assert ollama_render(template, {"messages": ollama}) == hf(reasoning)
+    # with tools: the same prompt but for the spaces Go's JSON leaves out
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "required": ["city"],
+                                                            "properties": {"city": {"type": "string"}}}}}
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    messages = [{"role": "system", "content": "You check the weather."},
+                {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "name": "get_weather", "content": '{"temperature": 9}'},
+                {"role": "assistant", "content": "9 degrees."}, {"role": "user", "content": "And tomorrow?"}]
+    expected = hf(messages, [tool])
+    assert '"content": {"temperature": 9}' in expected
+    got = ollama_render(template, {"messages": messages, "tools": [tool]})
+    assert got.replace(" ", "") == expected.replace(" ", "") and got != expected

@@ -167,7 +167,8 @@ def test_training_twin_is_trls_answer_for_every_trl_template(name):
             templates.training_twin(template, "assistant")
         return
     assert templates.training_twin(template, "assistant") == expected
-    assert templates.training_twin(template, "all") == template
+    assert templates.training_twin(template, "all") == data.extend_template(template, "inline")
+    assert templates.training_twin(template, "all", "drop") == data.extend_template(template, "drop")
 
 
 def test_module_names_from_safetensors_headers_match_the_module_tree(tmp_path, tiny_model_dir):

@@ -29,6 +29,11 @@ def test_outputs_are_complete(trained):
                  "loss.png", "data_report.json"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    from qctrain import data
+
+    # the chat template the data stage rendered through (Phi-3.5's, extended for tools and traces), unmasked
+    template = (out / "adapter/chat_template.jinja").read_text()
+    assert template.startswith(data.template_extension(True, True)) and not data.has_generation_markers(template)
     assert "data: 48 read, 0 duplicates" in result.stdout
     assert ("train: liger-kernel off (its kernels are Triton kernels for CUDA GPUs and there is none here); loss: "
             "cross entropy over the supervised positions; 2 pack(s) per batch as 2 row(s) (sdpa)") in result.stdout
@@ -87,6 +92,11 @@ def test_adapter_reloads_on_the_base_and_generates(trained, tiny_model_dir):
     result = run_cli("generate", str(out), "--prompt", "Explain item 3 briefly.", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("prompt: Explain item 3 briefly.\nreply:")
+    tools = write_json(out.parent / "tools.json", [{"type": "function", "function": {
+        "name": "lookup", "description": "Look an item up", "parameters": {"type": "object", "properties": {}}}}])
+    result = run_cli("generate", str(out), "--prompt", "Look up item 3.", "--tools", str(tools),
+                     "--max-new-tokens", "4")
+    assert result.returncode == 0 and result.stdout.startswith("prompt: Look up item 3.\nreply:"), result.stderr
 
 
 def test_prepare_prints_marked_sample_and_hits_cache(trained):

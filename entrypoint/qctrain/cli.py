@@ -63,6 +63,19 @@ def _print_data_summary(report: dict, cached: bool) -> None:
         print(f"data: first bad record: {first_bad}")
     if counts["truncated"]:
         print(f"data: {counts['truncated']} records truncated to data.max_seq_length (data.on_overlong: truncate)")
+    if counts["context_turns"]:
+        print(f"data: assistant turns: {counts['supervised_turns']} supervised, {counts['context_turns']} left in "
+              "the context (weight 0 / train or loss false)")
+    reasoning = report.get("reasoning", {})
+    if reasoning.get("traces"):
+        how = {"template": "rendered by the chat template", "think_block": "written as think blocks, trained on",
+               "dropped": "dropped (data.reasoning: drop)"}[reasoning["rendered_by"]]
+        print(f"data: {reasoning['traces']} reasoning traces {how}")
+    for name, source in report["sources"].items():
+        if source["unread_keys"]:
+            keys = ", ".join(f"{key} ({n} records)" for key, n in source["unread_keys"].items())
+            print(f"data: {name}: keys not read, ignored: {keys} (name them in the source's ignore_keys to "
+                  "silence this)")
     if len(report["sources"]) > 1:
         for name, source in report["sources"].items():
             print(f"data: {name}: {source['read']} read = {source['kept']} kept ({source['train']} train, "
@@ -184,8 +197,11 @@ def _train_held(recipe, args, stop) -> int:
 
     # Sample replies: generating from an FSDP-sharded model would need every rank; skipped there.
     prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
-    samples = export.before_after_samples(trainer.model, tokenizer, prompts)  # the base: adapter disabled
-    chat_template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
+    # The template the adapter carries: what training rendered (tools, traces), without the training markers.
+    chat_template = data.extend_template(data.resolve_chat_template(recipe.data.chat_template, tokenizer),
+                                         recipe.data.reasoning)
+    samples = export.before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
+                                          chat_template=chat_template)
     newest = checkpoint.complete_checkpoints(checkpoint.checkpoints_dir(output_dir))
     export.write_outputs(export.FinishedRun(
         recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
@@ -250,15 +266,18 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from qctrain import export, model
+    from qctrain import data, export, model
 
+    tools = data.read_tools_file(Path(args.tools)) if args.tools else None  # a bad file fails before any loading
     adapter_model, tokenizer = model.load_adapter_model(Path(args.output_dir))
     conversation = [[{"role": "user", "content": args.prompt}]]
     if args.compare_base:
-        [sample] = export.before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens)
+        [sample] = export.before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens,
+                                               tools=tools)
         print(f"prompt: {args.prompt}\nbase:   {sample.base}\nreply:  {sample.tuned}")
         return 0
-    reply = export.generate_replies(adapter_model, tokenizer, conversation, max_new_tokens=args.max_new_tokens)[0]
+    reply = export.generate_replies(adapter_model, tokenizer, conversation, max_new_tokens=args.max_new_tokens,
+                                    tools=tools)[0]
     print(f"prompt: {args.prompt}\nreply:  {reply}")
     return 0
 
@@ -339,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--compare-base", action="store_true",
                           help="also print the base model's reply (the adapter disabled)")
+    generate.add_argument("--tools", metavar="FILE",
+                          help="a JSON list of tool (function) schemas the model may call, rendered by the "
+                               "adapter's chat template as in training")
     export_cmd = add("export", cmd_export, "write a finished run's adapter as a GGUF LoRA (llama.cpp, Ollama) "
                      "with an Ollama Modelfile, into OUTPUT_DIR/gguf", [common])
     export_cmd.add_argument("output_dir")

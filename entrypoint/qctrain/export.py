@@ -118,11 +118,17 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48) -> list[str]:
+def generate_replies(model, tokenizer, conversations: list[list[dict] | dict], max_new_tokens: int = 48,
+                     chat_template: str | None = None, tools: list[dict] | None = None) -> list[str]:
+    """Greedy replies; a conversation is a list of messages or {"messages", "tools"} (tools: for all of them
+    otherwise); chat_template: the one to render with instead of the tokenizer's."""
     model.eval()
     replies = []
-    for messages in conversations:
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+    for conversation in conversations:
+        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        these_tools = conversation.get("tools") if isinstance(conversation, dict) else tools
+        inputs = tokenizer.apply_chat_template(messages, tools=these_tools or None, chat_template=chat_template,
+                                               add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True).to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
@@ -137,14 +143,16 @@ class Sample:
     tuned: str
 
 
-def before_after_samples(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 48) -> list[Sample]:
+def before_after_samples(model, tokenizer, conversations: list[list[dict] | dict], max_new_tokens: int = 48,
+                         chat_template: str | None = None, tools: list[dict] | None = None) -> list[Sample]:
     """Greedy replies to each conversation with the adapter, and with it disabled (the base model)."""
-    tuned = generate_replies(model, tokenizer, conversations, max_new_tokens)
+    tuned = generate_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools)
     base: list[str | None] = [None] * len(conversations)
     if conversations and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base = list(generate_replies(model, tokenizer, conversations, max_new_tokens))
-    return [Sample(c[-1]["content"], b, t) for c, b, t in zip(conversations, base, tuned, strict=True)]
+            base = list(generate_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools))
+    prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
+    return [Sample(p, b, t) for p, b, t in zip(prompts, base, tuned, strict=True)]
 
 
 # Licenses of bases whose own card is often not at hand (from_pretrained does not fetch README.md):
@@ -344,7 +352,13 @@ def save_adapter(trainer, tokenizer, chat_template: str, dest: Path, state_dict:
         trainer.model.save_pretrained(dest)
     else:  # FSDP: the full state dict every rank gathered (distributed.full_adapter_state)
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(dest, state_dict=state_dict)
-    tokenizer.chat_template = chat_template  # the inference template, not the masked training twin
+    save_tokenizer(tokenizer, chat_template, dest)
+
+
+def save_tokenizer(tokenizer, chat_template: str, dest: Path) -> None:
+    """The tokenizer files with the inference template (data.extend_template's: what training rendered, without
+    the masked training twin's markers)."""
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(dest)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qctrain.data.template import TOOLS_HEADER
 from qctrain.errors import InputError
 from qctrain.model import BaseReference
 from qctrain.secretmask import mask
@@ -48,7 +49,8 @@ def export(adapter_dir: Path, dest: Path, base: BaseReference, base_config, outt
     gguf_path = dest / f"{name}-lora-{outtype}.gguf"
     tensors, alpha = write_lora_gguf(adapter_dir, gguf_path, base_config, base, outtype, name)
     modelfile = dest / "Modelfile"
-    modelfile.write_text(mask(modelfile_text(base, gguf_path.name, base_gguf)), encoding="utf-8")
+    modelfile.write_text(mask(modelfile_text(base, gguf_path.name, base_gguf, adapter_chat_template(adapter_dir))),
+                         encoding="utf-8")
     return GgufExport(gguf_path, modelfile, tensors, alpha)
 
 
@@ -161,10 +163,126 @@ def ollama_base(base: BaseReference, base_gguf: str | None = None) -> str:
     return OLLAMA_LIBRARY.get(base.source.lower(), base.source)
 
 
-def modelfile_text(base: BaseReference, adapter_file: str, base_gguf: str | None = None) -> str:
+def modelfile_text(base: BaseReference, adapter_file: str, base_gguf: str | None = None,
+                   chat_template: str | None = None) -> str:
+    """The Modelfile: FROM the base, ADAPTER the file, and the TEMPLATE that matches the adapter's chat template
+    (where we know one: see ollama_template)."""
     origin = base.hub_id or Path(base.source).name
-    return (f"# Ollama: ollama create NAME -f Modelfile (in this folder); then ollama run NAME\n"
+    text = (f"# Ollama: ollama create NAME -f Modelfile (in this folder); then ollama run NAME\n"
             f"# FROM must be the base this adapter was trained on ({origin}): its GGUF file, its\n"
             f"# safetensors folder or an Ollama model of the same weights.\n"
             f"FROM {ollama_base(base, base_gguf)}\n"
             f"ADAPTER ./{adapter_file}\n")
+    template = ollama_template(chat_template)
+    if template is None:
+        return text + ("# No TEMPLATE: the adapter's chat template is not one we can write for Ollama; the base "
+                       "model's applies.\n" if chat_template else "")
+    stops = "".join(f'PARAMETER stop "{stop}"\n' for stop in PHI35_STOPS)
+    return (text + "# The adapter's chat template (adapter/chat_template.jinja) in Ollama's template language: the\n"
+            "# same prompt as in training; with tools the JSON is written by Go (no spaces), the same structure.\n"
+            + ("# Reasoning history goes in as think blocks: needs an Ollama with messages' `thinking` (0.9+).\n"
+               if "$m.Thinking" in template else "")
+            + f'TEMPLATE """{template}"""\n{stops}')
+
+
+# --- the Modelfile's TEMPLATE: the chat template the adapter carries, in Ollama's Go template language ---
+#
+# Ollama renders prompts with its own Go templates, not the Jinja chat template, so for the one base format we
+# know (Phi-3.5's) the Modelfile carries a Go template written to match the adapter's chat template: the same
+# turns and markers, and with the extension (data.template) the same tools block, call JSON, result turns and
+# think blocks. Token for token for conversations without tools; with tools, Ollama's `json` (Go's
+# encoding/json) writes JSON without spaces and escapes <, > and & (the Jinja template writes json.dumps'
+# ", " and ": "), and a result is taken as JSON only when its text itself starts and ends with {} or [] (the
+# Jinja template trims whitespace first): the same structure, not the same bytes. Ollama also merges consecutive
+# turns of one role (except tool results) into one. Tool results are paired with calls in order. A conversation
+# that ends with an assistant turn is continued (its turn is left open), as Ollama's own templates do.
+
+PHI35_STOPS = ("<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>")
+
+_GO_TOOLS_BLOCK = (TOOLS_HEADER + '[{{ range $k, $t := $.Tools }}{{ if $k }}, {{ end }}{"type": "function", '
+                   '"function": {"name": {{ json $t.Function.Name }}, "description": {{ json $t.Function.Description }}'
+                   ', "parameters": {{ json $t.Function.Parameters }}}}{{ end }}]')
+_GO_HEAD = """{{- $rest := "" }}{{- $last := "" }}
+"""
+_GO_TOOLS_SYSTEM = """{{- if and $.Tools (or (not $.Messages) (ne (index $.Messages 0).Role "system")) }}<|system|>
+TOOLS_BLOCK<|end|>
+{{ end }}
+"""
+_GO_LOOP = """{{- range $i, $m := $.Messages }}
+{{- if eq $m.Role "system" }}
+SYSTEM_TURN{{- else if eq $m.Role "user" }}<|user|>
+{{ $m.Content }}<|end|>
+{{ else if eq $m.Role "assistant" }}<|assistant|>
+THINK{{ $m.Content }}CALLS{{ if ne (len (slice $.Messages $i)) 1 }}<|end|>
+{{ end }}
+RESULT{{ end }}
+{{- $last = $m.Role }}
+{{- end }}
+{{- if ne $last "assistant" }}<|assistant|>
+{{ end }}"""
+_GO_SYSTEM_PLAIN = """{{- if $m.Content }}<|system|>
+{{ $m.Content }}<|end|>
+{{ end }}
+"""
+_GO_SYSTEM_TOOLS = """{{- if and (eq $i 0) $.Tools }}<|system|>
+{{ if $m.Content }}{{ $m.Content }}
+
+{{ end }}TOOLS_BLOCK<|end|>
+{{ else if $m.Content }}<|system|>
+{{ $m.Content }}<|end|>
+{{ end }}
+"""
+_GO_THINK = """{{ if $m.Thinking }}<think>
+{{ $m.Thinking }}
+</think>
+
+{{ end }}"""
+_GO_CALLS = """{{ if $m.ToolCalls }}{{ if $m.Content }}
+{{ end }}{"tool_calls": [{{ range $j, $c := $m.ToolCalls }}{{ if $j }}, {{ end }}{"name": {{ json $c.Function.Name }}, \
+"arguments": {{ json $c.Function.Arguments }}}{{ end }}]}{{ $rest = $m.ToolCalls }}{{ end }}"""
+_GO_RESULT = """{{- else if eq $m.Role "tool" }}<|user|>
+{"tool_result": {"name": {{ if $rest }}{{ json (index $rest 0).Function.Name }}{{ $rest = slice $rest 1 }}\
+{{ else }}""{{ end }}, "content": {{ $raw := false }}{{ if $m.Content }}{{ $first := slice $m.Content 0 1 }}\
+{{ $final := slice $m.Content (len (slice $m.Content 1)) }}{{ if or (and (eq $first "{") (eq $final "}")) \
+(and (eq $first "[") (eq $final "]")) }}{{ $raw = true }}{{ end }}{{ end }}{{ if $raw }}{{ $m.Content }}\
+{{ else }}{{ json $m.Content }}{{ end }}}}<|end|>
+"""
+
+
+def go_template(tools: bool, think: bool) -> str:
+    """Phi-3.5's chat template (with the extension's tools and think blocks where asked) for Ollama."""
+    loop = (_GO_LOOP.replace("SYSTEM_TURN", _GO_SYSTEM_TOOLS if tools else _GO_SYSTEM_PLAIN)
+            .replace("THINK", _GO_THINK if think else "").replace("CALLS", _GO_CALLS if tools else "")
+            .replace("RESULT", _GO_RESULT if tools else '{{- "" }}'))
+    return (_GO_HEAD + (_GO_TOOLS_SYSTEM if tools else "") + loop).replace("TOOLS_BLOCK", _GO_TOOLS_BLOCK)
+
+
+def adapter_chat_template(adapter_dir: Path) -> str | None:
+    """The chat template saved with the adapter (chat_template.jinja, or tokenizer_config.json's)."""
+    import json
+
+    jinja = adapter_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = adapter_dir / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def ollama_template(chat_template: str | None) -> str | None:
+    """The Go template for Ollama that matches this chat template, where we know one (Phi-3.5's, extended or
+    not); None otherwise."""
+    from qctrain.data.template import split_extension, unextended
+    from qctrain.tiny import phi3_5_chat_template
+
+    if not chat_template:
+        return None
+    parts = unextended(chat_template)
+    base, tools, think = parts if parts else (split_extension(chat_template)[1], False, False)
+    if parts is None and split_extension(chat_template)[0]:
+        return None
+    if base.strip() != phi3_5_chat_template().strip():
+        return None
+    return go_template(tools, think)

@@ -94,7 +94,7 @@ def check_template(recipe: Recipe) -> list[str]:
 
             tokenizer = model.load_tokenizer(recipe.model)
         template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
-        template = data.training_twin(template, recipe.data.loss_on)
+        template = data.training_twin(template, recipe.data.loss_on, recipe.data.reasoning)
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
         ids, labels = data.tokenize([probe], tokenizer, template, recipe.data.loss_on)
     except QcError as err:

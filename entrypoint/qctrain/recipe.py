@@ -113,6 +113,8 @@ class DataSource(_Strict):
     format: Literal["auto", *DATA_FORMATS] = "auto"
     # our field name -> the column that holds it in this source, e.g. {instruction: prompt}
     columns: dict[str, str] = {}
+    # keys of this source's records (or turns) that are not read and not to be reported: its own metadata
+    ignore_keys: list[str] = []
     split: str = "train"  # Hub data sets only
     revision: str | None = None  # Hub data sets only
 
@@ -154,6 +156,9 @@ class DataSection(_Strict):
     dedup: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
     on_overlong: Literal["drop", "truncate"] = "drop"
+    # An assistant turn's reasoning trace: rendered and trained on (inline: by the chat template, or as a think
+    # block before the answer where the template has no place for it), or left out and counted (drop).
+    reasoning: Literal["inline", "drop"] = "inline"
 
 
 class OutputSection(_Strict):

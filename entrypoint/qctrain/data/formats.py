@@ -4,9 +4,11 @@ the same turn checks for all."""
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qctrain.data.sources import Record, parse_line
+from qctrain.errors import InputError
 from qctrain.recipe import DATA_FORMATS, abbreviate, canonical_json
 
 
@@ -34,6 +36,11 @@ BAD_REASONS = {
     "no_user_before_assistant": "an assistant turn before any user turn",
     "orphan_tool_result": "a tool result with no tool call before it",
     "last_turn_not_assistant": "a conversation that does not end with the assistant",
+    "unhonoured_weight": "a training flag that cannot be honoured: weight 1 (train/loss true) on a turn that is not "
+                         "the assistant's, or weight 0 with data.loss_on: all",
+    "misplaced_reasoning": "a reasoning trace on a turn that is not the assistant's, or next to a think block in "
+                           "its content",
+    "unknown_key": "a key that is neither read nor known metadata (with data.on_bad_record: error)",
 }
 
 
@@ -44,6 +51,9 @@ BAD_REASONS = {
 # may carry "tool_calls": [{"type": "function", "function": {"name", "arguments": {...}}}] (its content is
 # "" when it only calls); a tool message carries the result as content and the "name" of the function it
 # answers. tools: JSON schemas, {"type": "function", "function": {"name", "description", "parameters"}}.
+# A message may also carry "weight": 0 or 1 (the turn's training flag as the record gave it: OpenAI's and
+# Mistral's weight, axolotl's train, AgentInstruct's and ms-swift's loss; an assistant turn with weight 0 stays
+# in the context, unsupervised) and an assistant message "reasoning_content" (its reasoning trace).
 # One pure function per format (record fields -> conversation), then the same turn checks for all.
 
 USER, ASSISTANT, SYSTEM, TOOL, CALL = "user", "assistant", "system", "tool", "call"
@@ -63,11 +73,18 @@ def _text(fields: dict[str, Any], name: str, where: str, required: bool = True) 
     return value
 
 
-def _content(value: Any, where: str, at: str) -> str:
+def _is_typed_parts(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(p, dict) and "type" in p for p in value)
+
+
+def _content(value: Any, where: str, at: str, role: str = USER) -> str:
     """A turn's text: a string, or typed parts that are all text ({"type": "text", "text"|"value": ...}), joined
-    as chat templates join them (nothing in between)."""
+    as chat templates join them (nothing in between). A tool result given as a JSON value (an object, a list, a
+    number) is its JSON text."""
     if isinstance(value, str):
         return value
+    if role == TOOL and not _is_typed_parts(value):
+        return json.dumps(value, ensure_ascii=False)
     if not isinstance(value, list):
         raise BadRecord(where, f"{at}: must be a string or a list of text parts, got {type(value).__name__}")
     texts = []
@@ -117,6 +134,22 @@ def _tools(value: Any, where: str, at: str = "tools") -> list[dict]:
     return tools
 
 
+def read_tools_file(path: Path) -> list[dict]:
+    """A JSON file of tool schemas (a list, as a record's `tools`), for generating with tools."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"{path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a JSON file of tool schemas ({err})") from None
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{path}: expected a JSON list of tool (function) schemas, got {abbreviate(value)}")
+    try:
+        return _tools(value, str(path))
+    except BadRecord as err:
+        raise InputError(str(err)) from None
+
+
 def _tool_call(call: Any, where: str, at: str) -> dict:
     """{"type": "function", "function": {"name", "arguments"}} (OpenAI, HF) or {"name", "arguments"} (glaive);
     arguments as an object or as a JSON string of one."""
@@ -140,6 +173,66 @@ def _tool_calls(value: Any, where: str, at: str) -> list[dict]:
     calls = _json_value(value, where, at, "bad_tool_call")
     calls = calls if isinstance(calls, list) else [calls]
     return [_tool_call(call, where, f"{at}[{i}]" if len(calls) > 1 else at) for i, call in enumerate(calls)]
+
+
+# A turn's training flag: OpenAI's and Mistral's `weight` (0 or 1), axolotl's `train` and AgentInstruct's and
+# ms-swift's `loss` (true or false).
+FLAG_KEYS = ("weight", "train", "loss")
+# Where a reasoning trace is given: the first is what chat templates read (transformers aliases the others).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _training_flag(turn: dict[str, Any], where: str, at: str) -> int | None:
+    """The turn's training flag as 0 or 1, or None when it gives none; flags that disagree make the record bad."""
+    given: dict[str, int] = {}
+    for key in FLAG_KEYS:
+        value = turn.get(key)
+        if value is None:
+            continue
+        if key == "weight" and (type(value) is not int or value not in (0, 1)):
+            raise BadRecord(where, f"{at}.weight: must be 0 or 1, got {abbreviate(value)}")
+        if key != "weight" and not isinstance(value, bool):
+            raise BadRecord(where, f"{at}.{key}: must be true or false, got {abbreviate(value)}")
+        given[key] = int(value)
+    if len(set(given.values())) > 1:
+        flags = ", ".join(f"{key}: {abbreviate(turn[key])}" for key in given)
+        raise BadRecord(where, f"{at}: the training flags disagree ({flags})")
+    return next(iter(given.values()), None)
+
+
+def _reasoning(turn: dict[str, Any], where: str, at: str) -> str | None:
+    """The turn's reasoning trace (under any of REASONING_KEYS), or None when it has none or an empty one."""
+    traces = {}
+    for key in REASONING_KEYS:
+        value = turn.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRecord(where, f"{at}.{key}: must be a string, got {type(value).__name__}")
+        traces[key] = value
+    if len(set(traces.values())) > 1:
+        raise BadRecord(where, f"{at}: different reasoning traces under {' and '.join(traces)}")
+    trace = next(iter(traces.values()), "")
+    return trace if trace.strip() else None
+
+
+def _flags_and_trace(message: dict[str, Any], turn: dict[str, Any], where: str, at: str) -> dict[str, Any]:
+    """The message with the turn's training flag and reasoning trace, where it has them."""
+    flag, trace = _training_flag(turn, where, at), _reasoning(turn, where, at)
+    if flag is not None:
+        if flag == 1 and message["role"] != ASSISTANT:
+            raise BadRecord(where, f"{at}: a training flag (weight 1, train/loss true) on a {message['role']} turn; "
+                                   "only assistant turns are trained on", "unhonoured_weight")
+        message["weight"] = flag
+    if trace is not None:
+        if message["role"] != ASSISTANT:
+            raise BadRecord(where, f"{at}: a reasoning trace on a {message['role']} turn; only assistant turns "
+                                   "reason", "misplaced_reasoning")
+        if "</think>" in message["content"]:
+            raise BadRecord(where, f"{at}: a reasoning trace and a think block in the content: the trace would "
+                                   "be there twice", "misplaced_reasoning")
+        message["reasoning_content"] = trace
+    return message
 
 
 def _role(value: Any, where: str, at: str) -> str:
@@ -228,17 +321,19 @@ def sharegpt_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
         if turn.get("value") is None:
             raise BadRecord(where, f"{at}: field 'value' is " + ("null" if "value" in turn else "missing"))
         if role == CALL:
-            messages.append({"role": ASSISTANT, "content": "", "tool_calls": _tool_calls(turn["value"], where,
-                                                                                          f"{at}.value")})
+            message = {"role": ASSISTANT, "content": "", "tool_calls": _tool_calls(turn["value"], where, f"{at}.value")}
         else:
-            messages.append({"role": role, "content": _content(turn["value"], where, f"{at}.value")})
+            message = {"role": role, "content": _content(turn["value"], where, f"{at}.value", role)}
+        messages.append(_flags_and_trace(message, turn, where, at))
         turns.append(at)
     return check_turns(messages, _tools(fields.get("tools"), where), where, turns)
 
 
 def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
-    """{messages: [{role, content, tool_calls?, name?, tool_call_id?}], tools?} (OpenAI, HF, TRL): content a
-    string or typed text parts; assistant tool_calls (or the older function_call); tool (or function) results."""
+    """{messages: [{role, content, tool_calls?, name?, tool_call_id?, weight?, reasoning_content?}], tools?,
+    functions?, only_last?} (OpenAI, HF, TRL, Mistral): content a string or typed text parts; assistant tool_calls
+    (or OpenAI's older function_call); tool (or function) results; OpenAI's older top-level functions join the
+    tools; Mistral's only_last: true leaves every assistant turn but the last in the context."""
     conversation = fields.get("messages")
     if not isinstance(conversation, list) or not conversation:
         raise BadRecord(where, "field 'messages' must be a non-empty list of turns")
@@ -262,21 +357,82 @@ def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
         if turn.get("content") is None and not calls:
             raise BadRecord(where, f"{at}: field 'content' is " + ("null" if "content" in turn else "missing"))
         content = turn.get("content")
-        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(content, where,
-                                                                                              f"{at}.content")}
+        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(
+            content, where, f"{at}.content", role)}
         if calls:
             message["tool_calls"] = calls
         if role == TOOL:
             for key in ("name", "tool_call_id"):
                 if isinstance(turn.get(key), str) and turn[key]:
                     message[key] = turn[key]
-        messages.append(message)
+        messages.append(_flags_and_trace(message, turn, where, at))
         turns.append(at)
-    return check_turns(messages, _tools(fields.get("tools"), where), where, turns)
+    if fields.get("only_last") is not None and not isinstance(fields["only_last"], bool):
+        raise BadRecord(where, f"field 'only_last' must be true or false, got {abbreviate(fields['only_last'])}")
+    if fields.get("only_last"):
+        assistant_turns = [m for m in messages if m["role"] == ASSISTANT]
+        for message in assistant_turns[:-1]:
+            message["weight"] = 0
+    tools = _tools(fields.get("tools"), where) + _tools(fields.get("functions"), where, "functions")
+    return check_turns(messages, tools, where, turns)
 
 
 NORMALISERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = dict(zip(
     DATA_FORMATS, (alpaca_conversation, sharegpt_conversation, messages_conversation), strict=True))
+
+
+# --- keys: read, ignored on purpose, or unknown (named, or refused under data.on_bad_record: error) ---
+
+# What each format reads, on the record and on each turn.
+READ_KEYS = {
+    "alpaca": ({"instruction", "input", "output", "system", "history"}, set()),
+    "sharegpt": ({"conversations", "system", "tools"}, {"from", "value", *FLAG_KEYS, *REASONING_KEYS}),
+    "messages": ({"messages", "tools", "functions", "only_last"},
+                 {"role", "content", "tool_calls", "function_call", "name", "tool_call_id", *FLAG_KEYS,
+                  *REASONING_KEYS}),
+}
+TURNS_KEY = {"sharegpt": "conversations", "messages": "messages"}
+# Metadata we ignore on purpose, on a record or a turn: ids, times, provenance, labels, scores. Also `name` (a
+# participant's name: the templates here do not render it; a tool result's name pairs it with its call).
+IGNORED_KEYS = frozenset({
+    "id", "uuid", "idx", "index", "conversation_id", "prompt_id", "message_id", "name",
+    "created", "created_at", "updated_at", "timestamp", "date", "time",
+    "source", "dataset", "origin", "url", "license", "split", "model", "hash",
+    "category", "categories", "task", "tags", "topic", "lang", "language",
+    "score", "scores", "rating", "ratings", "quality", "metadata", "meta",
+})
+# Per format, fields that repeat others: Alpaca copies' rendered prompt; OpenAI's parallel_tool_calls (the calls
+# in the record are trained as they are).
+IGNORED_FORMAT_KEYS = {"alpaca": frozenset({"text"}), "sharegpt": frozenset(),
+                       "messages": frozenset({"parallel_tool_calls"})}
+# Images, audio and video that come as keys beside the text (LLaVA, LLaMA-Factory, OpenAI's audio replies).
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
+
+
+def _has_value(value: Any) -> bool:
+    """A key whose value is null or empty carries nothing: ignoring it drops nothing."""
+    return value is not None and value != "" and value != [] and value != {}
+
+
+def _media(fields: dict[str, Any], where: str, at: str = "") -> None:
+    for key in MEDIA_KEYS:
+        if _has_value(fields.get(key)):
+            raise BadRecord(where, f"{at}{key}: {'an' if key[0] in 'aeiou' else 'a'} {key} beside the text; only "
+                                   "text can be trained on (this is a text model)", "non_text_content")
+
+
+def unread_keys(fields: dict[str, Any], fmt: str, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The keys of a (normalised, so well-formed) record that its format does not read and that are not known
+    metadata, with a value: `key` on the record, `messages[].key` on a turn. `ignore`: more names to ignore."""
+    record_keys, turn_keys = READ_KEYS[fmt]
+    skip = IGNORED_KEYS | IGNORED_FORMAT_KEYS[fmt] | ignore
+    unread = [k for k, v in fields.items() if k not in record_keys and k not in skip and _has_value(v)]
+    if fmt in TURNS_KEY:
+        turns = fields[TURNS_KEY[fmt]]
+        found = {k for turn in turns for k, v in turn.items() if k not in turn_keys and k not in skip
+                 and _has_value(v)}
+        unread += [f"{TURNS_KEY[fmt]}[].{k}" for k in sorted(found)]
+    return unread
 
 
 def detect_format(fields: dict[str, Any], where: str) -> str:
@@ -290,7 +446,11 @@ def detect_format(fields: dict[str, Any], where: str) -> str:
                            f"set format: {'|'.join(NORMALISERS)} or a columns: mapping", "unknown_format")
 
 
-def to_conversation(record: Record, fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+def to_conversation(record: Record, fmt: str, columns: dict[str, str], ignore: frozenset[str] = frozenset(),
+                    unread: dict[str, int] | None = None, loss_on: str = "assistant") -> dict[str, Any]:
+    """The record's canonical conversation. Keys it does not read (unread_keys) make it bad, or with `unread`
+    given are counted there (key -> records) and ignored; `ignore`: more key names to ignore. With loss_on "all"
+    (every token trains) a turn with weight 0 cannot be honoured: the record is bad."""
     if record.raw is not None:
         record = parse_line(record)
     if record.problem is not None:
@@ -300,9 +460,27 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str]) -> dict[s
         raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
     if columns:
         fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
+        ignore = ignore | frozenset(columns.values())
     if fmt == "auto":
         fmt = detect_format(fields, record.where)
-    return NORMALISERS[fmt](fields, record.where)
+    _media(fields, record.where)
+    conversation = NORMALISERS[fmt](fields, record.where)
+    if fmt in TURNS_KEY:
+        for i, turn in enumerate(fields[TURNS_KEY[fmt]]):
+            _media(turn, record.where, f"{TURNS_KEY[fmt]}[{i}].")
+    if loss_on == "all" and any(m.get("weight") == 0 for m in conversation["messages"]):
+        raise BadRecord(record.where, "a turn with weight 0 (or train/loss false), but data.loss_on: all trains on "
+                                      "every token; set data.loss_on: assistant to keep such turns as context",
+                        "unhonoured_weight")
+    keys = unread_keys(fields, fmt, ignore)
+    if keys and unread is None:
+        raise BadRecord(record.where, f"{'keys' if len(keys) > 1 else 'key'} {', '.join(map(repr, keys[:5]))} not "
+                                      f"read (not a field of the {fmt} format nor known metadata); name "
+                                      f"{'them' if len(keys) > 1 else 'it'} in this source's ignore_keys, or set "
+                                      "data.on_bad_record: skip to ignore and count such keys", "unknown_key")
+    for key in keys:
+        unread[key] = unread.get(key, 0) + 1
+    return conversation
 
 
 def conversation_messages(conversation: dict[str, Any] | list[dict]) -> list[dict]:

@@ -27,10 +27,17 @@ import numpy as np
 import pyarrow as pa
 
 from qctrain.atomic import fsync_tree, staging_folder, swap_in_folder, write_json_atomic
-from qctrain.data.formats import BadRecord, conversation_digest, conversation_id, to_conversation
+from qctrain.data.formats import ASSISTANT, BadRecord, conversation_digest, conversation_id, to_conversation
 from qctrain.data.pack import pack_rows, render_marked, token_stats_of
 from qctrain.data.sources import Record, read_source, source_fingerprint
-from qctrain.data.template import resolve_chat_template, template_inputs, template_renders_tools, training_template
+from qctrain.data.template import (
+    Rendering,
+    rendering,
+    resolve_chat_template,
+    split_extension,
+    template_inputs,
+    training_template,
+)
 from qctrain.data.tokens import (
     CHUNK_RECORDS,
     IGNORE,
@@ -47,7 +54,7 @@ from qctrain.rundir import RunDir
 if TYPE_CHECKING:
     from datasets import Dataset
 
-PREP_VERSION = "5"  # bump when the preparation logic changes what it writes
+PREP_VERSION = "6"  # bump when the preparation logic changes what it writes
 ROW_BATCH_TOKENS = 1 << 20  # tokens per Arrow record batch written (a writer holds ~25 bytes a token)
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
 PIPE_BYTES = 1 << 20  # the workers' pipes (Linux's pipe-max-size by default)
@@ -133,6 +140,7 @@ class _Job:
     max_len: int
     on_bad: str
     split_seed: int | None = None  # the seed of a fraction or count split: the workers hash the ranks too
+    reasoning: str = "inline"  # data.reasoning
 
 
 _JOB: _Job | None = None
@@ -141,7 +149,8 @@ _JOB: _Job | None = None
 @dataclass
 class Chunk:
     """One chunk of one source's records, normalised and tokenised: the good ones' tokens, digests and supervised
-    tokens among their first max_len, and the bad ones as (reason, message) in record order."""
+    tokens among their first max_len, and the bad ones as (reason, message) in record order; the keys not read
+    (key -> records), and the good ones' assistant turns (supervised, in the context) and reasoning traces."""
 
     source: int
     read: int
@@ -150,6 +159,20 @@ class Chunk:
     digests: np.ndarray  # uint64
     supervised: np.ndarray  # int64
     ranks: np.ndarray  # uint64, split_ranks of the digests; empty without a fraction or count split
+    unread: dict[str, int]
+    turns: tuple[int, int, int]  # assistant turns supervised, left in the context; reasoning traces
+
+
+def turn_counts(conversations: list[dict]) -> tuple[int, int, int]:
+    """Assistant turns supervised and left in the context (weight 0), and reasoning traces, in these conversations."""
+    supervised = context = traces = 0
+    for conversation in conversations:
+        for message in conversation["messages"]:
+            if message["role"] == ASSISTANT:
+                context += message.get("weight") == 0
+                supervised += message.get("weight") != 0
+                traces += "reasoning_content" in message
+    return supervised, context, traces
 
 
 def supervised_within(tok: Tokenized, max_len: int) -> np.ndarray:
@@ -165,18 +188,21 @@ def scan_chunk(task: tuple[int, list[Record]]) -> Chunk:
     job = _JOB
     src = job.sources[index]
     conversations, bad = [], []
+    unread: dict[str, int] | None = None if job.on_bad == "error" else {}  # under error an unread key is bad
+    ignore = frozenset(src.ignore_keys)
     for record in records:
         try:
-            conversations.append(to_conversation(record, src.format, src.columns))
+            conversations.append(to_conversation(record, src.format, src.columns, ignore, unread, job.loss_on))
         except BadRecord as err:
             bad.append((err.reason, str(err)))
             if job.on_bad == "error":
                 break
-    tokens = encode_chunk(conversations, job.tokenizer, job.backend, job.template, job.loss_on)
+    tokens = encode_chunk(conversations, job.tokenizer, job.backend, job.template, job.loss_on, job.reasoning)
     digests = np.fromiter(map(conversation_digest, conversations), dtype=np.uint64,
                           count=len(conversations))
     ranks = split_ranks(digests, job.split_seed) if job.split_seed is not None else np.zeros(0, np.uint64)
-    return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len), ranks)
+    return Chunk(index, len(records), bad, tokens, digests, supervised_within(tokens, job.max_len), ranks,
+                 unread or {}, turn_counts(conversations))
 
 
 def _tasks(indices: range) -> Iterator[tuple[int, list[Record]]]:
@@ -332,7 +358,8 @@ class Progress:
 
 def _new_counts() -> dict[str, Any]:
     return {"read": 0, "kept": 0, "bad": 0, "duplicates": 0, "overlong": 0, "unsupervised": 0, "train": 0,
-            "eval": 0, "truncated": 0, "bad_by_reason": {}, "examples": []}
+            "eval": 0, "truncated": 0, "bad_by_reason": {}, "examples": [], "unread_keys": {},
+            "supervised_turns": 0, "context_turns": 0, "reasoning_traces": 0}
 
 
 def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenStore,
@@ -353,6 +380,10 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
             tally["bad_by_reason"][reason] = tally["bad_by_reason"].get(reason, 0) + 1
             if len(tally["examples"]) < 5:
                 tally["examples"].append(message)
+        for key, n in chunk.unread.items():
+            tally["unread_keys"][key] = tally["unread_keys"].get(key, 0) + n
+        for name, n in zip(("supervised_turns", "context_turns", "reasoning_traces"), chunk.turns, strict=True):
+            tally[name] += n
         first = store.append(chunk.tokens)
         for column, part in zip(columns, (np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
                                           chunk.tokens.lengths.astype(np.int32), chunk.supervised.astype(np.int32),
@@ -361,7 +392,8 @@ def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenS
             column.append(part)
         progress.add(chunk.read)
     for key in keys:
-        counts[key]["bad_by_reason"] = dict(sorted(counts[key]["bad_by_reason"].items()))
+        for name in ("bad_by_reason", "unread_keys"):
+            counts[key][name] = dict(sorted(counts[key][name].items()))
     return Scanned.join(columns)
 
 
@@ -470,9 +502,10 @@ def write_shards(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, row
         _WRITE = None
 
 
-def heldout_prompts(indices: range, wanted: np.ndarray, native_tools: bool) -> list[list[dict]]:
-    """The prompts (all but the last turn) of the good records at positions `wanted` of the job's sources
-    `indices` (a few, early in the read order): read again, only as far as the last of them."""
+def heldout_prompts(indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
+    """The prompts (all but the last turn, as the template gets them; with their tools as {"messages", "tools"})
+    of the good records at positions `wanted` of the job's sources `indices` (a few, early in the read order):
+    read again, only as far as the last of them."""
     wanted_set, prompts, good = set(wanted.tolist()), {}, 0
     last = max(wanted_set, default=-1)
     for index in indices:
@@ -481,11 +514,12 @@ def heldout_prompts(indices: range, wanted: np.ndarray, native_tools: bool) -> l
             if good > last:
                 return [prompts[i] for i in wanted.tolist()]
             try:
-                conversation = to_conversation(record, src.format, src.columns)
+                conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=_JOB.loss_on)
             except BadRecord:
                 continue
             if good in wanted_set:
-                prompts[good] = template_inputs([conversation], native_tools)[0][0][:-1]
+                [messages], [tools], _ = template_inputs([conversation], _JOB.reasoning != "drop")
+                prompts[good] = {"messages": messages[:-1], "tools": tools} if tools else messages[:-1]
             good += 1
     return [prompts[i] for i in wanted.tolist()]
 
@@ -513,23 +547,26 @@ def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
 
 
 COUNT_KEYS = ("read", "kept", "bad", "duplicates", "overlong", "unsupervised")  # read = the sum of the others
+TURN_KEYS = ("supervised_turns", "context_turns", "reasoning_traces")  # in the good records (normalised)
 
 
 def count_totals(per_source: dict[str, dict]) -> dict[str, Any]:
     """All sources together; read = kept + bad + duplicates + overlong + unsupervised, kept = train + eval."""
     totals: dict[str, Any] = {k: sum(s[k] for s in per_source.values())
-                              for k in (*COUNT_KEYS, "train", "eval", "truncated")}
-    reasons: dict[str, int] = {}
-    for counts in per_source.values():
-        for reason, n in counts["bad_by_reason"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    totals["bad_by_reason"] = dict(sorted(reasons.items()))
+                              for k in (*COUNT_KEYS, "train", "eval", "truncated", *TURN_KEYS)}
+    for name in ("bad_by_reason", "unread_keys"):
+        merged: dict[str, int] = {}
+        for counts in per_source.values():
+            for key, n in counts[name].items():
+                merged[key] = merged.get(key, 0) + n
+        totals[name] = dict(sorted(merged.items()))
     return totals
 
 
-def build(cfg: DataSection, tokenizer, template: str, work: Path) -> tuple[dict, dict]:
+def build(cfg: DataSection, tokenizer, template: str, work: Path, how: Rendering | None = None) -> tuple[dict, dict]:
     """Everything that is cached: writes work/train.arrow (and work/eval.arrow); returns the report and the
-    recorded split."""
+    recorded split. template: the training template (extended); how: how the template it extends renders tools
+    and traces (for the report)."""
     global _JOB
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     # Forked workers each tokenize on one thread; the variable keeps tokenizers quiet about the fork.
@@ -537,14 +574,14 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path) -> tuple[dict,
     eval_sources = list(cfg.eval.sources) if cfg.eval and cfg.eval.sources else []
     split_seed = cfg.seed if cfg.eval and not cfg.eval.sources and (cfg.eval.fraction or cfg.eval.count) else None
     _JOB = _Job([*cfg.sources, *eval_sources], tokenizer, rust_backend(tokenizer), template, cfg.loss_on,
-                cfg.max_seq_length, cfg.on_bad_record, split_seed)
+                cfg.max_seq_length, cfg.on_bad_record, split_seed, cfg.reasoning)
     store = TokenStore(work / "tokens")
     # The objects alive now (the libraries, the tokenizer: millions) leave the garbage collector's view: its full
     # collections walked them all again, some 15 us a record in the workers, and forked workers stop copying
     # their pages when it touches them.
     gc.freeze()
     try:
-        return _build(cfg, tokenizer, template, work, store)
+        return _build(cfg, tokenizer, template, work, store, how or rendering(template, cfg.reasoning))
     finally:
         gc.unfreeze()
         _JOB = None
@@ -555,7 +592,8 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path) -> tuple[dict,
             os.environ["TOKENIZERS_PARALLELISM"] = previous
 
 
-def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenStore) -> tuple[dict, dict]:
+def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenStore,
+           how: Rendering) -> tuple[dict, dict]:
     counts: dict[str, dict] = {}
     progress = Progress("data")
     train_indices = range(len(cfg.sources))
@@ -605,11 +643,9 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
     for scanned, *_ in parts.values():
         scanned.digests = scanned.ranks = np.zeros(0, np.uint64)
 
-    native_tools = template_renders_tools(template)
     _, eval_part, _, eval_indices = parts["eval"]
-    report: dict[str, Any] = {"sources": counts, "records_read": 0, "duplicates": 0,
-                              "tools_rendered_by": "template" if native_tools else "fallback",
-                              "heldout_prompts": heldout_prompts(eval_indices, eval_part[:3], native_tools)}
+    report: dict[str, Any] = {"sources": counts, "records_read": 0, "duplicates": 0, "tools_rendered_by": how.tools,
+                              "heldout_prompts": heldout_prompts(eval_indices, eval_part[:3])}
     for name, (scanned, part, part_keys, _) in parts.items():
         if not len(part):
             continue
@@ -648,6 +684,11 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
         raise InputError("data: no token is supervised; check data.loss_on and the chat template")
     report["counts"] = count_totals(counts)
     report["records_read"], report["duplicates"] = report["counts"]["read"], report["counts"]["duplicates"]
+    report["turns"] = {"supervised": report["counts"]["supervised_turns"],
+                       "context": report["counts"]["context_turns"]}
+    traces = report["counts"]["reasoning_traces"]
+    report["reasoning"] = {"setting": cfg.reasoning, "rendered_by": how.reasoning, "traces": traces,
+                           "dropped": traces if how.reasoning == "dropped" else 0}
     return report, split
 
 
@@ -665,8 +706,15 @@ def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:
 def fingerprint(cfg: DataSection, tokenizer) -> str:
     """The prepared data's fingerprint (its cache key) without preparing anything: the sources' content hashed,
     the tokenizer, the training template and the settings."""
-    template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
-    return data_fingerprint(cfg, tokenizer, template)
+    return data_fingerprint(cfg, tokenizer, _training_template(cfg, tokenizer)[0])
+
+
+def _training_template(cfg: DataSection, tokenizer) -> tuple[str, Rendering]:
+    """The template the data is rendered through (tools and traces as the recipe says, with the training markers)
+    and how it renders them."""
+    base = resolve_chat_template(cfg.chat_template, tokenizer)
+    return (training_template(base, tokenizer, cfg.loss_on, cfg.reasoning),
+            rendering(split_extension(base)[1], cfg.reasoning))
 
 
 SHARD = re.compile(r"(train|eval)-(\d{5})-of-(\d{5})\.arrow")
@@ -721,7 +769,7 @@ def _load_checked(folder: Path) -> tuple[dict[str, Any], "Dataset", "Dataset | N
 def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
     if problems := output_data_overlap(cfg, output_dir):
         raise InputError("\n".join(problems))
-    template = training_template(resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
+    template, how = _training_template(cfg, tokenizer)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
     cache_root = RunDir(output_dir).prepared
     target = cache_root / fingerprint[:16]
@@ -734,7 +782,7 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
 
     with staging_folder(cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}") as tmp:
         tmp.mkdir(parents=True)
-        report, split = build(cfg, tokenizer, template, tmp)
+        report, split = build(cfg, tokenizer, template, tmp, how)
         shutil.rmtree(tmp / "tokens")
         report["fingerprint"] = fingerprint
         report["shards"] = {path.name: path.stat().st_size for path in sorted(tmp.glob("*.arrow"))}

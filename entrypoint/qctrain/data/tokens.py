@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from qctrain.data.template import template_inputs, template_renders_tools
+from qctrain.data.template import passes_through, supervised_spans, template_inputs, unextended
 from qctrain.errors import InputError
 
 IGNORE = -100
@@ -75,14 +75,15 @@ class Tokenized:
         return cls(np.concatenate([p.ids for p in parts]), np.concatenate([p.labels for p in parts]), bounds)
 
 
-def tokenize_reference(conversations: list, tokenizer, template: str, loss_on: str,
-                       batch_size: int = 512) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_reference(conversations: list, tokenizer, template: str, loss_on: str, batch_size: int = 512,
+                       reasoning: str = "inline") -> tuple[list[list[int]], list[list[int]]]:
     """The plain-library way (`apply_chat_template` with the assistant mask, and `tools=` per record): the
-    definition the fast path must match, and the path for tokenizers without a Rust backend."""
+    definition the fast path must match, and the path for tokenizers without a Rust backend. A record with
+    assistant turns left in the context (weight 0) takes the library's mask over the spans of the others."""
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     masked = loss_on == "assistant"
-    all_messages, all_tools = template_inputs(conversations, template_renders_tools(template))
+    all_messages, all_tools, all_contexts = template_inputs(conversations, reasoning != "drop")
     for start in range(0, len(all_messages), batch_size):
         batch, batch_tools = all_messages[start:start + batch_size], all_tools[start:start + batch_size]
         groups = [(batch, None)] if not any(batch_tools) else [([m], t) for m, t in zip(batch, batch_tools,
@@ -91,13 +92,29 @@ def tokenize_reference(conversations: list, tokenizer, template: str, loss_on: s
             out = tokenizer.apply_chat_template(group, tools=tools, chat_template=template, tokenize=True,
                                                 return_dict=True, return_assistant_tokens_mask=masked)
             for i, ids in enumerate(out["input_ids"]):
+                context = all_contexts[len(input_ids)]
                 input_ids.append(ids)
-                if masked:
+                if masked and context:
+                    mask = _mask_without_context(tokenizer, template, group[i], tools, context, out.encodings[i])
+                    labels.append([t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
+                elif masked:
                     mask = out["assistant_masks"][i]
                     labels.append([t if m else IGNORE for t, m in zip(ids, mask, strict=True)])
                 else:
                     labels.append(list(ids))
     return input_ids, labels
+
+
+def _mask_without_context(tokenizer, template: str, messages: list[dict], tools, context: tuple[int, ...],
+                          encoding) -> list[bool]:
+    """apply_chat_template's assistant mask (its loop over the token offsets) over the generation spans of the
+    assistant turns that are not left in the context."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    (text,), (spans,) = render_jinja_template(conversations=[messages], tools=tools, chat_template=template,
+                                             return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    kept = supervised_spans(spans, text, messages, context)
+    return _assistant_mask_loop([encoding], [kept], len(encoding)).tolist()
 
 
 def _rust_backend(tokenizer):
@@ -372,10 +389,28 @@ def _plain_strings(conversation: list[dict]) -> bool:
                for m in conversation)
 
 
-def _render_direct(messages: list[list[dict]], template: str, special_tokens: dict) -> tuple[list, list] | None:
-    """render_jinja_template(..., return_assistant_tokens_mask=True) for conversations of _plain_strings, without
-    its per-conversation copy (a fifth of the render time): the same compiled template and span tracker, called
-    as it calls them. None where this transformers lacks those functions."""
+def _plain_json(value: Any) -> bool:
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return True
+    if kind is list:
+        return all(map(_plain_json, value))
+    return kind is dict and all(type(k) is str and _plain_json(v) for k, v in value.items())
+
+
+def _plain_data(conversation: list[dict], tools: list[dict] | None) -> bool:
+    """Messages (and tools) of plain JSON types, no message value null, no reasoning: what render_jinja_template
+    would pass to the template unchanged (as _plain_strings, for conversations with tool calls and tools)."""
+    return (all(type(m) is dict and not (m.keys() & REASONING_KEYS) and all(v is not None for v in m.values())
+                and _plain_json(m) for m in conversation) and _plain_json(tools))
+
+
+def _render_direct(messages: list[list[dict]], template: str, special_tokens: dict,
+                   tools: list[list[dict] | None] | None = None) -> tuple[list, list] | None:
+    """render_jinja_template(..., return_assistant_tokens_mask=True) for conversations of _plain_strings (or
+    _plain_data, with their tools), without its per-conversation copy (a fifth of the render time): the same
+    compiled template and span tracker, called as it calls them. None where this transformers lacks those
+    functions."""
     from transformers.utils import chat_template_utils
 
     compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
@@ -385,23 +420,60 @@ def _render_direct(messages: list[list[dict]], template: str, special_tokens: di
     compiled = compile_template(template)
     special_tokens = chat_template_utils._plain_template_data(special_tokens)
     texts, spans = [], []
-    for conversation in messages:
-        text, indices = render(compiled, conversation, None, None, False, **special_tokens)
+    for conversation, record_tools in zip(messages, tools or [None] * len(messages), strict=True):
+        text, indices = render(compiled, conversation, record_tools, None, False, **special_tokens)
         texts.append(text)
         spans.append(indices)
     return texts, spans
 
 
-def _render(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
-            special_tokens: dict) -> tuple[list[str], list]:
+def _render(messages: list[list[dict]], tools: list[list[dict] | None], contexts: list[tuple[int, ...]],
+            template: str, masked: bool, special_tokens: dict) -> tuple[list[str], list]:
+    """The texts and, when masked, the generation spans of the assistant turns to supervise."""
+    texts, spans = _render_all(messages, tools, template, masked, special_tokens)
+    if masked:
+        for i, context in enumerate(contexts):
+            if context:
+                spans[i] = supervised_spans(spans[i], texts[i], messages[i], context)
+    return texts, spans
+
+
+def _render_all(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
+                special_tokens: dict) -> tuple[list[str], list]:
+    """Every conversation through the template. An extended template's preamble leaves a conversation without
+    tools, calls, results or traces as it is, so those go to the template it extends, the same text at half the
+    render time (tests/test_data_fields.py holds the two equal)."""
+    parts = unextended(template)
+    if parts is None:
+        return _render_with(messages, tools, template, masked, special_tokens)
+    base, tools_mode, think_mode = parts
+    plain = [passes_through(m, t, tools_mode, think_mode) for m, t in zip(messages, tools, strict=True)]
+    if all(plain):
+        return _render_with(messages, tools, base, masked, special_tokens)
+    if not any(plain):
+        return _render_with(messages, tools, template, masked, special_tokens)
+    texts: list = [None] * len(messages)
+    spans: list = [None] * len(messages)
+    for chosen, with_template in ((True, base), (False, template)):
+        where = [i for i, p in enumerate(plain) if p == chosen]
+        got = _render_with([messages[i] for i in where], [tools[i] for i in where], with_template, masked,
+                           special_tokens)
+        for i, text, span in zip(where, *got, strict=True):
+            texts[i], spans[i] = text, span
+    return texts, spans
+
+
+def _render_with(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
+                 special_tokens: dict) -> tuple[list[str], list]:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     kwargs = {"chat_template": template, "return_assistant_tokens_mask": masked, **special_tokens}
+    if masked and (all(map(_plain_strings, messages)) if not any(tools) else
+                   all(map(_plain_data, messages, tools))):
+        direct = _render_direct(messages, template, special_tokens, tools)
+        if direct is not None:
+            return direct
     if not any(tools):
-        if masked and all(map(_plain_strings, messages)):
-            direct = _render_direct(messages, template, special_tokens)
-            if direct is not None:
-                return direct
         return render_jinja_template(conversations=[_without_none(c) for c in messages], **kwargs)
     texts, spans = [], []
     for conversation, record_tools in zip(messages, tools, strict=True):
@@ -412,9 +484,9 @@ def _render(messages: list[list[dict]], tools: list[list[dict] | None], template
     return texts, spans
 
 
-def _encode(messages: list[list[dict]], tools: list[list[dict] | None], tokenizer, backend: Backend, template: str,
-            masked: bool) -> Tokenized:
-    texts, spans = _render(messages, tools, template, masked, tokenizer.special_tokens_map)
+def _encode(messages: list[list[dict]], tools: list[list[dict] | None], contexts: list[tuple[int, ...]], tokenizer,
+            backend: Backend, template: str, masked: bool) -> Tokenized:
+    texts, spans = _render(messages, tools, contexts, template, masked, tokenizer.special_tokens_map)
     added, matches = backend.added, None
     if added is not None:  # no offsets needed: the fast encode, without the Metaspace step where it can
         matches = [list(added.pattern.finditer(text)) for text in texts]
@@ -446,21 +518,23 @@ def _encode(messages: list[list[dict]], tools: list[list[dict] | None], tokenize
     return Tokenized(ids, labels, bounds)
 
 
-_JOB: tuple | None = None  # what forked workers read: (messages, tools, tokenizer, backend, template, masked)
+_JOB: tuple | None = None  # what forked workers read: (messages, tools, contexts, tokenizer, backend, template, masked)
 
 
 def _encode_range(bounds: tuple[int, int]) -> Tokenized:
-    messages, tools, tokenizer, backend, template, masked = _JOB
+    messages, tools, contexts, tokenizer, backend, template, masked = _JOB
     lo, hi = bounds
-    return _encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
+    return _encode(messages[lo:hi], tools[lo:hi], contexts[lo:hi], tokenizer, backend, template, masked)
 
 
-def encode_chunk(conversations: list, tokenizer, backend, template: str, loss_on: str) -> Tokenized:
+def encode_chunk(conversations: list, tokenizer, backend, template: str, loss_on: str,
+                 reasoning: str = "inline") -> Tokenized:
     """One chunk in this process: the fast path, or the reference where the tokenizer has no Rust backend."""
     if backend is None:
-        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on))
-    messages, tools = template_inputs(conversations, template_renders_tools(template))
-    return _encode(messages, tools, tokenizer, backend, template, loss_on == "assistant")
+        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on,
+                                                        reasoning=reasoning))
+    messages, tools, contexts = template_inputs(conversations, reasoning != "drop")
+    return _encode(messages, tools, contexts, tokenizer, backend, template, loss_on == "assistant")
 
 
 def prep_workers(records: int) -> int:
@@ -497,26 +571,28 @@ def worker_pool(workers: int) -> Iterator[multiprocessing.pool.Pool]:
 
 
 def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
-                  workers: int | None = None, chunk: int = CHUNK_RECORDS) -> Tokenized:
-    """Token ids and labels (IGNORE outside the assistant turns when loss_on is 'assistant') of every
-    conversation (canonical, or a plain list of messages), the same as `tokenize_reference`, fast."""
+                  workers: int | None = None, chunk: int = CHUNK_RECORDS, reasoning: str = "inline") -> Tokenized:
+    """Token ids and labels (IGNORE outside the supervised assistant turns when loss_on is 'assistant') of every
+    conversation (canonical, or a plain list of messages), the same as `tokenize_reference`, fast. reasoning:
+    data.reasoning ("drop" renders the conversations without their traces)."""
     global _JOB
     masked = loss_on == "assistant"
     backend = rust_backend(tokenizer)
     if backend is None:
-        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on))
+        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on,
+                                                        reasoning=reasoning))
     workers = prep_workers(len(conversations)) if workers is None else workers
-    messages, tools = template_inputs(conversations, template_renders_tools(template))
+    messages, tools, contexts = template_inputs(conversations, reasoning != "drop")
     n = len(conversations)
     ranges = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
     if workers <= 1 or len(ranges) <= 1:
-        return Tokenized.concat([_encode(messages[lo:hi], tools[lo:hi], tokenizer, backend, template, masked)
-                                 for lo, hi in ranges])
+        return Tokenized.concat([_encode(messages[lo:hi], tools[lo:hi], contexts[lo:hi], tokenizer, backend,
+                                         template, masked) for lo, hi in ranges])
     # Forked workers inherit the job (nothing is pickled on the way in) and each tokenizes on one thread;
     # the variable keeps tokenizers quiet about the fork and out of its thread pool in the children.
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _JOB = (messages, tools, tokenizer, backend, template, masked)
+    _JOB = (messages, tools, contexts, tokenizer, backend, template, masked)
     try:
         with worker_pool(workers) as pool:
             return Tokenized.concat(pool.map(_encode_range, ranges, chunksize=1))
@@ -529,6 +605,6 @@ def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
 
 
 def tokenize(conversations: list, tokenizer, template: str, loss_on: str,
-             batch_size: int = 512) -> tuple[list[list[int]], list[list[int]]]:
+             batch_size: int = 512, reasoning: str = "inline") -> tuple[list[list[int]], list[list[int]]]:
     """Token ids and labels per conversation, as lists (see tokenize_flat)."""
-    return tokenize_flat(conversations, tokenizer, template, loss_on).to_lists()
+    return tokenize_flat(conversations, tokenizer, template, loss_on, reasoning=reasoning).to_lists()
