@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qctrain import data
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.data.template import split_extension
-    from qctrain.model import load_tokenizer
     from qctrain.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(name=str(common.tiny_model(args.model))))

@@ -171,7 +171,8 @@ def liger_status(cpu: bool) -> str | None:
 def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer, work: Path) -> dict:
     import numpy as np
     import torch
-    from qctrain import data, model, train
+    from qctrain import data, train
+    from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import Recipe
 
     packed = name != "padded"
@@ -203,7 +204,7 @@ def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    base = model.load_base_model(recipe.model)
+    base = load_base_model(recipe.model)
     loaded = time.perf_counter() - start
     (work / name).mkdir(parents=True, exist_ok=True)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, work / name)

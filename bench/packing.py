@@ -21,7 +21,7 @@ import common  # noqa: E402
 
 def record_lengths(n: int, max_len: int, model: str) -> np.ndarray:
     from qctrain import data
-    from qctrain.model import load_tokenizer
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(name=model))

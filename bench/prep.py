@@ -175,7 +175,7 @@ def section(data_file: Path, max_len: int, eval_fraction: float | None = 0.05):
 
 
 def tokenizer_of(model_dir: str):
-    from qctrain.model import load_tokenizer
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.recipe import ModelSection
 
     return load_tokenizer(ModelSection(name=model_dir))

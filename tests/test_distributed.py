@@ -244,9 +244,10 @@ def test_one_set_of_outputs(runs):
 
 
 def test_the_adapter_loads_and_generates(runs):
-    from qctrain import export, model
+    from qctrain import export
+    from qctrain.finished.load import load_adapter_model
 
-    adapter_model, tokenizer = model.load_adapter_model(runs.out)
+    adapter_model, tokenizer = load_adapter_model(runs.out)
     [reply] = export.generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": "Hello"}]],
                                       max_new_tokens=4)
     assert isinstance(reply, str)

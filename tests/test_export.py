@@ -8,9 +8,11 @@ import stat
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from qctrain import atomic, export, model
+from qctrain import atomic, export
+from qctrain.basemodel import reference
+from qctrain.basemodel.reference import BaseReference, base_license
 from qctrain.errors import InputError
-from qctrain.model import BaseReference
+from qctrain.finished.load import base_section
 from qctrain.recipe import ModelSection, Recipe
 from safetensors.torch import save_file
 
@@ -62,15 +64,15 @@ def recipe_for(tmp_path, name: str, **model_fields) -> Recipe:
 def test_local_base_is_named_by_absolute_path(tmp_path, monkeypatch):
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    ref = model.base_reference(ModelSection(name="models/tiny"))
+    ref = reference.base_reference(ModelSection(name="models/tiny"))
     assert ref == BaseReference(str(tmp_path / "models" / "tiny"), None, None) and ref.local
-    ref = model.base_reference(ModelSection(name="./models/tiny", hub_id="acme/tiny"))
+    ref = reference.base_reference(ModelSection(name="./models/tiny", hub_id="acme/tiny"))
     assert ref.source == str(tmp_path / "models" / "tiny") and ref.hub_id == "acme/tiny"
 
 
 def test_hub_base_keeps_its_id_and_revision(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ref = model.base_reference(ModelSection(name="microsoft/Phi-3.5-mini-instruct", revision="v2"))
+    ref = reference.base_reference(ModelSection(name="microsoft/Phi-3.5-mini-instruct", revision="v2"))
     assert ref == BaseReference("microsoft/Phi-3.5-mini-instruct", "v2", "microsoft/Phi-3.5-mini-instruct")
     assert not ref.local
 
@@ -78,17 +80,17 @@ def test_hub_base_keeps_its_id_and_revision(tmp_path, monkeypatch):
 def test_hub_id_from_the_local_copys_own_metadata(tmp_path):
     snapshot = tmp_path / "hub" / "models--microsoft--Phi-3.5-mini-instruct" / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
-    assert model.hub_id_of_folder(snapshot) == "microsoft/Phi-3.5-mini-instruct"
+    assert reference.hub_id_of_folder(snapshot) == "microsoft/Phi-3.5-mini-instruct"
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "config.json").write_text(json.dumps({"_name_or_path": "acme/base-7b"}))
-    assert model.hub_id_of_folder(saved) == "acme/base-7b"
+    assert reference.hub_id_of_folder(saved) == "acme/base-7b"
     (saved / "config.json").write_text(json.dumps({"_name_or_path": "Phi-3.5-mini-instruct"}))  # no owner
-    assert model.hub_id_of_folder(saved) is None
+    assert reference.hub_id_of_folder(saved) is None
     (saved / "config.json").write_text(json.dumps({"_name_or_path": "saved/x"}))  # a path beside it, not an id
     (tmp_path / "saved" / "x").mkdir()
-    assert model.hub_id_of_folder(saved) is None
-    assert model.base_reference(ModelSection(name=str(snapshot))).hub_id == "microsoft/Phi-3.5-mini-instruct"
+    assert reference.hub_id_of_folder(saved) is None
+    assert reference.base_reference(ModelSection(name=str(snapshot))).hub_id == "microsoft/Phi-3.5-mini-instruct"
 
 
 def finished_run(tmp_path, recipe_model: dict, adapter_base: str, base_model: dict | None = None):
@@ -105,15 +107,15 @@ def test_a_run_finds_its_base_from_any_folder(tmp_path, monkeypatch):
     base.mkdir(parents=True)
     out = finished_run(tmp_path, {"name": "models/tiny"}, str(base), {"hub_id": "acme/tiny"})
     monkeypatch.chdir(tmp_path / "run")  # not where it trained
-    cfg = model.run_model_section(out)
+    cfg = base_section(out)
     assert cfg.name == str(base) and cfg.hub_id == "acme/tiny"
     base.rename(tmp_path / "moved")
-    assert model.run_model_section(out).name == "acme/tiny"  # gone here: its Hub original
+    assert base_section(out).name == "acme/tiny"  # gone here: its Hub original
     out = finished_run(tmp_path / "b", {"name": "models/tiny"}, str(base))
     with pytest.raises(InputError, match=f"its base model {base} is not there"):
-        model.run_model_section(out)
+        base_section(out)
     out = finished_run(tmp_path / "c", {"name": "org/model", "revision": "v1"}, "org/model")
-    assert (model.run_model_section(out).name, model.run_model_section(out).revision) == ("org/model", "v1")
+    assert (base_section(out).name, base_section(out).revision) == ("org/model", "v1")
 
 
 def test_adapter_config_points_at_the_resolvable_base(tmp_path):
@@ -146,8 +148,8 @@ def card_of(text: str):
 
 def test_card_metadata_for_a_hub_base(tmp_path):
     recipe = recipe_for(tmp_path, "microsoft/Phi-3.5-mini-instruct")
-    ref = model.base_reference(recipe.model)
-    license_info = export.base_license(ref)  # offline, not cached: the known license of the default base
+    ref = reference.base_reference(recipe.model)
+    license_info = base_license(ref)  # offline, not cached: the known license of the default base
     assert license_info["license"] == "mit" and license_info["license_link"].endswith("/LICENSE")
     text = export.model_card(recipe, {}, {"eval_loss": 1.23456, "train_loss": 1.5}, [], ref, license_info)
     data = card_of(text)
@@ -165,22 +167,22 @@ def test_card_of_a_local_base_has_no_path_for_base_model(tmp_path):
     base.mkdir(parents=True)
     (base / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n")
     recipe = recipe_for(tmp_path, str(base))
-    ref = model.base_reference(recipe.model)
-    text = export.model_card(recipe, {}, {}, [], ref, export.base_license(ref))
+    ref = reference.base_reference(recipe.model)
+    text = export.model_card(recipe, {}, {}, [], ref, base_license(ref))
     data = card_of(text)
     assert data.base_model is None and getattr(data, "base_model_relation", None) is None and data.eval_results is None
     assert (data.license, data.license_name, data.license_link) == ("other", "tiny-license", "LICENSE")
     assert str(base) not in text.split("---")[1]
-    copy = model.base_reference(recipe_for(tmp_path, str(base), hub_id="acme/tiny").model)
+    copy = reference.base_reference(recipe_for(tmp_path, str(base), hub_id="acme/tiny").model)
     assert card_of(export.model_card(recipe, {}, {}, [], copy, {})).base_model == "acme/tiny"
 
 
 def test_license_from_the_base_config_or_unknown(tmp_path):
     base = tmp_path / "m"
     base.mkdir()
-    assert export.base_license(BaseReference(str(base), None, None)) == {}
+    assert base_license(BaseReference(str(base), None, None)) == {}
     (base / "config.json").write_text(json.dumps({"license": "apache-2.0"}))
-    assert export.base_license(BaseReference(str(base), None, None)) == {"license": "apache-2.0"}
+    assert base_license(BaseReference(str(base), None, None)) == {"license": "apache-2.0"}
 
 
 def test_samples_side_by_side():

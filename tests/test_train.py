@@ -75,13 +75,13 @@ def test_model_card_header(trained):
 
 def test_adapter_reloads_on_the_base_and_generates(trained, tiny_model_dir):
     from peft import PeftModel
-    from qctrain import model
+    from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import ModelSection
 
     out = trained[0]
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero: trained
-    base = model.load_base_model(ModelSection(name=str(tiny_model_dir), quantization={"compute_dtype": "float32"}))
+    base = load_base_model(ModelSection(name=str(tiny_model_dir), quantization={"compute_dtype": "float32"}))
     ids = torch.tensor([[4, 10, 20, 30]])
     with torch.no_grad():
         before = base(ids).logits

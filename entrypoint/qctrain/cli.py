@@ -102,12 +102,13 @@ def cmd_check(args) -> int:
 
 
 def _prepare(recipe, tokenizer=None):
-    from qctrain import data, distributed, model
+    from qctrain import data, distributed
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.rundir import RunDir
 
     output_dir = Path(recipe.output.dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or model.load_tokenizer(recipe.model)
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
         prepared = data.prepare(recipe.data, tokenizer, output_dir)
     if distributed.is_main():
@@ -157,13 +158,14 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
+    from qctrain import checkpoint, data, distributed, export, publish, trackers, train
+    from qctrain.basemodel import files, load
     from qctrain.rundir import RunDir
 
     output_dir = Path(recipe.output.dir)
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     stop.stage = "while preparing the data; nothing half-written was kept"
-    tokenizer = model.load_tokenizer(recipe.model)
+    tokenizer = load.load_tokenizer(recipe.model)
     if not args.restart and (plan.newest is not None or RunDir(output_dir).manifest.is_file()):
         fingerprint = data.fingerprint(recipe.data, tokenizer)  # a complete run is told before preparing data
         plan.check_data(fingerprint)
@@ -179,8 +181,10 @@ def _train_held(recipe, args, stop) -> int:
     if tracker_env and distributed.is_main():
         print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     stop.stage = "while loading the model; nothing to save"
-    base = model.load_base_model(recipe.model)
-    modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
+    base = load.load_base_model(recipe.model)
+    files.check_lora_targets(recipe.lora.target_modules,
+                             files.linear_module_names(load.linear_weights(base), base.config.to_dict()),
+                             recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, output_dir, stop=stop)
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
         say("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes train "
@@ -266,10 +270,11 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from qctrain import data, export, model
+    from qctrain import data, export
+    from qctrain.finished.load import load_adapter_model
 
     tools = data.read_tools_file(Path(args.tools)) if args.tools else None  # a bad file fails before any loading
-    adapter_model, tokenizer = model.load_adapter_model(Path(args.output_dir))
+    adapter_model, tokenizer = load_adapter_model(Path(args.output_dir))
     conversation = [[{"role": "user", "content": args.prompt}]]
     if args.compare_base:
         [sample] = export.before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens,

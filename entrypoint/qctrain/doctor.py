@@ -436,12 +436,13 @@ def _model_facts(recipe) -> tuple[dict, int | None, int | None]:
     None when unknown). Only the cache and one short Hub query (size of the weights): doctor takes seconds."""
     import json
 
-    from qctrain import hubcache, modelfiles
+    from qctrain import hubcache
+    from qctrain.basemodel import files
 
     if not hubcache.is_hub_model(recipe.model):
-        folder = Path(modelfiles.model_source(recipe.model))
+        folder = Path(files.model_source(recipe.model))
         weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or None
-        return modelfiles.read_config(recipe.model), 0, weights
+        return files.read_config(recipe.model), 0, weights
     status = hubcache.model_status(recipe.model)
     config_path = status.paths.get("config.json")
     config = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}

@@ -22,8 +22,8 @@ import torch
 
 from qctrain import PROVENANCE_VARS, __version__, distributed
 from qctrain.atomic import read_json_object, staging_folder, swap_in_folder, write_json_atomic
+from qctrain.basemodel.reference import BaseReference, base_license, base_reference
 from qctrain.errors import InputError
-from qctrain.model import BaseReference, base_reference
 from qctrain.recipe import Recipe, dump_recipe
 from qctrain.rundir import RunDir
 from qctrain.secretmask import mask
@@ -153,59 +153,6 @@ def before_after_samples(model, tokenizer, conversations: list[list[dict] | dict
             base = list(generate_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools))
     prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
     return [Sample(p, b, t) for p, b, t in zip(prompts, base, tuned, strict=True)]
-
-
-# Licenses of bases whose own card is often not at hand (from_pretrained does not fetch README.md):
-# the default base's, as its Hub card states it.
-KNOWN_LICENSES = {
-    "microsoft/phi-3.5-mini-instruct": {
-        "license": "mit", "license_link": "https://huggingface.co/microsoft/Phi-3.5-mini-instruct/resolve/main/LICENSE"},
-}
-LICENSE_KEYS = ("license", "license_name", "license_link")
-
-
-def _base_file(base: BaseReference, filename: str) -> Path | None:
-    """A file of the base model: in its folder, else in the Hugging Face cache, else downloaded (Hub
-    bases, when online); None when it cannot be had."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-
-    if base.local:
-        found = Path(base.source) / filename
-        if found.is_file():
-            return found
-    repo = base.source if not base.local else base.hub_id
-    if repo is None:
-        return None
-    revision = base.revision if not base.local else None
-    cached = try_to_load_from_cache(repo, filename, revision=revision)
-    if isinstance(cached, str):
-        return Path(cached)
-    if base.local or constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        return Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=5))
-    except Exception:  # noqa: BLE001 - an unreachable card only means the license stays unknown
-        return None
-
-
-def base_license(base: BaseReference) -> dict[str, str]:
-    """license (and license_name, license_link) of the base model: from its model card, else its
-    config.json, else KNOWN_LICENSES; empty when none says."""
-    from huggingface_hub import metadata_load
-
-    sources = []
-    if readme := _base_file(base, "README.md"):
-        try:
-            sources.append(metadata_load(readme) or {})
-        except (OSError, ValueError):
-            pass
-    if base.local:
-        sources.append(read_json_object(Path(base.source) / "config.json"))
-    sources.append(KNOWN_LICENSES.get((base.hub_id or "").lower(), {}))
-    for meta in sources:
-        if isinstance(meta.get("license"), str) and meta["license"]:
-            return {k: meta[k] for k in LICENSE_KEYS if isinstance(meta.get(k), str) and meta[k]}
-    return {}
 
 
 def _cell(text: str | None) -> str:
@@ -423,9 +370,9 @@ def _write_staged(run: FinishedRun, staging: Path) -> dict[str, Any]:
         (folder / "README.md").write_text(card, encoding="utf-8")
     shutil.copyfile(staged.loss_plot, adapter / "loss.png")
     if recipe.output.gguf:
-        from qctrain import gguf_adapter
+        from qctrain.finished import gguf_lora
 
-        gguf_adapter.export(adapter, staged.gguf, base, _model_config(trainer), name=output_dir.resolve().name)
+        gguf_lora.export(adapter, staged.gguf, base, _model_config(trainer), name=output_dir.resolve().name)
     make_shareable(staging)
     return manifest
 
@@ -433,18 +380,6 @@ def _write_staged(run: FinishedRun, staging: Path) -> dict[str, Any]:
 def _model_config(trainer):
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     return model.config
-
-
-def load_base_for_merge(base_cfg, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    from qctrain.modelfiles import model_source
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_source(base_cfg), dtype=dtype, revision=base_cfg.revision,
-                                                    trust_remote_code=base_cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load the base model {base_cfg.name}: {str(err).splitlines()[0]}") from None
 
 
 def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -455,12 +390,13 @@ def merge_adapter(output_dir: Path, dest: Path, dtype: torch.dtype = torch.bfloa
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from qctrain.model import run_model_section
+    from qctrain.basemodel.load import load_unquantized
+    from qctrain.finished.load import base_section
 
-    cfg = run_model_section(output_dir)
+    cfg = base_section(output_dir)
     check_merge_dest(output_dir, dest)
-    adapter = output_dir / "adapter"
-    base = load_base_for_merge(cfg, dtype)
+    adapter = RunDir(output_dir).adapter
+    base = load_unquantized(cfg, dtype)
     try:
         merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(adapter)
@@ -499,13 +435,15 @@ def check_merge_dest(output_dir: Path, dest: Path) -> None:
 
 def write_gguf(output_dir: Path, outtype: str = "f32", base_gguf: str | None = None):
     """`qctrain export --gguf`: the finished run's adapter as a GGUF LoRA and Modelfile in output_dir/gguf."""
-    from qctrain import gguf_adapter, model
+    from qctrain.basemodel.load import load_config
+    from qctrain.finished import gguf_lora
+    from qctrain.finished.load import base_section
 
-    cfg = model.run_model_section(output_dir)
+    cfg = base_section(output_dir)
     dest = RunDir(output_dir).gguf
     with staging_folder(output_dir / f".gguf.staging-{os.getpid()}") as staging:
-        done = gguf_adapter.export(RunDir(output_dir).adapter, staging, model.base_reference(cfg),
-                                   model.load_config(cfg), outtype, base_gguf, name=output_dir.resolve().name)
+        done = gguf_lora.export(RunDir(output_dir).adapter, staging, base_reference(cfg),
+                                load_config(cfg), outtype, base_gguf, name=output_dir.resolve().name)
     make_shareable(staging)
     swap_in_folder(staging, dest)
     return done

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -37,8 +38,7 @@ from qctrain.checkpoint import checkpoints_dir
 from qctrain.data import IGNORE, PreparedData
 from qctrain.errors import InputError, Preempted, writing
 from qctrain.hubtoken import redact
-from qctrain.model import lora_config
-from qctrain.recipe import Recipe
+from qctrain.recipe import LoraSection, Recipe
 from qctrain.rundir import RunDir
 from qctrain.signals import StopOnSignal
 
@@ -61,6 +61,18 @@ def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
         raise InputError(f"train: {str(err).splitlines()[0]}") from None
+
+
+def lora_config(cfg: LoraSection) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+    )
 
 
 class MetricsLog(TrainerCallback):

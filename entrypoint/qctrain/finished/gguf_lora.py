@@ -18,9 +18,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qctrain.basemodel.reference import BaseReference
 from qctrain.data.template import TOOLS_HEADER
 from qctrain.errors import InputError
-from qctrain.model import BaseReference
 from qctrain.secretmask import mask
 
 # transformers architecture -> llama.cpp architecture, for bases whose tensors convert_hf_to_gguf.py
