@@ -11,10 +11,11 @@ import data_lists
 import pytest
 import torch
 from conftest import run_cli, write_json
-from qctrain import data, export
+from qctrain import data, outputs
 from qctrain.data import template as templates
 from qctrain.data import tokens
 from qctrain.errors import InputError
+from qctrain.finished.generate import generate_replies
 from qctrain.recipe import DataSection
 from test_data_shapes import SHAPES, prepared_records
 from transformers import AutoTokenizer
@@ -246,7 +247,7 @@ def tuned_tokenizer(tiny_model_dir, tmp_path):
     """The tokenizer as a run saves it in adapter/ (export.save_tokenizer with the inference template)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # a copy: saving sets its template
     template = data.extend_template(data.resolve_chat_template("model", tokenizer), "inline")
-    export.save_tokenizer(tokenizer, template, tmp_path / "adapter")
+    outputs.save_tokenizer(tokenizer, template, tmp_path / "adapter")
     return AutoTokenizer.from_pretrained(tmp_path / "adapter")
 
 
@@ -284,7 +285,7 @@ def test_generation_renders_the_tools_through_the_adapter_template(tuned_tokeniz
 
     model = Echo()
     tools = [{"type": "function", "function": WEATHER}]
-    export.generate_replies(model, tuned_tokenizer, [[{"role": "user", "content": "Weather in Oslo?"}]], tools=tools)
+    generate_replies(model, tuned_tokenizer, [[{"role": "user", "content": "Weather in Oslo?"}]], tools=tools)
     prompt = tuned_tokenizer.decode(model.prompt[0])
     assert prompt == ("<|system|>" + data.TOOLS_HEADER + json.dumps(tools, ensure_ascii=False)
                       + "<|end|><|user|>Weather in Oslo?<|end|><|assistant|>")

@@ -188,11 +188,11 @@ def ollama_render(tmp_path):
 
 
 def test_modelfile_template_gives_ollama_the_training_prompt(tmp_path, tiny_model_dir, ollama_render):
-    from qctrain import data, export
+    from qctrain import data, outputs
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    export.save_tokenizer(tokenizer, data.extend_template(tokenizer.chat_template, "inline"), tmp_path / "adapter")
+    outputs.save_tokenizer(tokenizer, data.extend_template(tokenizer.chat_template, "inline"), tmp_path / "adapter")
     tuned = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     base = BaseReference(str(tiny_model_dir), None, None)
     modelfile = gguf_lora.modelfile_text(base, "a.gguf",

@@ -320,7 +320,7 @@ def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
     Raises InputError when that checkpoint belongs to a different recipe and `restart` is not set, or when no
     complete checkpoint loads.
     """
-    output_dir = Path(recipe.output.dir)
+    output_dir = RunDir.of(recipe).root
     parts = training_recipe(recipe)
     fingerprint = recipe_fingerprint(recipe)
     plan = ResumePlan(output_dir, None, restart, fingerprint, parts)

@@ -28,6 +28,7 @@ from typing import TextIO
 
 from qctrain import PROVENANCE_VARS, cudacompat
 from qctrain.errors import ExitCode, InputError
+from qctrain.rundir import RunDir
 
 # NF4 round trips of N(0, 1) data lose about 9% (mean |error| / mean |x|); far beyond that the
 # kernels compute garbage.
@@ -368,7 +369,7 @@ def _folders(recipe) -> dict[str, tuple[Path, bool]]:
     from huggingface_hub import constants
 
     home = Path(os.path.expanduser("~"))
-    output = Path(recipe.output.dir) if recipe is not None else Path.cwd()
+    output = RunDir.of(recipe).root if recipe is not None else Path.cwd()
     return {"output.dir" if recipe is not None else "working dir": (output, recipe is not None),
             "HF cache": (Path(constants.HF_HUB_CACHE), recipe is not None and _downloads(recipe)),
             "HOME": (home, False),
@@ -475,7 +476,7 @@ def _free(path: Path) -> tuple[int, int] | None:
 def _about_disk(report: Report, recipe) -> None:
     from huggingface_hub import constants
 
-    output = Path(recipe.output.dir) if recipe is not None else Path.cwd()
+    output = RunDir.of(recipe).root if recipe is not None else Path.cwd()
     cache = Path(constants.HF_HUB_CACHE)
     places = {"output": _free(output), "cache": _free(cache)}
     for name, path in (("disk (output)", output), ("disk (HF cache)", cache)):

@@ -57,7 +57,7 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_output_dir(recipe: Recipe, min_free: int = MIN_FREE_BYTES) -> list[str]:
-    out = Path(recipe.output.dir)
+    out = rundir.RunDir.of(recipe).root
     if problem := rundir.output_dir_problem(out):  # a system folder, the home folder, someone else's files
         return [problem]
     existing = nearest_existing(out.absolute())
@@ -84,7 +84,7 @@ def check_train_args(recipe: Recipe) -> list[str]:
     has_eval = recipe.data.eval is not None
     with warnings.catch_warnings():  # a probe: the deprecation notes show when training builds it for real
         warnings.simplefilter("ignore", FutureWarning)
-        return _problem_of(lambda: sft_config(recipe, Path(recipe.output.dir), has_eval=has_eval) and None)
+        return _problem_of(lambda: sft_config(recipe, rundir.RunDir.of(recipe).root, has_eval=has_eval) and None)
 
 
 def check_template(recipe: Recipe) -> list[str]:
