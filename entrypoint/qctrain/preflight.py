@@ -57,7 +57,12 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_output_dir(recipe: Recipe, min_free: int = MIN_FREE_BYTES) -> list[str]:
-    out = rundir.RunDir.of(recipe).root
+    """output.dir apart from the data (load_recipe asks it too: here for a Recipe built in code), a folder a run
+    may write into, writable, with room."""
+    return output_data_overlap(recipe.data, recipe.output.dir) + _writable(rundir.RunDir.of(recipe).root, min_free)
+
+
+def _writable(out: Path, min_free: int) -> list[str]:
     if problem := rundir.output_dir_problem(out):  # a system folder, the home folder, someone else's files
         return [problem]
     existing = nearest_existing(out.absolute())
@@ -159,7 +164,7 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     setting = env.get(MIN_FREE_ENV, "").strip()
     if setting and not setting.isdigit():
         return [f"{MIN_FREE_ENV}={setting!r}: expected a number of bytes"]
-    problems = output_data_overlap(recipe.data, recipe.output.dir) + check_sources(recipe)
+    problems = check_sources(recipe)
     problems += check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
     problems += check_packages(recipe)
     model_problems = (_problem_of(lambda: files.model_source(recipe.model) and None)

@@ -55,8 +55,36 @@ class TrainResult:
     finished: float
 
 
+def sft_config_kwargs(recipe: Recipe, checkpoints: Path, has_eval: bool, cuda: bool) -> dict[str, Any]:
+    """What TRL's SFTConfig gets: the recipe's train: section with its defaults (Recipe.sft_kwargs) plus what the
+    other sections decide, with the settings that differ on a machine without CUDA."""
+    kwargs = recipe.sft_kwargs()
+    # Liger is applied by build_trainer (TRL's switch would leave out its fused linear cross entropy).
+    kwargs.pop("use_liger_kernel", None)
+    kwargs.pop("liger_kernel_config", None)
+    kwargs.update(
+        output_dir=str(checkpoints),
+        max_length=recipe.data.max_seq_length,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        # The data stage already tokenized, masked, truncated and packed: the trainer takes it as is.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        assistant_only_loss=False,
+    )
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+    if not cuda:
+        if not {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.train):
+            kwargs["activation_checkpointing"] = False  # recomputing costs a third of the forward; RAM is not short
+        kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
+        kwargs.setdefault("fp16", False)
+        kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
+        kwargs.setdefault("use_cpu", True)  # without it, ranks under torchrun on CPUs each train alone
+    return kwargs
+
+
 def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
-    kwargs = recipe.sft_config_kwargs(checkpoints_dir(output_dir), has_eval, cuda=torch.cuda.is_available())
+    kwargs = sft_config_kwargs(recipe, checkpoints_dir(output_dir), has_eval, cuda=torch.cuda.is_available())
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
