@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+sys.path.insert(0, str(common.ROOT / "tests"))  # data_reference: the in-memory data set
+
 PHI35_MINI = {"hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
               "intermediate_size": 8192, "vocab_size": 32064}
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -91,7 +93,7 @@ def synthetic_records(n: int, max_len: int, vocab: int, seed: int):
     position = np.arange(int(bounds[-1])) - np.repeat(bounds[:-1], lengths)
     supervised = position >= np.repeat((lengths * 0.3).astype(np.int64), lengths)
     labels = np.where(supervised, ids, data.IGNORE).astype(np.int32)
-    return data.Tokenized(ids, labels, bounds)
+    return data.tokens.Tokenized(ids, labels, bounds)
 
 
 def build_random_model(shape: dict, out: Path, dtype, device: str, seed: int) -> Path:
@@ -171,6 +173,7 @@ def liger_status(cpu: bool) -> str | None:
 def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer, work: Path) -> dict:
     import numpy as np
     import torch
+    from data_reference import to_dataset_flat  # tests/: the data set in memory, as the data stage writes it
     from qctrain import data, train
     from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import Recipe
@@ -198,7 +201,7 @@ def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer
         "train": train_section,
         "output": {"dir": str(work / name)},
     })
-    dataset = data.to_dataset_flat(tokens, packed, args.max_seq_length, seed=42)
+    dataset = to_dataset_flat(tokens, packed, args.max_seq_length, seed=42)
     prepared = data.PreparedData(dataset, None, {}, "synthetic", work, cached=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -187,7 +187,7 @@ def child_prepare(args) -> dict:
     tokenizer = tokenizer_of(args.model)
     cfg = section(Path(args.data), args.max_seq_length, None if args.no_eval else 0.05)
     # Libraries loaded before the clock starts, as for TRL's run (a training run has them loaded anyway).
-    data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
+    data.template.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
     start, cpu = time.perf_counter(), os.times()
     prepared = data.prepare(cfg, tokenizer, Path(args.out), force=args.child == "first")
     seconds = time.perf_counter() - start
@@ -197,7 +197,7 @@ def child_prepare(args) -> dict:
                                                               "children_system"))
     return {"seconds": seconds, "cpu_s": cpu_s, "records": report["records_read"], "cached": prepared.cached,
             "tokens": report["train"]["tokens"] + report.get("eval", {}).get("tokens", 0),
-            "duplicates": report["duplicates"], "workers": data.prep_workers(1 << 40)}
+            "duplicates": report["duplicates"], "workers": data.workers.prep_workers(1 << 40)}
 
 
 def child_broken(args) -> dict:
@@ -228,12 +228,12 @@ def child_floor(args) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = tokenizer_of(args.model)
     cfg = section(Path(args.data), args.max_seq_length)
-    template = data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer,
+    template = data.template.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer,
                                       cfg.loss_on)
     src = cfg.sources[0]
-    conversations = [data.to_conversation(r, src.format, src.columns)
-                     for r in islice(data.read_source(src), args.floor_records)]
-    messages, *_ = data.template_inputs(conversations)
+    conversations = [data.formats.to_conversation(r, src.format, src.columns)
+                     for r in islice(data.sources.read_source(src), args.floor_records)]
+    messages, *_ = data.template.template_inputs(conversations)
     # The stage renders conversations without tools or traces with the template the extension extends (the same
     # text): so does the floor.
     template = (templates.unextended(template) or (template,))[0]
@@ -248,9 +248,9 @@ def child_floor(args) -> dict:
     start = time.perf_counter()
     backend.encode_batch_fast(texts, add_special_tokens=False)
     fast_s = time.perf_counter() - start
-    data.tokenize_flat(conversations[:100], tokenizer, template, cfg.loss_on, workers=1)  # set up outside the clock
+    data.tokens.tokenize_flat(conversations[:100], tokenizer, template, cfg.loss_on)  # set up outside the clock
     start = time.perf_counter()
-    data.tokenize_flat(conversations, tokenizer, template, cfg.loss_on, workers=1)
+    data.tokens.tokenize_flat(conversations, tokenizer, template, cfg.loss_on)
     ours_s = time.perf_counter() - start
     return {"records": len(texts), "tokens": sum(map(len, encodings)), "render_s": render_s,
             "encode_s": encode_s, "fast_s": fast_s, "tokenize_1proc_s": ours_s}
@@ -266,11 +266,12 @@ def child_trl(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = tokenizer_of(args.model)
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))
     start = time.perf_counter()
-    dataset = Dataset.from_list([{"messages": data.to_conversation(data.Record("r", r), "alpaca", {})["messages"]}
-                                 for r in records])
+    dataset = Dataset.from_list([
+        {"messages": data.formats.to_conversation(data.sources.Record("r", r), "alpaca", {})["messages"]}
+        for r in records])
     config = SFTConfig(output_dir=str(Path(args.out) / "trl"), max_length=args.max_seq_length, packing=True,
                        packing_strategy="bfd", assistant_only_loss=True, dataset_num_proc=args.workers,
                        report_to="none", use_cpu=True)

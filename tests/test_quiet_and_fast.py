@@ -160,11 +160,11 @@ def _tokenizer_with(template: str):
     return tokenizer
 
 
-@pytest.mark.parametrize("name", data.trl_template_names())
+@pytest.mark.parametrize("name", data.template.trl_template_names())
 def test_training_twin_is_trls_answer_for_every_trl_template(name):
     template = (templates.trl_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     try:
-        expected = data.training_template(template, _tokenizer_with(template), "assistant")
+        expected = data.template.training_template(template, _tokenizer_with(template), "assistant")
     except Exception as err:  # noqa: BLE001 - the same refusal is expected from ours
         with pytest.raises(type(err)):
             templates.training_twin(template, "assistant")
@@ -202,8 +202,8 @@ def test_tokenizer_files_tokenize_like_the_full_tokenizer(tiny_model_dir, tokeni
     files = basefiles.load_tokenizer_files(ModelSection(name=str(tiny_model_dir)))
     assert files.chat_template == tokenizer.chat_template
     assert files.special_tokens_map == tokenizer.special_tokens_map
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
-    conversations = [data.to_conversation(data.Record(f"r[{i}]", r), "alpaca", {})
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    conversations = [data.formats.to_conversation(data.sources.Record(f"r[{i}]", r), "alpaca", {})
                      for i, r in enumerate(alpaca_records(12))]
     assert data.tokenize(conversations, files, template, "assistant") == \
         data.tokenize(conversations, tokenizer, template, "assistant")

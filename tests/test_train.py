@@ -33,7 +33,8 @@ def test_outputs_are_complete(trained):
 
     # the chat template the data stage rendered through (Phi-3.5's, extended for tools and traces), unmasked
     template = (out / "adapter/chat_template.jinja").read_text()
-    assert template.startswith(data.template_extension(True, True)) and not data.has_generation_markers(template)
+    assert template.startswith(data.template.template_extension(True, True))
+    assert not data.template.has_generation_markers(template)
     assert "data: 48 read, 0 duplicates" in result.stdout
     assert ("train: liger-kernel off (its kernels are Triton kernels for CUDA GPUs and there is none here); loss: "
             "cross entropy over the supervised positions; 2 pack(s) per batch as 2 row(s) (sdpa)") in result.stdout
