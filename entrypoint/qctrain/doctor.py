@@ -179,9 +179,20 @@ def _bnb_library(bnb) -> tuple[str, bool, str | None]:
     lib = cextension.lib
     if type(lib).__name__.startswith("ErrorHandlerMock"):  # bitsandbytes' stand-in after a failed load
         return "none (failed to load)", False, str(getattr(lib, "error_msg", "unknown error"))
-    cdll = lib.__dict__.get("_lib")
-    path = getattr(cdll, "_name", None) or "unknown"
-    return path, bool(getattr(lib, "compiled_with_cuda", False)), None
+    return _mapped_library("libbitsandbytes") or "unknown", bool(getattr(lib, "compiled_with_cuda", False)), None
+
+
+def _mapped_library(prefix: str) -> str | None:
+    """The path of the shared library named prefix* that this process has loaded (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and Path(fields[5].strip()).name.startswith(prefix):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _quant_roundtrip(torch, device: str) -> float:

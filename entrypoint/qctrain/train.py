@@ -218,8 +218,7 @@ class AtomicCheckpoints:
     No public hook serves (a callback's on_save runs after the Trainer has already rotated the old
     checkpoints away, and nothing lets it choose where a checkpoint is written), so this adapter overrides
     two private Trainer methods, and only these: `_save_checkpoint(model, trial)`, and `_get_output_dir(trial)`,
-    which `_save_checkpoint` calls for the folder it writes `checkpoint-N` into.
-    tests/test_trainer_private_api.py pins them to the locked transformers and fails when they move.
+    which `_save_checkpoint` calls for the folder it writes `checkpoint-N` into (private_api.TRAINER_CHECKPOINTS).
     """
 
     checkpoint_meta: dict[str, Any] = {}
@@ -289,7 +288,8 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The same loss as SFTTrainer.compute_loss (the sum of the supervised tokens' negative
-        log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass."""
+        log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass. It keeps
+        SFTTrainer's metrics as SFTTrainer does, in its private state (private_api.SFT_TRAINER_METRICS)."""
         if return_outputs or self.loss_path == "trl" or not self._plain_nll():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -341,7 +341,7 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
             tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
         else:  # packs as rows, right-padded: a padding token is the pad token with no label (an eos has one)
             tokens = ((inputs["input_ids"] != self.processing_class.pad_token_id) | (inputs["labels"] != IGNORE)).sum()
-        return self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
+        return self.accelerator.gather_for_metrics(tokens).sum().item() // self.get_tp_size()
 
 
 # --- Liger ---

@@ -39,10 +39,6 @@ class Tokenized:
     def lengths(self) -> np.ndarray:
         return np.diff(self.bounds)
 
-    def record(self, i: int) -> tuple[list[int], list[int]]:
-        lo, hi = self.bounds[i], self.bounds[i + 1]
-        return self.ids[lo:hi].tolist(), self.labels[lo:hi].tolist()
-
     def to_lists(self) -> tuple[list[list[int]], list[list[int]]]:
         cuts = self.bounds[1:-1]
         return ([part.tolist() for part in np.split(self.ids, cuts)] if len(self) else [],
@@ -401,16 +397,17 @@ def _render_direct(messages: list[list[dict]], template: str, special_tokens: di
                    tools: list[list[dict] | None] | None = None) -> tuple[list, list] | None:
     """render_jinja_template(..., return_assistant_tokens_mask=True) for conversations of _plain_strings (or
     _plain_data, with their tools), without its per-conversation copy (a fifth of the render time): the same
-    compiled template and span tracker, called as it calls them. None where this transformers lacks those
-    functions."""
+    compiled template and span tracker, called as it calls them (private functions: private_api.CHAT_TEMPLATE).
+    None where this transformers lacks them."""
     from transformers.utils import chat_template_utils
 
     compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
     render = getattr(chat_template_utils, "_render_with_assistant_indices", None)
-    if compile_template is None or render is None:
+    plain = getattr(chat_template_utils, "_plain_template_data", None)
+    if compile_template is None or render is None or plain is None:
         return None
     compiled = compile_template(template)
-    special_tokens = chat_template_utils._plain_template_data(special_tokens)
+    special_tokens = plain(special_tokens)
     texts, spans = [], []
     for conversation, record_tools in zip(messages, tools or [None] * len(messages), strict=True):
         text, indices = render(compiled, conversation, record_tools, None, False, **special_tokens)
