@@ -92,21 +92,15 @@ def _facts(recipe: Recipe, data_report: dict, metrics: dict, base: BaseReference
     }
 
 
-def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[Sample],
-               base: BaseReference | None = None, license_info: dict[str, str] | None = None) -> str:
-    from huggingface_hub import ModelCard
-
-    base = base or base_reference(recipe.model)
-    license_info = license_info or {}
-    facts = _facts(recipe, data_report, metrics, base, license_info)
-    content = f"""---
-{card_data(recipe, base, metrics, license_info).to_yaml()}
+# The adapter's card: its YAML metadata, then what it is, how to use it, its data, results, samples and recipe.
+CARD = """---
+{metadata}
 ---
 
-# LoRA adapter for {facts["base_name"]}
+# LoRA adapter for {base_name}
 
-Trained with [qc-train-phi](https://github.com/qc-train-phi/qc-train-phi) {__version__}: {facts["method"]},
-rank {recipe.lora.r}, alpha {recipe.lora.alpha}, targets {recipe.lora.target_modules}. {facts["license"]}
+Trained with [qc-train-phi](https://github.com/qc-train-phi/qc-train-phi) {version}: {method},
+rank {rank}, alpha {alpha}, targets {targets}. {license}
 
 ## Use it
 
@@ -118,17 +112,17 @@ model = AutoPeftModelForCausalLM.from_pretrained("<this repo or folder>")
 tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")  # with the chat template
 ```
 
-The folder is complete (weights, tokenizer, chat template, this card); {facts["where_base"]}.
-{facts["gguf"]}
+The folder is complete (weights, tokenizer, chat template, this card); {where_base}.
+{gguf}
 ## Data
 
-{facts["data"]}
+{data}
 
 ## Results
 
 | metric | value |
 |---|---|
-{facts["metrics"]}
+{metrics}
 
 ![loss](loss.png)
 
@@ -136,13 +130,25 @@ The folder is complete (weights, tokenizer, chat template, this card); {facts["w
 
 Greedy, at most 48 new tokens, generated at the end of training.
 
-{samples_markdown(samples)}
+{samples}
 
 ## Recipe
 
 ```yaml
-{dump_recipe(recipe)}```
+{recipe}```
 """
+
+
+def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[Sample],
+               base: BaseReference | None = None, license_info: dict[str, str] | None = None) -> str:
+    from huggingface_hub import ModelCard
+
+    base = base or base_reference(recipe.model)
+    license_info = license_info or {}
+    content = CARD.format(metadata=card_data(recipe, base, metrics, license_info).to_yaml(), version=__version__,
+                          rank=recipe.lora.r, alpha=recipe.lora.alpha, targets=recipe.lora.target_modules,
+                          samples=samples_markdown(samples), recipe=dump_recipe(recipe),
+                          **_facts(recipe, data_report, metrics, base, license_info))
     return mask(ModelCard(content).content)  # samples and data counts quote the data: no secret in a card
 
 

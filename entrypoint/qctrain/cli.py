@@ -369,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
+    _recipe_commands(add, with_recipe)
+    _finished_run_commands(add, common)
+    _tool_commands(add, common)
+    return parser
+
+
+def _recipe_commands(add, with_recipe: argparse.ArgumentParser) -> None:
+    """The commands that take a recipe: validate, check, prepare, train."""
     add("validate", cmd_validate, "print the fully resolved recipe, or every problem in it", [with_recipe])
     add("check", cmd_check, "preflight: every check that needs no model weights", [with_recipe])
     add("prepare", cmd_prepare, "prepare (and cache) the training data, write data_report.json", [with_recipe])
@@ -380,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train in N processes on this node (auto: one per visible GPU) under "
                                 "torchrun; PET_* variables (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR...) "
                                 "add nodes")
+
+
+def _finished_run_commands(add, common: argparse.ArgumentParser) -> None:
+    """The commands that take a finished run's folder: push, merge, generate, export."""
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
     merge = add("merge", cmd_merge, "merge a finished run's adapter into its base (standalone model)", [common])
@@ -402,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="GGUF LoRA adapter + Modelfile (the only export format so far)")
     export_cmd.add_argument("--outtype", default="f32", choices=["f32", "f16"], help="tensor type (default f32)")
     export_cmd.add_argument("--base-gguf", metavar="PATH", help="the base model's GGUF file, for the Modelfile's FROM")
+
+
+def _tool_commands(add, common: argparse.ArgumentParser) -> None:
+    """tiny-model and doctor."""
     tiny = add("tiny-model", cmd_tiny_model, "build a tiny random Phi-3 model + tokenizer (tests, demo)", [common])
     tiny.add_argument("dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -413,7 +429,6 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe value, as for train")
     doctor.add_argument("--nproc", metavar="N|auto", help="GPU processes per node, as for train (default: auto)")
-    return parser
 
 
 MAX_ERROR_LINES = 50  # problems listed (a recipe with thousands of unknown keys is one mistake, told briefly)
