@@ -64,14 +64,17 @@ def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
 
 
 class MetricsLog(TrainerCallback):
-    """Appends every logged step to metrics.jsonl (main process only)."""
+    """Appends every logged step to metrics.jsonl (main process only). `tags` go into every row while set (the
+    evaluation's base pass: {"model": "base"})."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.tags: dict[str, Any] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
+            row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **self.tags,
+                   **logs}
             with writing(self.path), open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(redact(json.dumps(row)) + "\n")
 

@@ -1,0 +1,483 @@
+"""Evaluate stage: the tuned model against its base, on the same footing, on the model that is already loaded.
+
+- held-out: loss and next-token accuracy of both on the run's eval split, through the trainer (the adapter
+  disabled for the base: one 4-bit base in memory, never a second load);
+- benchmarks: lm-evaluation-harness tasks (built-in names whose data come from the HF cache, or local task
+  files), scored by lm-eval's HFLM around the same PeftModel, with and without the adapter;
+- samples: greedy replies of both to the held-out prompts, one left-padded batch per model.
+
+The report (eval_results.json) holds base and tuned side by side; `gate` decides from it, as a pure function,
+whether the tuned model may be pushed (hub.push: if_better).
+"""
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qctrain.errors import InputError
+from qctrain.recipe import HELDOUT_METRICS, EvaluateSection, GateRule, TaskFile
+
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+# lm-eval aggregations that import scikit-learn, which the image leaves out (docker/left-out.txt).
+SKLEARN_AGGREGATIONS = frozenset({"f1_score", "matthews_corrcoef", "weighted_f1_score"})
+# lm-eval names this module replaces while it scores (tests/test_evaluate.py fails when they move):
+# simple_evaluate runs `git describe` in the working directory (git writes "fatal: not a git repository" straight
+# to fd 2 outside a repository) and torch's collect_env (subprocesses, a second per call) for its report;
+# its tqdm bars go to stderr whatever the logging level.
+QUIETED = {"lm_eval.evaluator": ("get_git_commit_hash", "add_env_info"), "lm_eval.models.huggingface": ("tqdm",),
+           "lm_eval.api.model": ("tqdm",), "lm_eval.api.task": ("tqdm",),
+           "tqdm": ("tqdm",)}  # lm_eval.api.metrics imports it inside its bootstrap functions
+
+
+# --- task specs: built-in names and local task files ---
+
+@dataclass
+class TaskSpec:
+    name: str  # the lm-eval task name
+    spec: str | dict  # what lm-eval gets: the name, or the file's config with its paths made absolute
+    where: str  # evaluate.tasks[i] (for messages)
+    file: Path | None = None  # a local task file
+
+
+def _absolute(value: Any, folder: Path) -> Any:
+    """data_files as lm-eval hands them to datasets.load_dataset, with relative paths made relative to `folder`."""
+    if isinstance(value, str):
+        return value if "://" in value or Path(value).is_absolute() else str(folder / value)
+    if isinstance(value, list):
+        return [_absolute(v, folder) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute(v, folder) for k, v in value.items()}
+    return value
+
+
+def read_task_file(path: Path, where: str, resolve_functions: bool = True) -> dict[str, Any]:
+    """A local lm-eval task YAML as a config dict whose data paths are relative to the YAML's folder, not to the
+    current directory as lm-eval would take them. resolve_functions=False: `!function` tags stay strings (no
+    code of the task's runs; preflight)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not path.is_file():
+        raise InputError(f"{where}: {path}: task file not found")
+    try:
+        config = load_yaml(path, resolve_func=resolve_functions)
+    except Exception as err:  # noqa: BLE001 - YAML, include and !function errors: one line naming the file
+        raise InputError(f"{where}: {path}: cannot read the task file: {_first_line(err)}") from None
+    if not isinstance(config.get("task"), str):
+        raise InputError(f"{where}: {path}: a task file names one task (task: NAME); groups are not supported")
+    folder = path.resolve().parent
+    kwargs = config.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and "data_files" in kwargs:
+        config["dataset_kwargs"] = {**kwargs, "data_files": _absolute(kwargs["data_files"], folder)}
+    dataset_path = config.get("dataset_path")
+    if isinstance(dataset_path, str) and (folder / dataset_path).exists():  # a local data folder beside the YAML
+        config["dataset_path"] = str(folder / dataset_path)
+    return config
+
+
+def task_specs(section: EvaluateSection, resolve_functions: bool = True) -> list[TaskSpec]:
+    specs = []
+    for i, task in enumerate(section.tasks):
+        where = f"evaluate.tasks[{i}]"
+        if isinstance(task, TaskFile):
+            path = Path(task.file)
+            config = read_task_file(path, where, resolve_functions)
+            specs.append(TaskSpec(config["task"], config, where, path))
+        else:
+            specs.append(TaskSpec(task, task, where))
+    return specs
+
+
+def task_manager(specs: list[TaskSpec]):
+    """lm-eval's TaskManager: with its index of built-in tasks (seconds to build) only where a spec names one."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=any(spec.file is None for spec in specs))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def explain(err: BaseException, spec: TaskSpec) -> InputError | None:
+    """The one line for a task that cannot run here (its data not cached while offline, a missing file, a
+    package the image leaves out); None: not such a failure."""
+    text = str(err)
+    name = f"{spec.where} ({spec.name})"
+    if isinstance(err, KeyError) and "not a registered task" in text:
+        return InputError(f"{name}: lm-eval has no task of that name")
+    if isinstance(err, ModuleNotFoundError) and err.name and err.name.split(".")[0] in ("sklearn", "scipy"):
+        return InputError(f"{name}: needs scikit-learn, which the image leaves out (README: Evaluation); use "
+                          "another task or metric")
+    if "OfflineModeIsEnabled" in text or "offline mode is enabled" in text.lower() or (
+            isinstance(err, ConnectionError) and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")):
+        dataset = spec.spec.get("dataset_path") if isinstance(spec.spec, dict) else None
+        what = f"its data set {dataset}" if dataset else "its data set"
+        return InputError(f"{name}: {what} is not in the HF cache (HF_HOME/datasets) and the Hub is offline "
+                          "(HF_HUB_OFFLINE): run once online to cache it, or use a local task file")
+    if isinstance(err, FileNotFoundError):
+        return InputError(f"{name}: {_first_line(err)}")
+    return None
+
+
+@contextlib.contextmanager
+def _explained(spec: TaskSpec) -> Iterator[None]:
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:
+        explained = explain(err, spec)
+        if explained is None:
+            raise
+        raise explained from err
+
+
+def check_tasks(section: EvaluateSection | None, gate: list[GateRule] | None = None) -> list[str]:
+    """Preflight: every task can be built here (its file read, its data found, offline too) and scored with the
+    packages the image holds; every gate rule names a task that is evaluated. Imports lm-eval (seconds) and
+    loads each task's data, only when evaluate.tasks names any."""
+    if section is None or not section.tasks:
+        return []
+    try:
+        specs = task_specs(section, resolve_functions=False)
+    except InputError as err:
+        return [str(err)]
+    problems = []
+    with _quiet_lm_eval():
+        manager = task_manager(specs)
+        built = {}
+        for spec in specs:
+            try:
+                built.update(_build(spec, manager))
+            except InputError as err:
+                problems.append(str(err))
+    for name, task in built.items():
+        aggregations = {getattr(fn, "__name__", "") for fn in task.aggregation().values()}
+        if aggregations & SKLEARN_AGGREGATIONS and not _have("sklearn"):
+            problems.append(f"evaluate.tasks ({name}): its metrics ({', '.join(sorted(task.aggregation()))}) need "
+                            "scikit-learn, which the image leaves out (README: Evaluation)")
+    known = {spec.name for spec in specs} | set(built)
+    for i, rule in enumerate(gate or []):
+        if rule.task != "heldout" and rule.task not in known:
+            problems.append(f"evaluate.gate[{i}].metric: {rule.metric}: no task {rule.task} in evaluate.tasks "
+                            f"(evaluated: {', '.join(sorted(known))})")
+    return problems
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _build(spec: TaskSpec, manager) -> dict[str, Any]:
+    """The task objects a spec stands for (a group: its tasks), by name; their data loaded (from the cache)."""
+    from lm_eval.tasks import get_task_dict
+
+    def leaves(tree: dict) -> Iterator[tuple[str, Any]]:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value)
+            else:
+                yield getattr(key, "group_name", None) or getattr(value, "task_name", None) or str(key), value
+
+    with _explained(spec):
+        return dict(leaves(get_task_dict([spec.spec], manager)))
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval without its stderr noise (see QUIETED); its log lines go through logging like any library's."""
+    import importlib
+
+    from tqdm import tqdm
+
+    def quiet_tqdm(*args, **kwargs):
+        kwargs["disable"] = True
+        return tqdm(*args, **kwargs)
+
+    replacements = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    if not sys.stderr.isatty():
+        replacements["tqdm"] = quiet_tqdm
+    saved = []
+    for module_name, names in QUIETED.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if name in replacements:
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, replacements[name])
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+# --- benchmarks: base and tuned through lm-eval, on the loaded model ---
+
+def _metrics_of(results: dict, name: str) -> dict[str, float | None]:
+    """lm-eval's "acc,none" -> "acc" (a filter other than none stays: "exact_match,strict-match")."""
+    found = {}
+    for key, value in results.get("results", {}).get(name, {}).items():
+        if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        metric, _, filter_name = key.partition(",")
+        found[metric if filter_name == "none" else key] = None if math.isnan(value) else value
+    return found
+
+
+def _dataset_facts(config: dict, spec: TaskSpec) -> dict[str, Any]:
+    local = spec.file is not None or config.get("dataset_path") in ("json", "csv", "parquet", "text", "arrow")
+    return {"path": None if local else config.get("dataset_path"), "name": config.get("dataset_name"),
+            "split": config.get("test_split") or config.get("validation_split"),
+            "file": str(spec.file) if spec.file else None}
+
+
+def score_tasks(model, tokenizer, section: EvaluateSection, say: Callable[[str], None] = print,
+                should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Every evaluate.tasks entry scored by lm-eval on `model` (a PeftModel: with its adapter, then with it
+    disabled for the base). Returns {"tasks": {name: {"tuned", "base", "higher_is_better", "documents",
+    "n_shot", "version", "dataset", "seconds"}}, "lm_eval_version", "stopped"}; says one line per task and model.
+    `should_stop` is asked between them: lm-eval cannot stop inside a task."""
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    specs = task_specs(section)
+    report: dict[str, Any] = {"lm_eval_version": lm_eval.__version__, "tasks": {}, "stopped": False}
+    with _quiet_lm_eval():
+        manager = task_manager(specs)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=section.batch_size)
+        for spec in specs:
+            for which in ("tuned", "base"):
+                if should_stop():
+                    report["stopped"] = True
+                    return report
+                started = time.perf_counter()
+                adapter_off = model.disable_adapter() if which == "base" else contextlib.nullcontext()
+                with _explained(spec), adapter_off:
+                    results = simple_evaluate(
+                        model=lm, tasks=[spec.spec], num_fewshot=section.num_fewshot, limit=section.limit,
+                        task_manager=manager, log_samples=False, apply_chat_template=section.chat_template,
+                        fewshot_as_multiturn=section.chat_template)
+                seconds = round(time.perf_counter() - started, 2)
+                for name in results["results"]:
+                    entry = report["tasks"].setdefault(name, _task_entry(results, name, spec))
+                    entry[which] = _metrics_of(results, name)
+                    entry["seconds"][which] = seconds
+                    say(progress_line(name, which, entry, seconds))
+    return report
+
+
+def _task_entry(results: dict, name: str, spec: TaskSpec) -> dict[str, Any]:
+    config = results.get("configs", {}).get(name, {})
+    counts = results.get("n-samples", {}).get(name, {})
+    return {"higher_is_better": results.get("higher_is_better", {}).get(name, {}),
+            "documents": counts.get("effective"), "documents_in_task": counts.get("original"),
+            "n_shot": results.get("n-shot", {}).get(name), "version": results.get("versions", {}).get(name),
+            "dataset": _dataset_facts(config, spec), "source": spec.where, "seconds": {}}
+
+
+def progress_line(name: str, which: str, entry: dict, seconds: float) -> str:
+    shown = ", ".join(f"{metric} {value:.4g}" for metric, value in entry[which].items()
+                      if value is not None and "_stderr" not in metric)
+    documents = f" {entry['documents']} docs" if entry.get("documents") is not None else ""
+    return f"eval: {name} ({which}){documents}: {shown or 'no metric'} ({seconds:.1f} s)"
+
+
+# --- held-out loss and token accuracy, base and tuned, through the trainer ---
+
+def _strip_eval(metrics: dict[str, Any]) -> dict[str, float]:
+    wanted = (*HELDOUT_METRICS, "entropy")
+    return {key: metrics[f"eval_{key}"] for key in wanted if isinstance(metrics.get(f"eval_{key}"), int | float)}
+
+
+def heldout(trainer, tuned_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loss and next-token accuracy on the trainer's eval split: tuned (`tuned_metrics`, what training's final
+    evaluation logged, else evaluated now) and base (the adapter disabled). TRL logs its token metrics as
+    eval_* whatever the prefix, so both passes run with the default one and metrics.jsonl's base row is tagged
+    "model": "base". Under DDP every rank must call this (the evaluation gathers across ranks)."""
+    from qctrain.train import MetricsLog
+
+    started = time.perf_counter()
+    tuned = _strip_eval(tuned_metrics or {})
+    if "loss" not in tuned:
+        tuned = _strip_eval(trainer.evaluate())
+    logs = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsLog)]
+    for log in logs:
+        log.tags = {"model": "base"}
+    try:
+        with trainer.model.disable_adapter():
+            base = _strip_eval(trainer.evaluate())
+    finally:
+        for log in logs:
+            log.tags = {}
+    return {"base": base, "tuned": tuned, "records": len(trainer.eval_dataset),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+# --- samples: greedy replies of base and tuned, one batch per model ---
+
+def batched_replies(model, tokenizer, conversations: list[list[dict] | dict], max_new_tokens: int = 48,
+                    chat_template: str | None = None, tools: list[dict] | None = None) -> list[str]:
+    """Greedy replies to every conversation in one left-padded generate call (as export.generate_replies gives
+    them one by one); a conversation is a list of messages or {"messages", "tools"}."""
+    import torch
+
+    texts = []
+    for conversation in conversations:
+        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        these_tools = conversation.get("tools") if isinstance(conversation, dict) else tools
+        texts.append(tokenizer.apply_chat_template(messages, tools=these_tools or None, chat_template=chat_template,
+                                                   add_generation_prompt=True, tokenize=False))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from each row's last real token
+    try:
+        inputs = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
+    finally:
+        tokenizer.padding_side = side
+    model.eval()
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def samples(model, tokenizer, conversations: list[list[dict] | dict], max_new_tokens: int = 48,
+            chat_template: str | None = None, tools: list[dict] | None = None) -> list:
+    """export.Sample per conversation: the reply with the adapter, and with it disabled (the base)."""
+    from qctrain.export import Sample
+
+    if not conversations:
+        return []
+    tuned = batched_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools)
+    base: list[str | None] = [None] * len(conversations)
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base = list(batched_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools))
+    prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
+    return [Sample(p, b, t) for p, b, t in zip(prompts, base, tuned, strict=True)]
+
+
+# --- the gate: may the tuned model be pushed? ---
+
+def _measured(report: dict[str, Any], rule: GateRule) -> tuple[Any, Any, bool | None]:
+    """(base, tuned, higher_is_better) of a gate rule's metric in the report; None where not measured."""
+    if rule.task == "heldout":
+        held = report.get("heldout") or {}
+        higher = HELDOUT_METRICS.get(rule.measure)
+        return (held.get("base") or {}).get(rule.measure), (held.get("tuned") or {}).get(rule.measure), higher
+    task = (report.get("tasks") or {}).get(rule.task) or {}
+    metric = rule.measure.removesuffix(",none")
+    higher = (task.get("higher_is_better") or {}).get(metric.split(",")[0])
+    return (task.get("base") or {}).get(metric), (task.get("tuned") or {}).get(metric), higher
+
+
+def gate(report: dict[str, Any], rules: list[GateRule]) -> dict[str, Any]:
+    """The verdict of evaluate.gate on an evaluation report: passed when, for every rule, the tuned model is not
+    worse than the base by more than the rule's tolerance (higher-is-better metrics: tuned >= base - tolerance;
+    lower-is-better: tuned <= base + tolerance). A metric that was not measured fails its rule. `reason`: one
+    line."""
+    checks, failed = [], []
+    for rule in rules:
+        base, tuned, higher = _measured(report, rule)
+        check = {"metric": rule.metric, "base": base, "tuned": tuned, "tolerance": rule.tolerance,
+                 "higher_is_better": higher}
+        numbers = all(isinstance(v, int | float) and math.isfinite(v) for v in (base, tuned))
+        if not numbers or higher is None:
+            check["passed"] = False
+            why = "was not measured" if not numbers else "has no known direction (higher or lower is better)"
+            failed.append(f"{rule.metric} {why}")
+        else:
+            check["passed"] = tuned >= base - rule.tolerance if higher else tuned <= base + rule.tolerance
+            if not check["passed"]:
+                failed.append(f"{rule.metric} {tuned:.4g} is worse than the base's {base:.4g} by more than "
+                              f"{rule.tolerance:g}" + ("" if higher else " (lower is better)"))
+        checks.append(check)
+    passed = not failed
+    reason = ("; ".join(failed) if failed else
+              "not worse than the base: " + ", ".join(f"{c['metric']} {c['tuned']:.4g} (base {c['base']:.4g})"
+                                                      for c in checks))
+    return {"passed": passed, "reason": reason, "checks": checks}
+
+
+# --- where the results go: eval_results.json, the card ---
+
+def write_results(path: Path, report: dict[str, Any]) -> None:
+    from qctrain.atomic import write_json_atomic
+
+    write_json_atomic(path, json.loads(json.dumps(report, default=str)), shared=True)
+
+
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """(task, metric, base, tuned) for every number the report holds, held-out first; stderr left out."""
+    rows = []
+    held = report.get("heldout") or {}
+    for metric in (*HELDOUT_METRICS, "entropy"):
+        base, tuned = (held.get("base") or {}).get(metric), (held.get("tuned") or {}).get(metric)
+        if base is not None or tuned is not None:
+            rows.append(("held-out split", metric, base, tuned))
+    for name, task in (report.get("tasks") or {}).items():
+        for metric in dict.fromkeys([*(task.get("tuned") or {}), *(task.get("base") or {})]):
+            if "_stderr" not in metric:
+                rows.append((name, metric, (task.get("base") or {}).get(metric), (task.get("tuned") or {}).get(metric)))
+    return rows
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "–"
+
+
+def card_table(report: dict[str, Any]) -> str:
+    """Markdown: base and tuned side by side, with the difference."""
+    lines = ["| task | metric | base | tuned | Δ |", "|---|---|---|---|---|"]
+    for task, metric, base, tuned in metric_rows(report):
+        delta = f"{tuned - base:+.4f}" if isinstance(base, int | float) and isinstance(tuned, int | float) else "–"
+        lines.append(f"| {task} | {metric} | {_number(base)} | {_number(tuned)} | {delta} |")
+    verdict = report.get("gate")
+    if verdict:
+        lines.append("")
+        lines.append(f"Gate (evaluate.gate): {'passed' if verdict['passed'] else 'refused'}: {verdict['reason']}")
+    return "\n".join(lines)
+
+
+def card_results(report: dict[str, Any]) -> list:
+    """model-index entries (huggingface_hub EvalResult) for the tuned model's numbers: the Hub shows them as this
+    model's results and has no place for a base, whose numbers stay in the card's table."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    tuned = (report.get("heldout") or {}).get("tuned") or {}
+    names = {"loss": ("loss", "eval loss"), "mean_token_accuracy": ("accuracy", "next-token accuracy")}
+    for metric, (metric_type, label) in names.items():
+        if isinstance(tuned.get(metric), int | float):
+            results.append(EvalResult(task_type="text-generation", task_name="Supervised fine-tuning",
+                                      dataset_type="local", dataset_name="held-out evaluation split",
+                                      metric_type=metric_type, metric_name=label,
+                                      metric_value=round(float(tuned[metric]), 4)))
+    source = f"lm-evaluation-harness {report.get('lm_eval_version', '')}".strip()
+    for name, task in (report.get("tasks") or {}).items():
+        dataset = task.get("dataset") or {}
+        shots = task.get("n_shot")
+        for metric, value in (task.get("tuned") or {}).items():
+            if "_stderr" in metric or not isinstance(value, int | float):
+                continue
+            results.append(EvalResult(
+                task_type="text-generation", task_name=name,
+                dataset_type=dataset.get("path") or "local",
+                dataset_name=name if dataset.get("path") else f"{name} (local task file)",
+                dataset_config=dataset.get("name"), dataset_split=dataset.get("split"),
+                dataset_args={"num_few_shot": shots} if isinstance(shots, int) else None,
+                metric_type=metric.split(",")[0], metric_name=f"{metric} ({shots}-shot)" if shots is not None
+                else metric, metric_value=round(float(value), 4),
+                metric_args={"limit": report["limit"]} if report.get("limit") is not None else None,
+                source_name=source, source_url=LM_EVAL_URL))
+    return results
