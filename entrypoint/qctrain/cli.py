@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qctrain", parents=[common],
         description="Fine-tune a 4-bit quantized LoRA adapter from one YAML recipe.",
         epilog="exit codes: 0 ok, 1 internal error, 2 bad recipe/data/input, 3 environment (or a lost rank), "
-               "4 trained but not pushed, 74 disk full/quota/read-only (free space, rerun to resume), "
+               "4 trained but not pushed, 5 trained but not pushed: not better than the base (evaluate.gate), "
+               "74 disk full/quota/read-only (free space, rerun to resume), "
                "75 preempted (checkpoint saved, rerun to resume)")
     parser.add_argument("--version", action="version", version=f"qctrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

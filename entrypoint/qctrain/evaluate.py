@@ -242,11 +242,12 @@ def _dataset_facts(config: dict, spec: TaskSpec) -> dict[str, Any]:
 
 
 def score_tasks(model, tokenizer, section: EvaluateSection, say: Callable[[str], None] = print,
-                should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+                should_stop: Callable[[], bool] = lambda: False, loglikelihoods: bool = False) -> dict[str, Any]:
     """Every evaluate.tasks entry scored by lm-eval on `model` (a PeftModel: with its adapter, then with it
     disabled for the base). Returns {"tasks": {name: {"tuned", "base", "higher_is_better", "documents",
     "n_shot", "version", "dataset", "seconds"}}, "lm_eval_version", "stopped"}; says one line per task and model.
-    `should_stop` is asked between them: lm-eval cannot stop inside a task."""
+    `should_stop` is asked between them: lm-eval cannot stop inside a task. loglikelihoods: also each
+    document's log-likelihood of each choice, per model ("loglikelihoods": {"tuned": [[...]], "base": ...})."""
     import lm_eval
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -266,15 +267,23 @@ def score_tasks(model, tokenizer, section: EvaluateSection, say: Callable[[str],
                 with _explained(spec), adapter_off:
                     results = simple_evaluate(
                         model=lm, tasks=[spec.spec], num_fewshot=section.num_fewshot, limit=section.limit,
-                        task_manager=manager, log_samples=False, apply_chat_template=section.chat_template,
+                        task_manager=manager, log_samples=loglikelihoods, apply_chat_template=section.chat_template,
                         fewshot_as_multiturn=section.chat_template)
                 seconds = round(time.perf_counter() - started, 2)
                 for name in results["results"]:
                     entry = report["tasks"].setdefault(name, _task_entry(results, name, spec))
                     entry[which] = _metrics_of(results, name)
                     entry["seconds"][which] = seconds
+                    if loglikelihoods:
+                        entry.setdefault("loglikelihoods", {})[which] = document_loglikelihoods(results, name)
                     say(progress_line(name, which, entry, seconds))
     return report
+
+
+def document_loglikelihoods(results: dict, name: str) -> list[list[float]]:
+    """From a simple_evaluate result with log_samples: per document (in order), each request's log-likelihood."""
+    rows = sorted(results.get("samples", {}).get(name, []), key=lambda row: row["doc_id"])
+    return [[float(resp[0]) for resp in row["filtered_resps"]] for row in rows]
 
 
 def _task_entry(results: dict, name: str, spec: TaskSpec) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Faster than TRL as it comes, with TRL's loss as the reference (tests/test_loss_p
 - the loss: a plain cross entropy over the supervised positions only (transformers' boolean
   `logits_to_keep` keeps the LM head off the others); on CUDA with Liger, its fused linear cross
   entropy; on CUDA without it, TRL's own chunked head. Entropy and token accuracy are computed only
-  for the steps that are logged (never with Liger's fused loss, where they would cost a pass).
+  for the steps that are logged (never in training with Liger's fused loss, where they would cost a pass;
+  evaluation takes the lean path then).
 - the batch layout: with sdpa or eager attention, a batch of N packs stays N rows (position ids
   restarting per record, so each row gets a block-diagonal causal mask); one padding-free row only
   with flash-attention kernels, which take variable-length sequences.
@@ -256,7 +257,9 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
         if return_outputs or self.loss_path == "trl" or not self._plain_nll():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        if self.loss_path == "model":
+        # Evaluation takes the lean path even with Liger's fused loss: no gradients, and it gives token accuracy
+        # (what evaluate.gate's heldout.mean_token_accuracy reads) for the logits of the supervised positions.
+        if self.loss_path == "model" and mode == "train":
             loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
         else:
             logits, targets = supervised_logits(model, inputs)
