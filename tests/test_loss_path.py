@@ -252,9 +252,11 @@ def test_activation_checkpointing_off_on_cpu_unless_named(tmp_path):
     assert train.sft_config(_recipe(gradient_checkpointing=True), tmp_path, False).activation_checkpointing
 
 
-def test_evaluation_takes_the_lean_path_under_the_fused_loss(packed):
-    """With Liger's fused loss (loss path "model", CUDA) an evaluation still reports next-token accuracy (what
-    evaluate.gate's heldout.mean_token_accuracy reads): eval mode takes the lean path, the same loss."""
+@pytest.mark.parametrize("training_path", ["model", "trl"])
+def test_evaluation_takes_the_lean_path_whatever_training_takes(packed, training_path):
+    """With Liger's fused loss (loss path "model", CUDA) or TRL's chunked head (CUDA) an evaluation computes the
+    plain cross entropy and reports next-token accuracy (what evaluate.gate's heldout.mean_token_accuracy reads):
+    the same numbers on every device."""
     trainer, examples, tokenizer = packed
     rows = trainer.data_collator(examples)
     metrics = trainer._metrics["eval"]
@@ -263,9 +265,9 @@ def test_evaluation_takes_the_lean_path_under_the_fused_loss(packed):
         metrics.clear()
         with torch.no_grad():
             lean = trainer.compute_loss(trainer.model, dict(rows))
-            trainer.loss_path = "model"
-            fused_path = trainer.compute_loss(trainer.model, dict(rows))
-        assert fused_path.item() == lean.item()
+            trainer.loss_path = training_path
+            other = trainer.compute_loss(trainer.model, dict(rows))
+        assert other.item() == lean.item()
         assert len(metrics["mean_token_accuracy"]) == 2 and len(metrics["entropy"]) == 2
     finally:
         trainer.loss_path = "lean"

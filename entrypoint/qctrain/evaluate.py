@@ -309,26 +309,31 @@ def _strip_eval(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: metrics[f"eval_{key}"] for key in wanted if isinstance(metrics.get(f"eval_{key}"), int | float)}
 
 
+@contextlib.contextmanager
+def _unlogged(trainer) -> Iterator[None]:
+    """The trainer's callbacks (metrics.jsonl, trackers, progress bars) left out and its log history kept as it
+    was: the base pass is not an evaluation of the run, and a tracker must not plot it as one. The report's
+    rows go to metrics.jsonl apart (metrics_rows), with keys of their own."""
+    callbacks, logged = trainer.callback_handler.callbacks, len(trainer.state.log_history)
+    trainer.callback_handler.callbacks = []
+    try:
+        yield
+    finally:
+        trainer.callback_handler.callbacks = callbacks
+        del trainer.state.log_history[logged:]
+
+
 def heldout(trainer, tuned_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Loss and next-token accuracy on the trainer's eval split: tuned (`tuned_metrics`, what training's final
-    evaluation logged, else evaluated now) and base (the adapter disabled). TRL logs its token metrics as
-    eval_* whatever the prefix, so both passes run with the default one and metrics.jsonl's base row is tagged
-    "model": "base". Under DDP every rank must call this (the evaluation gathers across ranks)."""
-    from qctrain.train import MetricsLog
-
+    evaluation logged, else evaluated now) and base (the adapter disabled), as {"base", "tuned", "records",
+    "seconds"}. Under DDP every rank must call this (the evaluation gathers across ranks)."""
     started = time.perf_counter()
     tuned = _strip_eval(tuned_metrics or {})
-    if "loss" not in tuned:
-        tuned = _strip_eval(trainer.evaluate())
-    logs = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MetricsLog)]
-    for log in logs:
-        log.tags = {"model": "base"}
-    try:
+    with _unlogged(trainer):
+        if "loss" not in tuned:
+            tuned = _strip_eval(trainer.evaluate())
         with trainer.model.disable_adapter():
             base = _strip_eval(trainer.evaluate())
-    finally:
-        for log in logs:
-            log.tags = {}
     return {"base": base, "tuned": tuned, "records": len(trainer.eval_dataset),
             "seconds": round(time.perf_counter() - started, 2)}
 
@@ -374,6 +379,70 @@ def samples(model, tokenizer, conversations: list[list[dict] | dict], max_new_to
             base = list(batched_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools))
     prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
     return [Sample(p, b, t) for p, b, t in zip(prompts, base, tuned, strict=True)]
+
+
+# --- the whole evaluation ---
+
+def heldout_line(held: dict[str, Any]) -> str:
+    parts = [f"{metric.replace('_', ' ')} {held['base'][metric]:.4g} -> {held['tuned'][metric]:.4g}"
+             for metric in HELDOUT_METRICS if metric in held["base"] and metric in held["tuned"]]
+    return f"eval: held-out split ({held['records']} records), base -> tuned: {', '.join(parts)}"
+
+
+def evaluate_model(model, tokenizer, section: EvaluateSection, prompts: list, chat_template: str | None = None,
+                   held: dict[str, Any] | None = None, say: Callable[[str], None] = print,
+                   should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """The evaluation report of a loaded PeftModel: the held-out numbers (`held`, from `heldout`, which needs the
+    trainer), the lm-eval tasks, the samples for `prompts`, the gate's verdict and the time each part took. A stop
+    (`should_stop`, asked between parts and tasks) leaves the rest out and says so ("stopped": true)."""
+    started = time.perf_counter()
+    report: dict[str, Any] = {"heldout": None, "tasks": {}, "samples": [], "num_fewshot": section.num_fewshot,
+                              "limit": section.limit, "stopped": False, "seconds": {}}
+    if held is not None:
+        report["seconds"]["heldout"] = held.pop("seconds", None)
+        report["heldout"] = held
+        say(heldout_line(held))
+    if section.tasks:
+        scored = score_tasks(model, tokenizer, section, say, should_stop)
+        report.update(lm_eval_version=scored["lm_eval_version"], tasks=scored["tasks"], stopped=scored["stopped"])
+        report["seconds"]["tasks"] = {name: task["seconds"] for name, task in scored["tasks"].items()}
+    if section.samples and prompts and not report["stopped"]:
+        if should_stop():
+            report["stopped"] = True
+        else:
+            begun = time.perf_counter()
+            replies = samples(model, tokenizer, prompts, section.max_new_tokens, chat_template)
+            report["samples"] = [vars(sample) for sample in replies]
+            report["seconds"]["samples"] = round(time.perf_counter() - begun, 2)
+    if section.gate:
+        report["gate"] = gate(report, section.gate)
+    report["seconds"]["total"] = round(time.perf_counter() - started + (report["seconds"].get("heldout") or 0), 2)
+    return report
+
+
+def metrics_rows(report: dict[str, Any], step: int | None) -> list[dict[str, Any]]:
+    """metrics.jsonl rows of an evaluation: one per model ("model": "base" | "tuned"), its numbers keyed
+    TASK/METRIC (held-out: heldout/loss), apart from the training rows' loss and eval_loss."""
+    rows, now = [], round(time.time(), 3)
+    for which in ("base", "tuned"):
+        row: dict[str, Any] = {"step": step, "time": now, "model": which}
+        for metric, value in ((report.get("heldout") or {}).get(which) or {}).items():
+            row[f"heldout/{metric}"] = value
+        for name, task in (report.get("tasks") or {}).items():
+            for metric, value in (task.get(which) or {}).items():
+                row[f"{name}/{metric}"] = value
+        if len(row) > 3:
+            rows.append(row)
+    return rows
+
+
+def append_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    from qctrain.errors import writing
+    from qctrain.hubtoken import redact
+
+    with writing(path), open(path, "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(redact(json.dumps(row)) + "\n")
 
 
 # --- the gate: may the tuned model be pushed? ---
