@@ -157,7 +157,7 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
+    from qctrain import checkpoint, data, distributed, evaluate, export, model, modelfiles, publish, trackers, train
     from qctrain.rundir import RunDir
 
     output_dir = Path(recipe.output.dir)
@@ -192,24 +192,58 @@ def _train_held(recipe, args, stop) -> int:
     result = train.run(trainer, plan, stop)
     # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
     adapter_state = distributed.full_adapter_state(trainer) if not plan.finished else None
+    # Generating or scoring from an FSDP-sharded model would need every rank: samples and evaluation skipped there.
+    sharded = distributed.fsdp_enabled(trainer)
+    held = None
+    if recipe.evaluate is not None and recipe.evaluate.heldout and trainer.eval_dataset is not None and not sharded:
+        stop.stage = "while evaluating; the adapter is trained"
+        held = evaluate.heldout(trainer, result.metrics,  # every rank: the evaluation gathers across ranks
+                                prepared.report.get("eval", {}).get("records"))
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and pushes
 
-    # Sample replies: generating from an FSDP-sharded model would need every rank; skipped there.
-    prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
+    prompts = [] if sharded else prepared.report.get("heldout_prompts", [])
     # The template the adapter carries: what training rendered (tools, traces), without the training markers.
     chat_template = data.extend_template(data.resolve_chat_template(recipe.data.chat_template, tokenizer),
                                          recipe.data.reasoning)
-    samples = export.before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
-                                          chat_template=chat_template)
+    evaluation = None
+    if recipe.evaluate is None:
+        samples = export.before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
+                                              chat_template=chat_template)
+    else:
+        evaluation = _evaluate_trained(recipe, trainer, tokenizer, prompts, chat_template, held, sharded, stop)
+        evaluate.append_metrics(RunDir(output_dir).metrics, evaluate.metrics_rows(evaluation, result.global_step))
+        samples = [export.Sample(**sample) for sample in evaluation.get("samples", [])]
     newest = checkpoint.complete_checkpoints(checkpoint.checkpoints_dir(output_dir))
     export.write_outputs(export.FinishedRun(
         recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
         result.log_history, result.started, result.finished, samples, state_dict=adapter_state,
-        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None)))
+        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None), evaluation=evaluation))
     print(f"done: adapter in {output_dir / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
     return _publish(recipe, stop)
+
+
+def _evaluate_trained(recipe, trainer, tokenizer, prompts, chat_template, held, sharded, stop) -> dict:
+    """The evaluate: section on the model training just left in memory (no second load of the base)."""
+    import gc
+
+    import torch
+
+    from qctrain import evaluate
+
+    if sharded:
+        report = {"skipped": "the model was sharded (FSDP); evaluate with `qctrain eval OUTPUT_DIR`", "tasks": {}}
+        if recipe.evaluate.gate:
+            report["gate"] = evaluate.gate(report, recipe.evaluate.gate)
+        return report
+    stop.stage = "while evaluating; the adapter is trained"
+    trainer.optimizer = trainer.lr_scheduler = None  # room for lm-eval's batches: training is over
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return evaluate.evaluate_model(trainer.model, tokenizer, recipe.evaluate, prompts, chat_template, held,
+                                   should_stop=lambda: stop.signum is not None)
 
 
 def _complete(recipe, plan, stop) -> int:
@@ -230,7 +264,18 @@ def _complete(recipe, plan, stop) -> int:
         stop.stage = "while writing the GGUF export; the adapter is complete"
         done = export.write_gguf(run.root)
         print(f"GGUF LoRA adapter: {run.gguf / done.adapter.name}")
+    if recipe.evaluate is not None and not _evaluated(run):  # stopped during the evaluation: finish it now
+        stop.stage = "while evaluating; the adapter is complete"
+        target = export.EvalTarget(str(run.root), recipe, run, run.root)
+        export.record_evaluation(run.root, export.evaluate_saved(target, should_stop=lambda: stop.signum is not None))
     return _publish(recipe, stop)
+
+
+def _evaluated(run) -> bool:
+    from qctrain.atomic import read_json_object
+
+    results = read_json_object(run.eval_results)
+    return bool(results) and not results.get("stopped")
 
 
 def _publish(recipe, stop) -> int:
@@ -249,7 +294,28 @@ def _publish(recipe, stop) -> int:
 def cmd_push(args) -> int:
     from qctrain import publish
 
-    return publish.push_again(Path(args.output_dir))
+    return publish.push_again(Path(args.output_dir), ignore_gate=args.ignore_gate)
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a finished run, an adapter folder or a Hub adapter against its base (evaluate: section)."""
+    from qctrain import evaluate, export, rundir
+
+    target = export.eval_target(args.path, args.recipe, args.set, args.out)
+    section = target.recipe.evaluate
+    problems = evaluate.check_tasks(section, section.gate if section else [])  # before any weight loads
+    if problems:
+        raise InputError("\n".join(f"preflight: {p}" for p in problems))
+    with rundir.hold(target.out, enabled=target.run is not None):  # a run folder: one writer at a time
+        report = export.evaluate_saved(target, should_stop=lambda: args.stop.signum is not None)
+        if target.run is not None:
+            export.record_evaluation(target.run.root, report)
+        if target.run is None or target.out != target.run.root:
+            target.out.mkdir(parents=True, exist_ok=True)
+            evaluate.write_results(target.out / "eval_results.json", report)
+    print(evaluate.card_table(report))
+    print(f"results: {target.out / 'eval_results.json'} ({report['seconds']['total']:.1f} s)")
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -349,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 "add nodes")
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
+    push.add_argument("--ignore-gate", action="store_true",
+                      help="push even where evaluate.gate found the tuned model worse than its base (hub.push: "
+                           "if_better)")
+    eval_cmd = add("eval", cmd_eval, "evaluate a finished run (or an adapter folder or Hub id, with --recipe) "
+                   "against its base: held-out loss and accuracy, lm-eval tasks, sample replies, evaluate.gate; "
+                   "writes eval_results.json (a run's manifest, card and metrics.jsonl too)", [common])
+    eval_cmd.add_argument("path", metavar="RUN_DIR|ADAPTER|HUB_ID")
+    eval_cmd.add_argument("--recipe", help="a recipe whose evaluate: section to run (for an adapter: also its "
+                                           "model: base and data: held-out split)")
+    eval_cmd.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                          help="override a recipe value, e.g. --set evaluate.limit=100")
+    eval_cmd.add_argument("--out", metavar="FOLDER", help="where eval_results.json goes (default: the run or "
+                                                          "adapter folder; required for a Hub id)")
     merge = add("merge", cmd_merge, "merge a finished run's adapter into its base (standalone model)", [common])
     merge.add_argument("output_dir")
     merge.add_argument("--dest", help="where to write it (default: OUTPUT_DIR/merged)")

@@ -323,10 +323,11 @@ def _unlogged(trainer) -> Iterator[None]:
         del trainer.state.log_history[logged:]
 
 
-def heldout(trainer, tuned_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Loss and next-token accuracy on the trainer's eval split: tuned (`tuned_metrics`, what training's final
-    evaluation logged, else evaluated now) and base (the adapter disabled), as {"base", "tuned", "records",
-    "seconds"}. Under DDP every rank must call this (the evaluation gathers across ranks)."""
+def heldout(trainer, tuned_metrics: dict[str, Any] | None = None, records: int | None = None) -> dict[str, Any]:
+    """Loss and next-token accuracy on the trainer's eval split (`records` held-out records, packed into its
+    rows): tuned (`tuned_metrics`, what training's final evaluation logged, else evaluated now) and base (the
+    adapter disabled), as {"base", "tuned", "records", "seconds"}. Under DDP every rank must call this (the
+    evaluation gathers across ranks)."""
     started = time.perf_counter()
     tuned = _strip_eval(tuned_metrics or {})
     with _unlogged(trainer):
@@ -334,7 +335,7 @@ def heldout(trainer, tuned_metrics: dict[str, Any] | None = None) -> dict[str, A
             tuned = _strip_eval(trainer.evaluate())
         with trainer.model.disable_adapter():
             base = _strip_eval(trainer.evaluate())
-    return {"base": base, "tuned": tuned, "records": len(trainer.eval_dataset),
+    return {"base": base, "tuned": tuned, "records": records if records is not None else len(trainer.eval_dataset),
             "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -397,7 +398,8 @@ def evaluate_model(model, tokenizer, section: EvaluateSection, prompts: list, ch
     (`should_stop`, asked between parts and tasks) leaves the rest out and says so ("stopped": true)."""
     started = time.perf_counter()
     report: dict[str, Any] = {"heldout": None, "tasks": {}, "samples": [], "num_fewshot": section.num_fewshot,
-                              "limit": section.limit, "stopped": False, "seconds": {}}
+                              "limit": section.limit, "max_new_tokens": section.max_new_tokens, "stopped": False,
+                              "seconds": {}}
     if held is not None:
         report["seconds"]["heldout"] = held.pop("seconds", None)
         report["heldout"] = held
@@ -430,7 +432,8 @@ def metrics_rows(report: dict[str, Any], step: int | None) -> list[dict[str, Any
             row[f"heldout/{metric}"] = value
         for name, task in (report.get("tasks") or {}).items():
             for metric, value in (task.get(which) or {}).items():
-                row[f"{name}/{metric}"] = value
+                if "_stderr" not in metric:
+                    row[f"{name}/{metric}"] = value
         if len(row) > 3:
             rows.append(row)
     return rows
@@ -477,8 +480,9 @@ def gate(report: dict[str, Any], rules: list[GateRule]) -> dict[str, Any]:
         else:
             check["passed"] = tuned >= base - rule.tolerance if higher else tuned <= base + rule.tolerance
             if not check["passed"]:
-                failed.append(f"{rule.metric} {tuned:.4g} is worse than the base's {base:.4g} by more than "
-                              f"{rule.tolerance:g}" + ("" if higher else " (lower is better)"))
+                margin = (f"worse than the base's {base:.4g} by more than {rule.tolerance:g}" if rule.tolerance >= 0
+                          else f"not better than the base's {base:.4g} by {-rule.tolerance:g} or more")
+                failed.append(f"{rule.metric} {tuned:.4g} is {margin}" + ("" if higher else " (lower is better)"))
         checks.append(check)
     passed = not failed
     reason = ("; ".join(failed) if failed else

@@ -46,7 +46,8 @@ class RunDir:
 
     root: Path
     # Written by export at the end, beside adapter/, and pushed with it (metrics.jsonl grows during training).
-    FINAL_FILES: ClassVar[tuple[str, ...]] = ("README.md", "run_manifest.json", "loss.png", "data_report.json")
+    FINAL_FILES: ClassVar[tuple[str, ...]] = ("README.md", "run_manifest.json", "loss.png", "data_report.json",
+                                              "eval_results.json")
     PUSHED_FILES: ClassVar[tuple[str, ...]] = (*FINAL_FILES, "metrics.jsonl")
 
     @property
@@ -80,6 +81,10 @@ class RunDir:
     @property
     def data_report(self) -> Path:
         return self.root / "data_report.json"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.root / "eval_results.json"
 
     @property
     def card(self) -> Path:
