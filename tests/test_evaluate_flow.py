@@ -84,7 +84,7 @@ def test_train_evaluates_and_the_gate_refuses_the_push(gated_run):
 
 
 def test_push_applies_the_recorded_verdict_and_qctrain_eval_writes_a_new_one(gated_run, double):
-    out, tmp, env = gated_run["out"], gated_run["tmp"], hub_env(double, gated_run["tmp"] / "hf")
+    out, env = gated_run["out"], hub_env(double, gated_run["tmp"] / "hf")
     refused = run_cli("push", str(out), env=env)
     assert refused.returncode == 5 and "not pushed: heldout.loss" in refused.stderr
     assert "adapter_model.safetensors" not in pushed_files(double)
