@@ -367,6 +367,7 @@ def test_job_failure_policy_follows_exit_codes():
                 by_code[code] = rule["action"]
     assert by_code[int(ExitCode.BAD_INPUT)] == "FailJob"
     assert by_code[int(ExitCode.DISK_FULL)] == "FailJob"
+    assert by_code[int(ExitCode.NOT_BETTER)] == "FailJob"  # a retry would train the same refused model again
     assert by_code[int(ExitCode.PREEMPTED)] in ("Ignore", "Count")
     assert int(ExitCode.INTERNAL) not in by_code or by_code[int(ExitCode.INTERNAL)] == "Count"
     disruption = [
