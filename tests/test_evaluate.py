@@ -311,3 +311,15 @@ def test_results_file_is_json_and_shareable(tmp_path):
     path = tmp_path / "eval_results.json"
     evaluate.write_results(path, {**report(), "path": Path("/x")})
     assert json.loads(path.read_text())["path"] == "/x" and (path.stat().st_mode & 0o644) == 0o644
+
+
+def test_check_names_a_missing_task_file_before_any_weight_loads(tmp_path, tiny_model_dir):
+    from conftest import run_cli
+
+    data = write_json(tmp_path / "d.json", alpaca_records(8))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data, tmp_path / "out",
+                          evaluate={"tasks": [{"file": str(tmp_path / "missing.yaml")}]})
+    result = run_cli("check", str(recipe))
+    assert result.returncode == 2
+    assert result.stderr == (f"qctrain: error: preflight: evaluate.tasks[0]: {tmp_path / 'missing.yaml'}: task file "
+                             "not found\n")

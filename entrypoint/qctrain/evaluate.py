@@ -150,6 +150,8 @@ def check_tasks(section: EvaluateSection | None, gate: list[GateRule] | None = N
         specs = task_specs(section, resolve_functions=False)
     except InputError as err:
         return [str(err)]
+    import lm_eval.tasks  # noqa: F401 - before the quieting: its modules are the ones to quiet
+
     problems = []
     with _quiet_lm_eval():
         manager = task_manager(specs)
@@ -195,9 +197,8 @@ def _build(spec: TaskSpec, manager) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval without its stderr noise (see QUIETED); its log lines go through logging like any library's."""
-    import importlib
-
+    """lm-eval without its stderr noise (see QUIETED) in the modules imported so far (preflight never imports the
+    ones that bring torch); its log lines go through logging like any library's."""
     from tqdm import tqdm
 
     def quiet_tqdm(*args, **kwargs):
@@ -209,7 +210,9 @@ def _quiet_lm_eval() -> Iterator[None]:
         replacements["tqdm"] = quiet_tqdm
     saved = []
     for module_name, names in QUIETED.items():
-        module = importlib.import_module(module_name)
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
         for name in names:
             if name in replacements:
                 saved.append((module, name, getattr(module, name)))
@@ -249,7 +252,7 @@ def score_tasks(model, tokenizer, section: EvaluateSection, say: Callable[[str],
     `should_stop` is asked between them: lm-eval cannot stop inside a task. loglikelihoods: also each
     document's log-likelihood of each choice, per model ("loglikelihoods": {"tuned": [[...]], "base": ...})."""
     import lm_eval
-    from lm_eval import simple_evaluate
+    from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     specs = task_specs(section)
