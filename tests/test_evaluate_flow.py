@@ -125,3 +125,23 @@ def test_qctrain_eval_on_an_adapter_folder(gated_run, tmp_path):
     assert results["tasks"]["qc_tiny_mc"]["tuned"] == before["tasks"]["qc_tiny_mc"]["tuned"]
     assert results["source"] == str(adapter) and "gate" not in results
     assert sorted(p.name for p in adapter.iterdir()) == sorted(p.name for p in (gated_run["out"] / "adapter").iterdir())
+
+
+def test_a_rerun_evaluates_a_finished_run_that_has_no_evaluation(gated_run, double, tmp_path):
+    """A run stopped during its evaluation (or trained before its recipe had an evaluate: section) is finished on the
+    rerun of the same command: evaluated, gated, nothing trained."""
+    import yaml
+
+    out = tmp_path / "out"
+    shutil.copytree(gated_run["out"], out, ignore=shutil.ignore_patterns("eval_results.json", ".qctrain.lock"))
+    recipe = yaml.safe_load(gated_run["recipe"].read_text())
+    recipe["output"]["dir"] = str(out)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    commits = len(double.history(REPO_ID))
+    rerun = run_cli("train", str(tmp_path / "r.yaml"), env=hub_env(double, tmp_path / "hf"))
+    assert rerun.returncode == 5, rerun.stderr[-3000:]
+    assert "run complete: adapter in" in rerun.stdout and "eval: qc_tiny_mc (base)" in rerun.stdout
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["heldout"]["base"] == gated_run["results"]["heldout"]["base"]
+    assert results["heldout"]["tuned"] == gated_run["results"]["heldout"]["tuned"]
+    assert results["gate"]["passed"] is False and len(double.history(REPO_ID)) == commits  # nothing pushed

@@ -306,7 +306,8 @@ def cmd_eval(args) -> int:
     problems = evaluate.check_tasks(section, section.gate if section else [])  # before any weight loads
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
-    with rundir.hold(target.out, enabled=target.run is not None):  # a run folder: one writer at a time
+    held = target.run.root if target.run is not None else target.out
+    with rundir.hold(held, enabled=target.run is not None):  # a run folder: one writer at a time
         report = export.evaluate_saved(target, should_stop=lambda: args.stop.signum is not None)
         if target.run is not None:
             export.record_evaluation(target.run.root, report)
