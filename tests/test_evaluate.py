@@ -323,3 +323,12 @@ def test_check_names_a_missing_task_file_before_any_weight_loads(tmp_path, tiny_
     assert result.returncode == 2
     assert result.stderr == (f"qctrain: error: preflight: evaluate.tasks[0]: {tmp_path / 'missing.yaml'}: task file "
                              "not found\n")
+
+
+def test_lm_eval_failures_become_one_line_naming_the_task():
+    spec = evaluate.TaskSpec("arc_eazy", "arc_eazy", "evaluate.tasks[1]")
+    unknown = KeyError("Spec 'arc_eazy' is not a registered task/group/tag name or valid YAML path")
+    assert str(evaluate.explain(unknown, spec)) == "evaluate.tasks[1] (arc_eazy): lm-eval has no task of that name"
+    missing = ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+    assert str(evaluate.explain(missing, spec)).startswith("evaluate.tasks[1] (arc_eazy): needs scikit-learn")
+    assert evaluate.explain(RuntimeError("CUDA out of memory"), spec) is None  # not the input's fault: a traceback
