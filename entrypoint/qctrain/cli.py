@@ -39,6 +39,7 @@ def _quiet_libraries(debug: bool) -> None:
     if not sys.stderr.isatty():  # a log file or `kubectl logs`: no "Loading weights" / download bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d/gloo notes under torchrun
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints: qctrain says where the run is
 
 
 def _load(args):
@@ -221,6 +222,8 @@ def _train_held(recipe, args, stop) -> int:
         checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None), evaluation=evaluation))
     print(f"done: adapter in {output_dir / 'adapter'} "
           f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
+    for line in trackers.offline_runs(output_dir) if tracker_env.get("WANDB_MODE") == "offline" else []:
+        print(line)
     return _publish(recipe, stop)
 
 
