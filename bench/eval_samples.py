@@ -1,6 +1,6 @@
-"""Before/after sample replies: one left-padded batch per model (evaluate.samples, what the evaluation runs) against
-one generate call per prompt and model (export.before_after_samples), alternating, on the 4-bit tiny Phi-3 with a
-LoRA adapter (B not zero, so base and tuned reply differently); greedy, the same text asked of both.
+"""Before/after sample replies: one left-padded batch per model (finished.generate.before_after_samples, what the card
+and the evaluation use) against one generate call per prompt and model (how they were made before), alternating, on
+the 4-bit tiny Phi-3 with a LoRA adapter (B not zero, so base and tuned reply differently); greedy.
 
     python bench/eval_samples.py [--prompts 3,8] [--rounds 3] [--max-new-tokens 48]
 """
@@ -31,6 +31,28 @@ def adapter_model(model_dir: Path):
     return model
 
 
+def one_at_a_time(model, tokenizer, conversations, max_new_tokens: int):
+    """The baseline: the adapter's replies, then the base's, one generate call per conversation."""
+    import torch
+    from qctrain.card import Sample
+
+    def replies() -> list[str]:
+        found = []
+        for messages in conversations:
+            inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
+            with torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            found.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        return found
+
+    tuned = replies()
+    with model.disable_adapter():
+        base = replies()
+    return [Sample(c[-1]["content"], b, t) for c, b, t in zip(conversations, base, tuned, strict=True)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="3,8", help="numbers of prompts, comma-separated")
@@ -41,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.modules.setdefault("kernels", None)  # as the CLI does: bitsandbytes must not reach for the Hub
-    from qctrain import evaluate, export
+    from qctrain.finished.generate import before_after_samples
     from transformers import AutoTokenizer
 
     model_dir = tiny_model(args.model)
@@ -53,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         loop_s, batch_s, same = [], [], True
         for _ in range(args.rounds):  # alternating: both see the same load
             start = time.perf_counter()
-            looped = export.before_after_samples(model, tokenizer, conversations, args.max_new_tokens)
+            looped = one_at_a_time(model, tokenizer, conversations, args.max_new_tokens)
             loop_s.append(time.perf_counter() - start)
             start = time.perf_counter()
-            batched = evaluate.samples(model, tokenizer, conversations, args.max_new_tokens)
+            batched = before_after_samples(model, tokenizer, conversations, args.max_new_tokens)
             batch_s.append(time.perf_counter() - start)
             same &= looped == batched
         ratios = [a / b for a, b in zip(loop_s, batch_s, strict=True)]

@@ -254,10 +254,11 @@ def test_every_rank_joins_the_held_out_pass_of_the_base(runs):
 
 
 def test_the_adapter_loads_and_generates(runs):
-    from qctrain import export, model
+    from qctrain.finished.generate import generate_replies
+    from qctrain.finished.load import FinishedRun
 
-    adapter_model, tokenizer = model.load_adapter_model(runs.out)
-    [reply] = export.generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": "Hello"}]],
+    adapter_model, tokenizer = FinishedRun.open(runs.out).load()
+    [reply] = generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": "Hello"}]],
                                       max_new_tokens=4)
     assert isinstance(reply, str)
 

@@ -187,12 +187,21 @@ def test_the_image_leaves_out_exactly_what_left_out_txt_names():
 
 
 def test_lm_eval_names_quieted_during_scoring_exist():
-    """evaluate.QUIETED replaces these lm-eval names while it scores: a newer lm-eval that moves them must fail
-    here, not bring `fatal: not a git repository` and progress bars back to stderr."""
+    """evaluate.QUIETED replaces these lm-eval names while it scores, and read_task_file uses lm-eval's own YAML
+    reader (private_api): a newer lm-eval that moves them must fail here, not bring `fatal: not a git repository`
+    and progress bars back to stderr."""
+    import lm_eval
+    from qctrain import private_api
+
+    assert lm_eval.__version__ == private_api.CHECKED_ON["lm-eval"]
     for module_name, names in evaluate.QUIETED.items():
         module = importlib.import_module(module_name)
         for name in names:
             assert callable(getattr(module, name, None)), f"{module_name}.{name}"
+    for entry in (private_api.LM_EVAL_TASK_FILE, private_api.LM_EVAL_QUIETED):
+        module = importlib.import_module(entry.where)
+        assert all(callable(getattr(module, name, None)) for name in entry.names), entry
+    assert set(private_api.LM_EVAL_QUIETED.names) <= set(evaluate.QUIETED[private_api.LM_EVAL_QUIETED.where])
 
 
 # --- lm-eval on the loaded model against a plain lm-eval run ---
@@ -267,8 +276,25 @@ def test_scores_on_the_loaded_model_equal_a_plain_lm_eval_run(exact_vocab, monke
     assert len(tuned_ll) == 8 and all(len(doc) == 3 for doc in tuned_ll)
 
 
+def one_at_a_time(model, tokenizer, conversations, max_new_tokens):
+    """Greedy replies with one generate call per conversation, as the card's samples were made before batching."""
+    import torch
+
+    replies = []
+    for conversation in conversations:
+        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        tools = conversation.get("tools") if isinstance(conversation, dict) else None
+        inputs = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        replies.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return replies
+
+
 def test_batched_samples_equal_one_at_a_time(exact_vocab):
-    from qctrain import export
+    from qctrain.finished.generate import before_after_samples
 
     peft_model, tokenizer, _ = exact_vocab
     side = tokenizer.padding_side
@@ -276,9 +302,10 @@ def test_batched_samples_equal_one_at_a_time(exact_vocab):
                      {"messages": [{"role": "user", "content": "What is the capital of France? Answer in a word."}],
                       "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]},
                      [{"role": "user", "content": "Hi"}]]
-    batched = evaluate.samples(peft_model, tokenizer, conversations, max_new_tokens=8)
-    looped = export.before_after_samples(peft_model, tokenizer, conversations, max_new_tokens=8)
-    assert batched == looped
+    batched = before_after_samples(peft_model, tokenizer, conversations, max_new_tokens=8)
+    assert [s.tuned for s in batched] == one_at_a_time(peft_model, tokenizer, conversations, 8)
+    with peft_model.disable_adapter():
+        assert [s.base for s in batched] == one_at_a_time(peft_model, tokenizer, conversations, 8)
     assert [s.prompt for s in batched] == ["Who are you?", "What is the capital of France? Answer in a word.", "Hi"]
     assert all(s.base != s.tuned for s in batched)
     assert tokenizer.padding_side == side  # left only while the batch was tokenized
@@ -288,12 +315,13 @@ def test_batched_samples_equal_one_at_a_time(exact_vocab):
 
 def test_card_results_round_trip_through_the_hub_card_and_hold_only_the_tuned_numbers():
     from huggingface_hub import ModelCard, ModelCardData
+    from qctrain import card
 
     full = report()
     full["lm_eval_version"] = "0.4.13"
     full["limit"] = 20
     full["tasks"]["mc"].update(n_shot=0, dataset={"path": "allenai/ai2_arc", "name": "ARC-Easy", "split": "test"})
-    data = ModelCardData(model_name="org/tuned", eval_results=evaluate.card_results(full))
+    data = ModelCardData(model_name="org/tuned", eval_results=card.evaluation_results(full))
     back = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# card\n").data.eval_results
     assert [(r.task_name, r.metric_type, r.metric_value) for r in back] == [
         ("Supervised fine-tuning", "loss", 1.5), ("Supervised fine-tuning", "accuracy", 0.4), ("mc", "acc", 0.6)]
@@ -301,7 +329,7 @@ def test_card_results_round_trip_through_the_hub_card_and_hold_only_the_tuned_nu
     assert back[2].metric_args == {"limit": 20} and back[2].source_name == "lm-evaluation-harness 0.4.13"
 
     full["gate"] = evaluate.gate(full, [GateRule(metric="mc.acc")])
-    table = evaluate.card_table(full)
+    table = card.evaluation_table(full)
     assert "| held-out split | loss | 2.0000 | 1.5000 | -0.5000 |" in table
     assert "| mc | acc | 0.5000 | 0.6000 | +0.1000 |" in table and "stderr" not in table
     assert "Gate (evaluate.gate): passed" in table

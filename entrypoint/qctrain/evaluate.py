@@ -4,10 +4,10 @@
   disabled for the base: one 4-bit base in memory, never a second load);
 - benchmarks: lm-evaluation-harness tasks (built-in names whose data come from the HF cache, or local task
   files), scored by lm-eval's HFLM around the same PeftModel, with and without the adapter;
-- samples: greedy replies of both to the held-out prompts, one left-padded batch per model.
+- samples: greedy replies of both to the held-out prompts (finished.generate: one left-padded batch per model).
 
 The report (eval_results.json) holds base and tuned side by side; `gate` decides from it, as a pure function,
-whether the tuned model may be pushed (hub.push: if_better).
+whether the tuned model may be pushed (hub.push: if_better); card.py shows it in the model card.
 """
 
 import contextlib
@@ -24,7 +24,6 @@ from typing import Any
 from qctrain.errors import InputError
 from qctrain.recipe import HELDOUT_METRICS, EvaluateSection, GateRule, TaskFile
 
-LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 # lm-eval aggregations that import scikit-learn, which the image leaves out (docker/left-out.txt).
 SKLEARN_AGGREGATIONS = frozenset({"f1_score", "matthews_corrcoef", "weighted_f1_score"})
 # lm-eval names this module replaces while it scores (tests/test_evaluate.py fails when they move):
@@ -342,49 +341,6 @@ def heldout(trainer, tuned_metrics: dict[str, Any] | None = None, records: int |
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-# --- samples: greedy replies of base and tuned, one batch per model ---
-
-def batched_replies(model, tokenizer, conversations: list[list[dict] | dict], max_new_tokens: int = 48,
-                    chat_template: str | None = None, tools: list[dict] | None = None) -> list[str]:
-    """Greedy replies to every conversation in one left-padded generate call (as export.generate_replies gives
-    them one by one); a conversation is a list of messages or {"messages", "tools"}."""
-    import torch
-
-    texts = []
-    for conversation in conversations:
-        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
-        these_tools = conversation.get("tools") if isinstance(conversation, dict) else tools
-        texts.append(tokenizer.apply_chat_template(messages, tools=these_tools or None, chat_template=chat_template,
-                                                   add_generation_prompt=True, tokenize=False))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from each row's last real token
-    try:
-        inputs = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
-    finally:
-        tokenizer.padding_side = side
-    model.eval()
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def samples(model, tokenizer, conversations: list[list[dict] | dict], max_new_tokens: int = 48,
-            chat_template: str | None = None, tools: list[dict] | None = None) -> list:
-    """export.Sample per conversation: the reply with the adapter, and with it disabled (the base)."""
-    from qctrain.export import Sample
-
-    if not conversations:
-        return []
-    tuned = batched_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools)
-    base: list[str | None] = [None] * len(conversations)
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            base = list(batched_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools))
-    prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
-    return [Sample(p, b, t) for p, b, t in zip(prompts, base, tuned, strict=True)]
-
-
 # --- the whole evaluation ---
 
 def heldout_line(held: dict[str, Any]) -> str:
@@ -399,6 +355,8 @@ def evaluate_model(model, tokenizer, section: EvaluateSection, prompts: list, ch
     """The evaluation report of a loaded PeftModel: the held-out numbers (`held`, from `heldout`, which needs the
     trainer), the lm-eval tasks, the samples for `prompts`, the gate's verdict and the time each part took. A stop
     (`should_stop`, asked between parts and tasks) leaves the rest out and says so ("stopped": true)."""
+    from qctrain.finished.generate import before_after_samples
+
     started = time.perf_counter()
     report: dict[str, Any] = {"heldout": None, "tasks": {}, "samples": [], "num_fewshot": section.num_fewshot,
                               "limit": section.limit, "max_new_tokens": section.max_new_tokens, "stopped": False,
@@ -416,7 +374,7 @@ def evaluate_model(model, tokenizer, section: EvaluateSection, prompts: list, ch
             report["stopped"] = True
         else:
             begun = time.perf_counter()
-            replies = samples(model, tokenizer, prompts, section.max_new_tokens, chat_template)
+            replies = before_after_samples(model, tokenizer, prompts, section.max_new_tokens, chat_template)
             report["samples"] = [vars(sample) for sample in replies]
             report["seconds"]["samples"] = round(time.perf_counter() - begun, 2)
     if section.gate:
@@ -494,75 +452,9 @@ def gate(report: dict[str, Any], rules: list[GateRule]) -> dict[str, Any]:
     return {"passed": passed, "reason": reason, "checks": checks}
 
 
-# --- where the results go: eval_results.json, the card ---
+# --- eval_results.json ---
 
 def write_results(path: Path, report: dict[str, Any]) -> None:
     from qctrain.atomic import write_json_atomic
 
     write_json_atomic(path, json.loads(json.dumps(report, default=str)), shared=True)
-
-
-def metric_rows(report: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
-    """(task, metric, base, tuned) for every number the report holds, held-out first; stderr left out."""
-    rows = []
-    held = report.get("heldout") or {}
-    for metric in (*HELDOUT_METRICS, "entropy"):
-        base, tuned = (held.get("base") or {}).get(metric), (held.get("tuned") or {}).get(metric)
-        if base is not None or tuned is not None:
-            rows.append(("held-out split", metric, base, tuned))
-    for name, task in (report.get("tasks") or {}).items():
-        for metric in dict.fromkeys([*(task.get("tuned") or {}), *(task.get("base") or {})]):
-            if "_stderr" not in metric:
-                rows.append((name, metric, (task.get("base") or {}).get(metric), (task.get("tuned") or {}).get(metric)))
-    return rows
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, int | float) else "–"
-
-
-def card_table(report: dict[str, Any]) -> str:
-    """Markdown: base and tuned side by side, with the difference."""
-    lines = ["| task | metric | base | tuned | Δ |", "|---|---|---|---|---|"]
-    for task, metric, base, tuned in metric_rows(report):
-        delta = f"{tuned - base:+.4f}" if isinstance(base, int | float) and isinstance(tuned, int | float) else "–"
-        lines.append(f"| {task} | {metric} | {_number(base)} | {_number(tuned)} | {delta} |")
-    verdict = report.get("gate")
-    if verdict:
-        lines.append("")
-        lines.append(f"Gate (evaluate.gate): {'passed' if verdict['passed'] else 'refused'}: {verdict['reason']}")
-    return "\n".join(lines)
-
-
-def card_results(report: dict[str, Any]) -> list:
-    """model-index entries (huggingface_hub EvalResult) for the tuned model's numbers: the Hub shows them as this
-    model's results and has no place for a base, whose numbers stay in the card's table."""
-    from huggingface_hub import EvalResult
-
-    results = []
-    tuned = (report.get("heldout") or {}).get("tuned") or {}
-    names = {"loss": ("loss", "eval loss"), "mean_token_accuracy": ("accuracy", "next-token accuracy")}
-    for metric, (metric_type, label) in names.items():
-        if isinstance(tuned.get(metric), int | float):
-            results.append(EvalResult(task_type="text-generation", task_name="Supervised fine-tuning",
-                                      dataset_type="local", dataset_name="held-out evaluation split",
-                                      metric_type=metric_type, metric_name=label,
-                                      metric_value=round(float(tuned[metric]), 4)))
-    source = f"lm-evaluation-harness {report.get('lm_eval_version', '')}".strip()
-    for name, task in (report.get("tasks") or {}).items():
-        dataset = task.get("dataset") or {}
-        shots = task.get("n_shot")
-        for metric, value in (task.get("tuned") or {}).items():
-            if "_stderr" in metric or not isinstance(value, int | float):
-                continue
-            results.append(EvalResult(
-                task_type="text-generation", task_name=name,
-                dataset_type=dataset.get("path") or "local",
-                dataset_name=name if dataset.get("path") else f"{name} (local task file)",
-                dataset_config=dataset.get("name"), dataset_split=dataset.get("split"),
-                dataset_args={"num_few_shot": shots} if isinstance(shots, int) else None,
-                metric_type=metric.split(",")[0], metric_name=f"{metric} ({shots}-shot)" if shots is not None
-                else metric, metric_value=round(float(value), 4),
-                metric_args={"limit": report["limit"]} if report.get("limit") is not None else None,
-                source_name=source, source_url=LM_EVAL_URL))
-    return results
