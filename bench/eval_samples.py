@@ -18,7 +18,7 @@ from common import ROOT, record, tiny_model
 def adapter_model(model_dir: Path):
     import torch
     from peft import LoraConfig, get_peft_model
-    from qctrain.model import load_base_model
+    from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import ModelSection, Quantization
 
     base = load_base_model(ModelSection(name=str(model_dir), quantization=Quantization(compute_dtype="float32")))

@@ -213,7 +213,7 @@ def exact_vocab(tmp_path_factory):
     loaded as qctrain loads it; the same base saved pre-quantised and the adapter saved, for lm-eval to load."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from qctrain import model as qmodel
+    from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import ModelSection, Quantization
     from qctrain.tiny import build_model, phi35_tokenizer, phi35_tokenizer_dir
 
@@ -222,8 +222,7 @@ def exact_vocab(tmp_path_factory):
     build_model(tokenizer).save_pretrained(root / "base")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(phi35_tokenizer_dir() / name, root / "base" / name)
-    base = qmodel.load_base_model(ModelSection(name=str(root / "base"),
-                                               quantization=Quantization(compute_dtype="float32")))
+    base = load_base_model(ModelSection(name=str(root / "base"), quantization=Quantization(compute_dtype="float32")))
     base.save_pretrained(root / "nf4")
     tokenizer.save_pretrained(root / "nf4")
     torch.manual_seed(1)
@@ -244,7 +243,7 @@ def plain_lm_eval(pretrained: Path, adapter: Path | None, monkeypatch) -> list[l
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from qctrain.model import disable_avx512bf16_repack
+    from qctrain.basemodel.load import disable_avx512bf16_repack
 
     monkeypatch.chdir(TASK_DIR)
     lm = HFLM(pretrained=str(pretrained), peft=str(adapter) if adapter else None, device="cpu", batch_size=8)
