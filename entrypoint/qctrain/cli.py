@@ -159,8 +159,9 @@ def _train(args, stop) -> int:
 
 def _train_held(recipe, args, stop) -> int:
     """The stages of `train` in the held output folder: data, model, training, evaluation, outputs, push."""
-    from qctrain import checkpoint, distributed, train
+    from qctrain import checkpoint, distributed, trackers, train
     from qctrain.basemodel.load import load_tokenizer
+    from qctrain.rundir import RunDir
 
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     stop.stage = "while preparing the data; nothing half-written was kept"
@@ -172,6 +173,7 @@ def _train_held(recipe, args, stop) -> int:
     distributed.check_same_run(prepared.fingerprint, plan.step)
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
+    tracker_env = _trackers(recipe)
     trainer = _trainer(recipe, tokenizer, prepared, stop)
     result = train.run(trainer, plan, stop)
     # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
@@ -180,6 +182,8 @@ def _train_held(recipe, args, stop) -> int:
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and pushes
     _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop)
+    for line in trackers.offline_runs(RunDir.of(recipe).root) if tracker_env.get("WANDB_MODE") == "offline" else []:
+        print(line)
     return _publish(recipe, stop)
 
 
@@ -196,17 +200,25 @@ def _finished_before(recipe, plan, tokenizer) -> bool:
     return plan.outputs_current(fingerprint)
 
 
+def _trackers(recipe) -> dict[str, str]:
+    """Where the experiment trackers write when the environment does not say (trackers.apply), told once."""
+    from qctrain import distributed, trackers
+    from qctrain.rundir import RunDir
+
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), RunDir.of(recipe).root)
+    if tracker_env and distributed.is_main():
+        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
+    return tracker_env
+
+
 def _trainer(recipe, tokenizer, prepared, stop):
-    """Trackers set up, the base loaded (its Linear layers checked against lora.target_modules) and the trainer
-    built on it, pushing its checkpoints where the recipe says."""
-    from qctrain import distributed, publish, trackers, train
+    """The base loaded (its Linear layers checked against lora.target_modules) and the trainer built on it,
+    pushing its checkpoints where the recipe says."""
+    from qctrain import distributed, publish, train
     from qctrain.basemodel import files, load
     from qctrain.rundir import RunDir
 
     output_dir = RunDir.of(recipe).root
-    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), output_dir)
-    if tracker_env and distributed.is_main():
-        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     stop.stage = "while loading the model; nothing to save"
     base = load.load_base_model(recipe.model)
     files.check_lora_targets(recipe.lora.target_modules,
