@@ -175,7 +175,7 @@ def test_release_ignores_signals_after_a_stop_and_restores_otherwise():
 def test_main_reports_a_signal_in_any_command_as_one_line_and_75(monkeypatch, capsys, tmp_path):
     from qctrain import cli
 
-    def push_again(output_dir: Path) -> int:
+    def push_again(output_dir: Path, ignore_gate: bool = False) -> int:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
         return 0

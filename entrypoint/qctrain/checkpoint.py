@@ -76,8 +76,8 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 
 def training_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as training sees it: everything but hub: and output:, with train: as SFTConfig gets it."""
-    parts = recipe.model_dump(mode="json", exclude={"hub", "output"})
+    """The recipe as training sees it: everything but hub:, output: and evaluate:, with train: as SFTConfig gets it."""
+    parts = recipe.model_dump(mode="json", exclude={"hub", "output", "evaluate"})
     parts["train"] = recipe.sft_kwargs()
     return parts
 

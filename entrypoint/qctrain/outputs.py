@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qctrain import PROVENANCE_VARS, __version__, distributed
+from qctrain import PROVENANCE_VARS, __version__, distributed, evaluate
 from qctrain.atomic import make_shareable, read_json_object, staging_folder, write_json_atomic
 from qctrain.basemodel.reference import BaseReference, base_license, base_reference
 from qctrain.card import Sample, model_card
@@ -64,7 +64,7 @@ def iso(timestamp: float) -> str:
 
 def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics: dict, args,
                    started: float, finished: float, base: BaseReference | None = None,
-                   checkpoint: dict | None = None) -> dict[str, Any]:
+                   checkpoint: dict | None = None, evaluation: dict | None = None) -> dict[str, Any]:
     from qctrain.checkpoint import recipe_fingerprint
 
     world = distributed.world_size()
@@ -93,7 +93,13 @@ def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics:
         "started": iso(started),
         "finished": iso(finished),
         "metrics": metrics,
+        **({"evaluation": evaluation_summary(evaluation)} if evaluation else {}),
     }
+
+
+def evaluation_summary(evaluation: dict) -> dict[str, Any]:
+    """What run_manifest.json records of an evaluation: eval_results.json less the sample replies."""
+    return {key: value for key, value in evaluation.items() if key != "samples"}
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
@@ -159,6 +165,7 @@ class TrainedRun:
     samples: list[Sample]
     state_dict: dict | None = None  # FSDP: the adapter gathered from every rank
     checkpoint: dict | None = None  # checkpoint.checkpoint_record of the newest complete checkpoint
+    evaluation: dict | None = None  # the evaluate stage's report (eval_results.json)
 
 
 def write_outputs(run: TrainedRun) -> dict[str, Any]:
@@ -180,11 +187,13 @@ def _write_staged(run: TrainedRun, staged: RunDir, name: str) -> dict[str, Any]:
     save_adapter(trainer, run.tokenizer, run.chat_template, adapter, run.state_dict)
     point_adapter_at_base(adapter, base)
     manifest = build_manifest(recipe, data_report, run.split_path, metrics, trainer.args, run.started, run.finished,
-                              base, run.checkpoint)
+                              base, run.checkpoint, run.evaluation)
     write_json_atomic(staged.manifest, manifest)
     write_json_atomic(staged.data_report, data_report)
+    if run.evaluation is not None:
+        evaluate.write_results(staged.eval_results, run.evaluation)
     plot_loss(run.log_history, staged.loss_plot)
-    card = model_card(recipe, data_report, metrics, run.samples, base, base_license(base))
+    card = model_card(recipe, data_report, metrics, run.samples, base, base_license(base), run.evaluation)
     for folder in (staged.root, adapter):  # the adapter folder travels alone: its own copy of the card
         (folder / "README.md").write_text(card, encoding="utf-8")
     shutil.copyfile(staged.loss_plot, adapter / "loss.png")
