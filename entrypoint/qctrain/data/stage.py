@@ -32,6 +32,7 @@ from qctrain.data.pack import pack_rows, render_marked, token_stats_of
 from qctrain.data.sources import Record, read_source, source_fingerprint
 from qctrain.data.template import (
     Rendering,
+    extend_template,
     rendering,
     resolve_chat_template,
     split_extension,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 PREP_VERSION = "6"  # bump when the preparation logic changes what it writes
+PAIR_PREP_VERSION = "1"  # the same for preference data (method dpo, kto: pairs.py)
 ROW_BATCH_TOKENS = 1 << 20  # tokens per Arrow record batch written (a writer holds ~25 bytes a token)
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
 PIPE_BYTES = 1 << 20  # the workers' pipes (Linux's pipe-max-size by default)
@@ -205,9 +207,11 @@ def scan_chunk(task: tuple[int, list[Record]]) -> Chunk:
                  unread or {}, turn_counts(conversations))
 
 
-def _tasks(indices: range) -> Iterator[tuple[int, list[Record]]]:
+def _tasks(indices: range, sources: list[DataSource] | None = None) -> Iterator[tuple[int, list[Record]]]:
+    """(source index, a chunk of its records), reading the sources (the job's by default) one after the other."""
+    sources = _JOB.sources if sources is None else sources
     for index in indices:
-        records = read_source(_JOB.sources[index])
+        records = read_source(sources[index])
         while batch := list(islice(records, CHUNK_RECORDS)):
             yield index, batch
 
@@ -227,23 +231,24 @@ def _widen_pipes(pool) -> None:
             pass
 
 
-def _run(tasks: Iterator) -> Iterator[Chunk]:
-    """scan_chunk over the tasks, in order: in this process for small inputs, else on forked workers with a few
-    chunks in flight per worker (the reader waits for them: memory stays bounded)."""
+def _run(tasks: Iterator, scan_one=None) -> Iterator:
+    """scan_one (scan_chunk by default) over the tasks, in order: in this process for small inputs, else on forked
+    workers with a few chunks in flight per worker (the reader waits for them: memory stays bounded)."""
+    scan_one = scan_one or scan_chunk
     first = next(tasks, None)
     if first is None:
         return
-    yield scan_chunk(first)  # in this process: a bad first record (a wrong format) stops the run before any fork
+    yield scan_one(first)  # in this process: a bad first record (a wrong format) stops the run before any fork
     head = list(islice(tasks, FORK_AFTER_CHUNKS))
     workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < FORK_AFTER_CHUNKS else 1 << 40)
     if workers <= 1:
-        yield from map(scan_chunk, chain(head, tasks))
+        yield from map(scan_one, chain(head, tasks))
         return
     with worker_pool(workers) as pool:
         _widen_pipes(pool)
         pending: deque = deque()
         for task in chain(head, tasks):
-            pending.append(pool.apply_async(scan_chunk, (task,)))
+            pending.append(pool.apply_async(scan_one, (task,)))
             if len(pending) >= IN_FLIGHT * workers:
                 yield pending.popleft().get()
         while pending:
@@ -532,7 +537,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
+def data_fingerprint(cfg: DataSection, tokenizer, template: str, method: str = "sft") -> str:
     settings = cfg.model_dump(mode="json", exclude={"sources"})
     eval_sources = [source_fingerprint(s) for s in (cfg.eval.sources if cfg.eval else [])]
     parts = {
@@ -543,6 +548,8 @@ def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": hashlib.sha256(template.encode()).hexdigest(),
     }
+    if method != "sft":  # (absent for SFT: its fingerprints stay what they were)
+        parts.update(method=method, pair_version=PAIR_PREP_VERSION)
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
 
@@ -703,18 +710,21 @@ def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:
     return load("train"), load("eval")
 
 
-def fingerprint(cfg: DataSection, tokenizer) -> str:
+def fingerprint(cfg: DataSection, tokenizer, method: str = "sft") -> str:
     """The prepared data's fingerprint (its cache key) without preparing anything: the sources' content hashed,
-    the tokenizer, the training template and the settings."""
-    return data_fingerprint(cfg, tokenizer, _training_template(cfg, tokenizer)[0])
+    the tokenizer, the training template, the settings and (dpo, kto) the method."""
+    return data_fingerprint(cfg, tokenizer, _training_template(cfg, tokenizer, method)[0], method)
 
 
-def _training_template(cfg: DataSection, tokenizer) -> tuple[str, Rendering]:
-    """The template the data is rendered through (tools and traces as the recipe says, with the training markers)
-    and how it renders them."""
+def _training_template(cfg: DataSection, tokenizer, method: str = "sft") -> tuple[str, Rendering]:
+    """The template the data is rendered through (tools and traces as the recipe says; for SFT with the training
+    markers, for dpo/kto the template the adapter carries, as TRL's preference trainers render through the
+    tokenizer's) and how it renders them."""
     base = resolve_chat_template(cfg.chat_template, tokenizer)
-    return (training_template(base, tokenizer, cfg.loss_on, cfg.reasoning),
-            rendering(split_extension(base)[1], cfg.reasoning))
+    how = rendering(split_extension(base)[1], cfg.reasoning)
+    if method != "sft":
+        return extend_template(base, cfg.reasoning), how
+    return training_template(base, tokenizer, cfg.loss_on, cfg.reasoning), how
 
 
 SHARD = re.compile(r"(train|eval)-(\d{5})-of-(\d{5})\.arrow")
@@ -766,11 +776,12 @@ def _load_checked(folder: Path) -> tuple[dict[str, Any], "Dataset", "Dataset | N
     return report, train, evaluation
 
 
-def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
+def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False, method: str = "sft") -> PreparedData:
+    """The prepared data of `method`: SFT's packed (or padded) rows, or dpo/kto's tokenized rows (pairs.py)."""
     if problems := output_data_overlap(cfg, output_dir):
         raise InputError("\n".join(problems))
-    template, how = _training_template(cfg, tokenizer)
-    fingerprint = data_fingerprint(cfg, tokenizer, template)
+    template, how = _training_template(cfg, tokenizer, method)
+    fingerprint = data_fingerprint(cfg, tokenizer, template, method)
     cache_root = RunDir(output_dir).prepared
     target = cache_root / fingerprint[:16]
     if not force and (target / "report.json").is_file():
@@ -782,7 +793,12 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
 
     with staging_folder(cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}") as tmp:
         tmp.mkdir(parents=True)
-        report, split = build(cfg, tokenizer, template, tmp, how)
+        if method == "sft":
+            report, split = build(cfg, tokenizer, template, tmp, how)
+        else:
+            from qctrain.data.pairs import build_rows
+
+            report, split = build_rows(cfg, method, tokenizer, template, tmp, how)
         shutil.rmtree(tmp / "tokens")
         report["fingerprint"] = fingerprint
         report["shards"] = {path.name: path.stat().st_size for path in sorted(tmp.glob("*.arrow"))}
