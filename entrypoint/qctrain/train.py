@@ -382,10 +382,17 @@ def build_trainer(recipe: Recipe, model, tokenizer, prepared: PreparedData, outp
               f"({recipe.model.attn_implementation})", flush=True)
     if not torch.cuda.is_available():
         keep_adapter_in_compute_dtype(trainer.model, model.dtype)
+    return with_run_callbacks(trainer, recipe, prepared, output_dir, stop)
+
+
+def with_run_callbacks(trainer, recipe: Recipe, prepared: PreparedData, output_dir: Path,
+                       stop: StopOnSignal | None, parent: dict[str, Any] | None = None):
+    """What every method's trainer gets: the checkpoint marker's contents (what a resume must match; `parent`: the
+    adapter a dpo/kto run continues), metrics.jsonl, and the stop and time-based saves."""
     trainer.checkpoint_meta = {
-        "recipe_fingerprint": checkpoint.recipe_fingerprint(recipe),
+        "recipe_fingerprint": checkpoint.recipe_fingerprint(recipe, parent),
         "data_fingerprint": prepared.fingerprint,
-        "recipe": checkpoint.training_recipe(recipe),
+        "recipe": checkpoint.training_recipe(recipe, parent),
     }
     trainer.add_callback(MetricsLog(RunDir(output_dir).metrics))
     trainer.add_callback(PreemptionCallback(stop, recipe.output.save_every_minutes))
