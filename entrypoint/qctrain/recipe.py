@@ -298,12 +298,15 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _method_rules(self) -> "Recipe":
+        problems = format_problems(self)
         if self.method == "sft":
             if self.model.adapter is not None:
-                raise _Problems(["model.adapter: continuing an adapter is for method: dpo or kto (preference tuning "
-                                 "after SFT); an SFT run starts a new adapter"])
+                problems.append("model.adapter: continuing an adapter is for method: dpo or kto (preference tuning "
+                                "after SFT); an SFT run starts a new adapter")
+            if problems:
+                raise _Problems(problems)
             return self
-        problems = preference_problems(self)
+        problems += preference_problems(self)
         if problems:
             raise _Problems(problems)
         # Defaults that differ for preference tuning, where the recipe leaves them unset.
@@ -360,6 +363,24 @@ class Recipe(_Strict):
         return kwargs
 
 
+def format_problems(recipe: "Recipe") -> list[str]:
+    """Sources whose format the recipe's method does not read (SFT conversations, preference pairs)."""
+    problems = []
+    data, method = recipe.data, recipe.method
+    for where, sources in (("data.sources", data.sources), ("data.eval.sources", data.eval.sources if data.eval
+                                                            else [])):
+        for i, src in enumerate(sources):
+            if src.format in ("auto", *METHOD_FORMATS[method]):
+                continue
+            if method == "sft":
+                problems.append(f"{where}[{i}].format: {src.format} is a preference format; method sft reads "
+                                f"{', '.join(DATA_FORMATS)} (or auto); set method: dpo or kto")
+            else:
+                problems.append(f"{where}[{i}].format: {src.format} is not a preference format; method {method} "
+                                f"reads {', '.join(METHOD_FORMATS[method])} (or auto)")
+    return problems
+
+
 def preference_problems(recipe: "Recipe") -> list[str]:
     """What a dpo/kto recipe asks that preference tuning cannot honour, one line each naming the keys."""
     method, data, train = recipe.method, recipe.data, recipe.train
@@ -370,12 +391,6 @@ def preference_problems(recipe: "Recipe") -> list[str]:
     if data.loss_on != "assistant":
         problems.append(f"data.loss_on: method {method} scores the completions, never the prompt; leave it "
                         "at assistant")
-    for where, sources in (("data.sources", data.sources), ("data.eval.sources", data.eval.sources if data.eval
-                                                            else [])):
-        for i, src in enumerate(sources):
-            if src.format not in ("auto", *METHOD_FORMATS[method]):
-                problems.append(f"{where}[{i}].format: {src.format} is not a preference format; method {method} "
-                                f"reads {', '.join(METHOD_FORMATS[method])} (or auto)")
     if "dropout" in recipe.lora.model_fields_set and recipe.lora.dropout > 0 and train.get("disable_dropout",
                                                                                           True) is not False:
         problems.append(f"lora.dropout: {recipe.lora.dropout:g} is not honoured: train.disable_dropout (true by "

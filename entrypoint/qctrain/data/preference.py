@@ -331,7 +331,7 @@ assert tuple(PAIR_NORMALISERS) == PREFERENCE_FORMATS
 
 
 def detect_preference_format(fields: dict[str, Any], method: str, where: str) -> str:
-    if method == "kto" and any(key in fields for key in LABEL_KEYS):
+    if method == "kto" and ("completion" in fields or any(key in fields for key in LABEL_KEYS)):
         return "kto"
     if "chosen" in fields and "rejected" in fields:
         return "sharegpt_ranking" if "conversations" in fields else "preference"
