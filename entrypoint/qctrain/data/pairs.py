@@ -453,7 +453,8 @@ def _build(cfg: DataSection, method: str, tokenizer, work: Path, store: stage.To
                 raise InputError(f"data: no training row left after the length fit ({overlong} longer than "
                                  f"data.max_seq_length={cfg.max_seq_length}); raise max_seq_length or set "
                                  "data.on_overlong: truncate")
-            rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))]  # KTO samples in order: shuffled once
+            if method == "kto":  # KTO samples in order (its KL term pairs batch neighbours): shuffled once, seeded
+                rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))]
         cut_of = np.zeros(len(scanned.parts), dtype=np.int64)
         cut_of[part] = cut
         row_cut = cut_of[rows]
