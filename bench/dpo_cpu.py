@@ -213,10 +213,10 @@ def verdicts(speed, memory, arms: list[str], memory_arms: list[str], steps: int)
             lines.append(f"loss at step {steps}: {ours} {a:.4f}, {theirs} {b:.4f} ({100 * abs(a - b) / b:.2f}% apart)")
     if {"ours-adapter", "trl", "trl-refcopy"} <= set(memory_arms):
         ours, plain, copy = (memory(arm, "peak_rss_mib") for arm in ("ours-adapter", "trl", "trl-refcopy"))
-        lines.append(f"peak RSS, hidden 1024 (270 MiB of 4-bit base weights): ours-adapter {ours:,.0f} MiB, trl (bare "
-                     f"base, no reference copy) {plain:,.0f} MiB, trl-refcopy {copy:,.0f} MiB: a second base costs "
-                     f"{copy - ours:+,.0f} MiB over ours-adapter, whose shared reference costs {ours - plain:+,.0f} MiB "
-                     "over the bare base")
+        lines.append(f"peak RSS, hidden 1024 (270 MiB of 4-bit base weights): ours-adapter {ours:,.0f} MiB, trl "
+                     f"(bare base, no reference copy) {plain:,.0f} MiB, trl-refcopy {copy:,.0f} MiB: a second base "
+                     f"costs {copy - ours:+,.0f} MiB over ours-adapter, whose shared reference costs "
+                     f"{ours - plain:+,.0f} MiB over the bare base")
     return lines
 
 
