@@ -154,3 +154,70 @@ def build_preference_trainer(recipe: Recipe, base, tokenizer, prepared: Prepared
         keep_adapter_in_compute_dtype(trainer.model, base.dtype)
     align_reference(trainer.model)
     return with_run_callbacks(trainer, recipe, prepared, output_dir, stop, parent)
+
+
+# --- what the outputs say of a preference run ---
+
+REWARD_KEYS = ("rewards/accuracies", "rewards/margins", "loss", "kl")  # eval_ + these, as TRL logs them
+
+
+def heldout_metrics(log_history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The held-out pairs' reward accuracy (DPO), margin, loss and KL (KTO), at the first evaluation (step 0 with
+    eval_on_start: policy = reference) and the last: {"rewards/accuracies": {"start", "end", "start_step",
+    "end_step"}, ...}."""
+    evals = [row for row in log_history if "eval_loss" in row and "step" in row]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    return {key: {"start": first[f"eval_{key}"], "end": last[f"eval_{key}"], "start_step": first["step"],
+                  "end_step": last["step"]} for key in REWARD_KEYS if f"eval_{key}" in first and f"eval_{key}" in last}
+
+
+def card_section(method: str, heldout: dict[str, dict[str, float]], pairs: int | None,
+                 parent: dict[str, Any] | None) -> str:
+    """The model card's words on a dpo/kto run: what it continued, and its held-out preference metrics."""
+    lines = []
+    if parent:
+        what = {"run": "the qctrain run", "adapter": "the adapter", "hub": "the Hub adapter"}[parent["kind"]]
+        trained = f" ({parent['method'].upper()})" if parent.get("method") else ""
+        lines.append(f"Continues {what} `{parent['adapter']}`{trained}: adapter sha256 `{parent['adapter_sha256']}`"
+                     + (f", run manifest sha256 `{parent['manifest_sha256']}`" if parent.get("manifest_sha256") else "")
+                     + (f", revision `{parent['revision']}`" if parent.get("revision") else "")
+                     + ". That adapter, frozen, was the reference.")
+    else:
+        lines.append("A new adapter on the base model; the reference was the base model itself.")
+    if heldout:
+        some = next(iter(heldout.values()))
+        names = {"rewards/accuracies": "reward accuracy", "rewards/margins": "reward margin", "loss": f"{method} loss",
+                 "kl": "KL (policy vs reference)"}
+        lines += ["", f"Held-out {'pairs' if method == 'dpo' else 'completions'}"
+                  + (f" ({pairs})" if pairs else "") + ":", "",
+                  f"| | step {some['start_step']} | step {some['end_step']} |", "|---|---|---|"]
+        lines += [f"| {names[key]} | {value['start']:.3f} | {value['end']:.3f} |" for key, value in heldout.items()]
+        if some["start_step"] == 0:
+            lines += ["", "At step 0 the policy is the reference: every reward is 0"
+                      + (" and the accuracy 0.000 (ties count as wrong; chance is 0.5)" if method == "dpo" else "")
+                      + "."]
+    return "\n".join(lines)
+
+
+def plot_rewards(ax, log_history: list[dict[str, Any]]) -> bool:
+    """The rewards of the chosen and rejected completions and their margin (train), and the held-out reward
+    accuracy (DPO) or margin, on `ax`; False when the history holds none."""
+    drawn = False
+    for key, label, style in (("rewards/chosen", "chosen", "-"), ("rewards/rejected", "rejected", "-"),
+                              ("rewards/margins", "margin", "--"), ("eval_rewards/margins", "held-out margin", "o"),
+                              ("eval_rewards/accuracies", "held-out accuracy", "s")):
+        points = [(row["step"], row[key]) for row in log_history if key in row and "step" in row]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, style if style in ("-", "--") else "-", marker=None if style in ("-", "--")
+                    else style, label=label)
+            drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward (beta x log-ratio)")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return drawn
