@@ -36,3 +36,22 @@ def test_only_the_adapter_overrides_private_trainer_methods():
     private = {name for name in dir(SFTTrainer) if name.startswith("_") and not name.startswith("__")}
     assert {name for name in vars(AtomicCheckpoints) if name in private} == {"_save_checkpoint", "_get_output_dir"}
     assert not {name for name in vars(QcTrainer) if name in private}
+
+
+def test_the_preference_trainers_override_only_the_pinned_private_methods():
+    """DPO/KTO (qctrain.preference): besides the checkpoint adapter, `_prepare_dataset` alone, which TRL 1.16 calls
+    on every data set it is given (there is no switch to skip its tokenizing) and which the prepared rows pass
+    through unchanged."""
+    from qctrain.preference import QcDPOTrainer, QcKTOTrainer
+    from trl import DPOTrainer, KTOTrainer
+
+    for ours, theirs in ((QcDPOTrainer, DPOTrainer), (QcKTOTrainer, KTOTrainer)):
+        private = {name for name in dir(theirs) if name.startswith("_") and not name.startswith("__")}
+        assert {name for name in vars(ours) if name in private} == {"_prepare_dataset"}
+        assert list(inspect.signature(theirs._prepare_dataset).parameters) == [
+            "self", "dataset", "processing_class", "args", "dataset_name"]
+        source = inspect.getsource(theirs.__init__)
+        assert 'train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")' in source
+        assert 'eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")' in source
+        # TRL's checkpoint writes its card, then the Trainer's, which writes into _get_output_dir (our staging)
+        assert "super()._save_checkpoint(model, trial)" in inspect.getsource(theirs._save_checkpoint)
