@@ -400,6 +400,9 @@ def preference_problems(recipe: "Recipe") -> list[str]:
     if isinstance(targets, list) and "lm_head" in targets:
         problems.append(f"lora.target_modules: lm_head cannot be trained with method {method} (TRL scores the "
                         "completions with the LM head's weight directly)")
+    if train.get("fsdp"):
+        problems.append(f"train.fsdp: method {method} runs as DDP (one whole 4-bit model per process); FSDP is "
+                        "for SFT here")
     if train.get("sync_ref_model"):
         problems.append("train.sync_ref_model: TRL cannot sync the reference of a LoRA run (its reference is the "
                         "base or a frozen copy of the adapter); leave it false")
