@@ -52,9 +52,12 @@ COMPACT = ("import sys, trl.trainer.utils as u; u._use_triton = lambda device: T
            "from qctrain.cli import main\nsys.exit(main(sys.argv[1:]))")
 
 
-def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
-    """n pairs of our own text: prompt = an instruction, chosen = its output, rejected = another record's output."""
-    records = [r for r in common.alpaca_records(n * 2, seed, duplicate_rate=0.0) if not r.get("history")][:n]
+def write_pairs(path: Path, n: int, seed: int = 0, max_words: int = 160) -> Path:
+    """n pairs of our own text: prompt = an instruction, chosen = its output, rejected = another record's output;
+    short enough that no pair reaches the max length (both arms train on the same whole rows)."""
+    records = [r for r in common.alpaca_records(n * 8, seed, duplicate_rate=0.0) if not r.get("history")
+               and not r.get("system") and not r.get("input") and len(r["instruction"].split()) + len(
+                   r["output"].split()) <= max_words // 2][:n]
     rng = random.Random(seed)
     pairs = []
     for i, record in enumerate(records):
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="rates from the log of this step on")
+    parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--arms", default=",".join(SPEED_ARMS))
     parser.add_argument("--memory-arms", default=",".join(MEMORY_ARMS), help="'' to skip the memory runs")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = str(common.tiny_model(args.model))
     arms, memory_arms = args.arms.split(","), [a for a in args.memory_arms.split(",") if a]
-    speed_job = {"name": "speed", "steps": args.steps, "max_length": 512, "batch": 4, "logging_steps": 10}
+    speed_job = {"name": "speed", "steps": args.steps, "max_length": 512, "batch": 4,
+                 "logging_steps": args.logging_steps}
     memory_job = {"name": "memory", "steps": 6, "max_length": 256, "batch": 2, "logging_steps": 2}
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-dpo-") as tmp:
         work = Path(tmp)
