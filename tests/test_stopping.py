@@ -101,7 +101,7 @@ def test_worker_init_leaves_signals_to_the_parent_and_dies_with_it(tmp_path):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
     script = (
         "import json, time, psutil\n"
-        "from qctrain.data.tokens import worker_pool\n"
+        "from qctrain.data.workers import pool as worker_pool\n"
         "with worker_pool(1) as pool:\n"
         "    pool.apply_async(time.sleep, (60,))\n"
         "    time.sleep(0.5)\n"

@@ -27,22 +27,27 @@ from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
 from qctrain.data import PreparedData
 from qctrain.errors import InputError
-from qctrain.model import lora_config
 from qctrain.recipe import Recipe
 from qctrain.signals import StopOnSignal
-from qctrain.train import AtomicCheckpoints, keep_adapter_in_compute_dtype, with_run_callbacks
+from qctrain.train import (
+    AtomicCheckpoints,
+    keep_adapter_in_compute_dtype,
+    lora_config,
+    sft_config_kwargs,
+    with_run_callbacks,
+)
 
 CONFIGS = {"dpo": DPOConfig, "kto": KTOConfig}
 POLICY, REFERENCE = "default", "ref"  # the adapter trained, TRL's frozen copy of it (when continuing one)
-# SFTConfig's keys (Recipe.sft_config_kwargs) that the preference configs do not have.
+# SFTConfig's keys (train.sft_config_kwargs) that the preference configs do not have.
 SFT_ONLY = ("packing", "packing_strategy", "dataset_kwargs", "assistant_only_loss")
 
 
 def preference_config_kwargs(recipe: Recipe, checkpoints_dir: Path, has_eval: bool, cuda: bool) -> dict[str, Any]:
-    """What DPOConfig / KTOConfig get: the SFT stage's settings (Recipe.sft_config_kwargs: output folder, CPU
+    """What DPOConfig / KTOConfig get: the SFT stage's settings (train.sft_config_kwargs: output folder, CPU
     settings, defaults, seed) less SFT's own, with the length the data stage fitted every row to (so the collator
     never truncates) and the held-out metrics of step 0 (policy = reference) logged first."""
-    kwargs = recipe.sft_config_kwargs(checkpoints_dir, has_eval, cuda)
+    kwargs = sft_config_kwargs(recipe, checkpoints_dir, has_eval, cuda)
     for key in SFT_ONLY:
         kwargs.pop(key, None)
     kwargs["max_length"] = recipe.data.max_seq_length

@@ -15,8 +15,6 @@ for dpo; labelled completions for kto, where a paired record read counts as two)
 overlong (+ unsupervised: a completion with no token left).
 """
 
-import gc
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from qctrain.data import stage
+from qctrain.data import stage, workers
 from qctrain.data.formats import BadRecord
+from qctrain.data.pack import KEPT, OVERLONG, TRUNCATED, UNSUPERVISED
 from qctrain.data.preference import row_digest, row_turn_counts, to_preference_rows
 from qctrain.data.sources import Record, read_source
 from qctrain.data.template import Rendering
@@ -153,7 +152,9 @@ def reference_tokens(rows: list[dict], method: str, tokenizer, template: str, ke
 # --- the scan: records -> (forked workers) rows, digests, tokens ---
 
 @dataclass
-class _PairJob:
+class PairJob:
+    """What the scan needs; forked workers inherit it (data.workers.job())."""
+
     sources: list[DataSource]
     method: str
     tokenizer: Any
@@ -162,9 +163,6 @@ class _PairJob:
     on_bad: str
     keep_reasoning: bool
     split_seed: int | None
-
-
-_JOB: _PairJob | None = None
 
 
 @dataclass
@@ -180,9 +178,8 @@ class PairChunk:
     turns: tuple[int, int, int]
 
 
-def scan_pair_chunk(task: tuple[int, list[Record]]) -> PairChunk:
+def scan_pair_chunk(job: PairJob, task: tuple[int, list[Record]]) -> PairChunk:
     index, records = task
-    job = _JOB
     src = job.sources[index]
     rows, bad, read = [], [], 0
     unread: dict[str, int] | None = None if job.on_bad == "error" else {}
@@ -218,26 +215,12 @@ class ScannedRows:
     labels: np.ndarray  # bool (kto) or empty
 
 
-def scan_rows(indices: range, keys: list[str], counts: dict[str, dict], store: stage.TokenStore,
-              progress: stage.Progress, width: int) -> ScannedRows:
-    for key in keys:
-        counts.setdefault(key, stage._new_counts())
+def scan_rows(job: PairJob, indices: range, keys: list[str], counts: dict[str, dict], store: stage.TokenStore,
+              progress: stage.Progress) -> ScannedRows:
+    """stage.scan for preference rows: read, normalise, tokenise, count; the ids go to the store."""
+    width = 1 + len(COMPLETIONS[job.method])
     columns: list[list[np.ndarray]] = [[] for _ in range(7)]
-    for chunk in stage._run(stage._tasks(indices, _JOB.sources), scan_pair_chunk):
-        local = chunk.source - indices.start
-        tally = counts[keys[local]]
-        tally["read"] += chunk.read
-        for reason, message in chunk.bad:
-            if _JOB.on_bad == "error":
-                raise InputError(f"{message} (set data.on_bad_record: skip to skip such records)")
-            tally["bad"] += 1
-            tally["bad_by_reason"][reason] = tally["bad_by_reason"].get(reason, 0) + 1
-            if len(tally["examples"]) < 5:
-                tally["examples"].append(message)
-        for key, n in chunk.unread.items():
-            tally["unread_keys"][key] = tally["unread_keys"].get(key, 0) + n
-        for name, n in zip(("supervised_turns", "context_turns", "reasoning_traces"), chunk.turns, strict=True):
-            tally[name] += n
+    for chunk, local in stage.counted_chunks(job, indices, keys, counts, progress, scan_pair_chunk):
         tok = chunk.tokens
         bounds = tok.bounds
         first = store.append(Tokenized(tok.ids, tok.ids, bounds))
@@ -246,15 +229,10 @@ def scan_rows(indices: range, keys: list[str], counts: dict[str, dict], store: s
                                           tok.parts.reshape(rows, width), first + bounds[:-1], chunk.ranks,
                                           tok.merged, chunk.labels), strict=True):
             column.append(part)
-        progress.add(chunk.read)
-    for key in keys:
-        for name in ("bad_by_reason", "unread_keys"):
-            counts[key][name] = dict(sorted(counts[key][name].items()))
     dtypes = (np.int32, np.uint64, np.int64, np.int64, np.uint64, bool, bool)
     joined = [np.concatenate(column) if column else np.zeros(0, dtype) for column, dtype in
               zip(columns, dtypes, strict=True)]
-    if not len(joined[2]):
-        joined[2] = np.zeros((0, width), np.int64)
+    joined[2] = joined[2].reshape(-1, width)
     return ScannedRows(*joined)
 
 
@@ -262,15 +240,15 @@ def scan_rows(indices: range, keys: list[str], counts: dict[str, dict], store: s
 
 def fit_rows(parts: np.ndarray, max_len: int, policy: str) -> tuple[np.ndarray, np.ndarray]:
     """Per row: how many tokens to cut from the left of its prompt (the same for every completion), and its outcome
-    (stage.KEPT, TRUNCATED, OVERLONG, UNSUPERVISED). A row fits when its prompt and its longest completion fit;
+    (KEPT, TRUNCATED, OVERLONG, UNSUPERVISED). A row fits when its prompt and its longest completion fit;
     `truncate` cuts the prompt from the left, and drops the row when the prompt would be left empty."""
     prompt, longest = parts[:, 0], parts[:, 1:].max(axis=1) if len(parts) else np.zeros(0, np.int64)
     excess = np.maximum(prompt + longest - max_len, 0)
     overlong = excess > 0
     cuttable = overlong & (prompt - excess >= 1) & (policy == "truncate")
     unsupervised = (parts[:, 1:] == 0).any(axis=1) if len(parts) else np.zeros(0, bool)
-    outcomes = np.select([unsupervised, overlong & ~cuttable, cuttable], [stage.UNSUPERVISED, stage.OVERLONG,
-                                                                          stage.TRUNCATED], stage.KEPT)
+    outcomes = np.select([unsupervised, overlong & ~cuttable, cuttable], [UNSUPERVISED, OVERLONG,
+                                                                          TRUNCATED], KEPT)
     return np.where(cuttable, excess, 0), outcomes
 
 
@@ -328,24 +306,23 @@ def _sample(store: stage.TokenStore, start: int, parts: np.ndarray, cut: int, me
     return "\n".join(lines)
 
 
-def heldout_prompts(indices: range, wanted: np.ndarray, method: str, sources: list[DataSource],
-                    keep_reasoning: bool) -> list[list[dict] | dict]:
+def heldout_prompts(job: PairJob, indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
     """The prompts of the good rows at positions `wanted` of the sources `indices` (read again, only as far as the
     last of them), as the card's samples take them."""
     wanted_set, prompts, good = set(wanted.tolist()), {}, 0
     last = max(wanted_set, default=-1)
     for index in indices:
-        src = sources[index]
+        src = job.sources[index]
         for record in read_source(src):
             if good > last:
                 return [prompts[i] for i in wanted.tolist()]
             try:
-                rows = to_preference_rows(record, src.format, method, src.columns, unread={})
+                rows = to_preference_rows(record, src.format, job.method, src.columns, unread={})
             except BadRecord:
                 continue
             for row in rows:
                 if good in wanted_set:
-                    messages = _strip(row["prompt"], keep_reasoning)
+                    messages = _strip(row["prompt"], job.keep_reasoning)
                     prompts[good] = {"messages": messages, "tools": row["tools"]} if row["tools"] else messages
                 good += 1
     return [prompts[i] for i in wanted.tolist()]
@@ -356,127 +333,61 @@ def heldout_prompts(indices: range, wanted: np.ndarray, method: str, sources: li
 def build_rows(cfg: DataSection, method: str, tokenizer, template: str, work: Path,
                how: Rendering) -> tuple[dict, dict]:
     """Everything that is cached, for method dpo or kto: writes work/train-*.arrow (and eval); returns the report
-    and the recorded split (stage.build's counterpart)."""
-    global _JOB
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    and the recorded split (stage.build's counterpart: the same scan, dedup and split)."""
     eval_sources = list(cfg.eval.sources) if cfg.eval and cfg.eval.sources else []
     split_seed = cfg.seed if cfg.eval and not cfg.eval.sources and (cfg.eval.fraction or cfg.eval.count) else None
-    _JOB = _PairJob([*cfg.sources, *eval_sources], method, tokenizer, rust_backend(tokenizer), template,
-                    cfg.on_bad_record, cfg.reasoning != "drop", split_seed)
+    job = PairJob([*cfg.sources, *eval_sources], method, tokenizer, rust_backend(tokenizer), template,
+                  cfg.on_bad_record, cfg.reasoning != "drop", split_seed)
     store = stage.TokenStore(work / "tokens")
-    gc.freeze()
     try:
-        return _build(cfg, method, tokenizer, work, store, how)
+        with workers.forking():
+            counts: dict[str, dict] = {}
+            parts, split = stage.scan_and_split(job, cfg, store, counts, scan_rows)
+            eval_part = parts["eval"]
+            report: dict[str, Any] = {"method": method, "sources": counts, "records_read": 0, "duplicates": 0,
+                                      "tools_rendered_by": how.tools,
+                                      "heldout_prompts": heldout_prompts(job, eval_part.indices, eval_part.records[:3])}
+            for name, part in parts.items():
+                if len(part.records):
+                    _write_part(name, part, cfg, job, store, tokenizer, work, counts, report)
     finally:
-        gc.unfreeze()
-        _JOB = None
         store.close()
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-
-def _dedup(scanned: ScannedRows, keys: list[str], counts: dict[str, dict], enabled: bool) -> np.ndarray:
-    if not enabled:
-        return np.arange(len(scanned.digests))
-    keep = stage.first_indices(scanned.digests)
-    duplicate = np.ones(len(scanned.digests), dtype=bool)
-    duplicate[keep] = False
-    stage._per_source(keys, scanned.source[duplicate], counts, "duplicates")
-    return keep
-
-
-def _build(cfg: DataSection, method: str, tokenizer, work: Path, store: stage.TokenStore,
-           how: Rendering) -> tuple[dict, dict]:
-    width = 1 + len(COMPLETIONS[method])
-    counts: dict[str, dict] = {}
-    progress = stage.Progress("data")
-    train_indices = range(len(cfg.sources))
-    keys = [s.path for s in cfg.sources]
-    train = scan_rows(train_indices, keys, counts, store, progress, width)
-    kept = _dedup(train, keys, counts, cfg.dedup)
-    if not len(kept):
-        progress.done()
-        read = sum(c["read"] for c in counts.values())
-        bad = sum(c["bad"] for c in counts.values())
-        examples = [e for c in counts.values() for e in c["examples"]]
-        raise InputError(f"data: no usable {method} rows ({read} read, {bad} bad and skipped); sources: "
-                         f"{', '.join(s.path for s in cfg.sources)}"
-                         + (f"; first bad record: {examples[0]}" if examples else ""))
-    split: dict[str, Any] = {"seed": cfg.seed}
-    eval_cfg = cfg.eval
-    parts: dict[str, tuple[ScannedRows, np.ndarray, list[str], range]]
-    if eval_cfg and eval_cfg.sources:
-        eval_indices = range(len(cfg.sources), len(cfg.sources) + len(eval_cfg.sources))
-        eval_keys = ["eval:" + s.path for s in eval_cfg.sources]
-        evaluation = scan_rows(eval_indices, eval_keys, counts, store, progress, width)
-        parts = {"train": (train, kept, keys, train_indices),
-                 "eval": (evaluation, _dedup(evaluation, eval_keys, counts, cfg.dedup), eval_keys, eval_indices)}
-        split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
-    elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
-        try:
-            in_eval = stage.split_mask(train.digests[kept], cfg.seed, eval_cfg.fraction, eval_cfg.count,
-                                       unique=cfg.dedup,
-                                       ranks=train.ranks[kept] if len(train.ranks) == len(train.digests) else None)
-        except InputError as err:
-            progress.done()
-            raise InputError(f"{err} (rows of {method} data)") from None
-        parts = {"train": (train, kept[~in_eval], keys, train_indices),
-                 "eval": (train, kept[in_eval], keys, train_indices)}
-        split.update(method="fraction" if eval_cfg.fraction else "count", fraction=eval_cfg.fraction,
-                     count=eval_cfg.count, eval_ids=[f"{d:016x}" for d in train.digests[kept[in_eval]].tolist()])
-    else:
-        parts = {"train": (train, kept, keys, train_indices), "eval": (train, kept[:0], keys, train_indices)}
-        split.update(method="none")
-    progress.done()
-    store.close()
-
-    _, eval_part, _, eval_indices = parts["eval"]
-    report: dict[str, Any] = {"method": method, "sources": counts, "tools_rendered_by": how.tools,
-                              "heldout_prompts": heldout_prompts(eval_indices, eval_part[:3], method, _JOB.sources,
-                                                                 _JOB.keep_reasoning)}
-    for name, (scanned, part, part_keys, _) in parts.items():
-        if not len(part):
-            continue
-        cut, outcomes = fit_rows(scanned.parts[part], cfg.max_seq_length, cfg.on_overlong)
-        source = scanned.source[part]
-        kept_here = (outcomes == stage.KEPT) | (outcomes == stage.TRUNCATED)
-        for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == stage.TRUNCATED),
-                            ("overlong", outcomes == stage.OVERLONG), ("unsupervised", outcomes == stage.UNSUPERVISED)):
-            stage._per_source(part_keys, source[chosen], counts, key)
-        rows = part[kept_here]
-        if name == "train":
-            if not len(rows):
-                overlong = int((outcomes == stage.OVERLONG).sum())
-                raise InputError(f"data: no training row left after the length fit ({overlong} longer than "
-                                 f"data.max_seq_length={cfg.max_seq_length}); raise max_seq_length or set "
-                                 "data.on_overlong: truncate")
-            if method == "kto":  # KTO samples in order (its KL term pairs batch neighbours): shuffled once, seeded
-                rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))]
-        cut_of = np.zeros(len(scanned.parts), dtype=np.int64)
-        cut_of[part] = cut
-        row_cut = cut_of[rows]
-        row_parts = scanned.parts[rows].copy()
-        row_parts[:, 0] -= row_cut
-        labels = scanned.labels[rows] if method == "kto" else None
-        report[name] = _part_report(method, row_parts, scanned.merged[rows], outcomes, labels)
-        if name == "train":
-            report["sample"] = _sample(store, int(scanned.starts[rows[0]]), scanned.parts[rows[0]], int(row_cut[0]),
-                                       method, tokenizer)
-        report[name]["sequences"] = write_rows(store, scanned.starts[rows], scanned.parts[rows], row_cut, labels,
-                                               method, work / f"{name}-00000-of-00001.arrow")
-    report["counts"] = stage.count_totals(counts)
-    report["records_read"], report["duplicates"] = report["counts"]["read"], report["counts"]["duplicates"]
-    report["turns"] = {"supervised": report["counts"]["supervised_turns"],
-                       "context": report["counts"]["context_turns"]}
-    traces = report["counts"]["reasoning_traces"]
-    report["reasoning"] = {"setting": cfg.reasoning, "rendered_by": how.reasoning, "traces": traces,
-                           "dropped": traces if how.reasoning == "dropped" else 0}
+    report = stage.report_totals(report, counts, cfg, how)
     if method == "kto":
         report["kto"] = kto_balance(int(report["train"]["desirable"]), int(report["train"]["undesirable"]))
     return report, split
+
+
+def _write_part(name: str, part: stage.Part, cfg: DataSection, job: PairJob, store: stage.TokenStore, tokenizer,
+                work: Path, counts: dict[str, dict], report: dict[str, Any]) -> None:
+    """Fit the part's rows to max_seq_length, count what became of them and write them; report[name]: their
+    statistics (and, for train, report["sample"])."""
+    scanned, method = part.scanned, job.method
+    cut, outcomes = fit_rows(scanned.parts[part.records], cfg.max_seq_length, cfg.on_overlong)
+    source = scanned.source[part.records]
+    kept_here = (outcomes == KEPT) | (outcomes == TRUNCATED)
+    for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == TRUNCATED),
+                        ("overlong", outcomes == OVERLONG), ("unsupervised", outcomes == UNSUPERVISED)):
+        stage.per_source(part.keys, source[chosen], counts, key)
+    rows = part.records[kept_here]
+    if name == "train" and not len(rows):
+        raise InputError(f"data: no training row left after the length fit ({int((outcomes == OVERLONG).sum())} "
+                         f"longer than data.max_seq_length={cfg.max_seq_length}); raise max_seq_length or set "
+                         "data.on_overlong: truncate")
+    if name == "train" and method == "kto":  # KTO samples in order (its KL term pairs batch neighbours): shuffled once
+        rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))]
+    cut_of = np.zeros(len(scanned.parts), dtype=np.int64)
+    cut_of[part.records] = cut
+    row_cut = cut_of[rows]
+    row_parts = scanned.parts[rows].copy()
+    row_parts[:, 0] -= row_cut
+    labels = scanned.labels[rows] if method == "kto" else None
+    report[name] = _part_report(method, row_parts, scanned.merged[rows], outcomes, labels)
+    if name == "train":
+        report["sample"] = _sample(store, int(scanned.starts[rows[0]]), scanned.parts[rows[0]], int(row_cut[0]),
+                                   method, tokenizer)
+    report[name]["sequences"] = write_rows(store, scanned.starts[rows], scanned.parts[rows], row_cut, labels,
+                                           method, work / f"{name}-00000-of-00001.arrow")
 
 
 def _part_report(method: str, parts: np.ndarray, merged: np.ndarray, outcomes: np.ndarray,
@@ -491,9 +402,9 @@ def _part_report(method: str, parts: np.ndarray, merged: np.ndarray, outcomes: n
         "prompt_length": _length_stats(parts[:, 0]),
         **{f"{name}_length": _length_stats(completions[:, j]) for j, name in enumerate(COMPLETIONS[method])},
         "boundary_merged": int(merged.sum()),
-        "overlong_dropped": int((outcomes == stage.OVERLONG).sum()),
-        "overlong_truncated": int((outcomes == stage.TRUNCATED).sum()),
-        "unsupervised_dropped": int((outcomes == stage.UNSUPERVISED).sum()),
+        "overlong_dropped": int((outcomes == OVERLONG).sum()),
+        "overlong_truncated": int((outcomes == TRUNCATED).sum()),
+        "unsupervised_dropped": int((outcomes == UNSUPERVISED).sum()),
     }
     if labels is not None:
         report.update(desirable=int(labels.sum()), undesirable=int((~labels).sum()))
