@@ -352,9 +352,10 @@ def preference_problems(recipe: "Recipe") -> list[str]:
         if train.get("per_device_train_batch_size", TRAIN_DEFAULTS["per_device_train_batch_size"]) < 2:
             problems.append("train.per_device_train_batch_size: KTO needs at least 2 rows per batch (its KL term "
                             "takes the completions of the other rows)")
-    if train.get("use_liger_kernel") and (train.get("liger_kernel_config") or {}).get("fused_linear_cross_entropy"):
-        problems.append(f"train.liger_kernel_config.fused_linear_cross_entropy: method {method} scores the "
-                        "completions with TRL's own fused LM head; leave that kernel off")
+    for key in ("use_liger_kernel", "liger_kernel_config"):
+        if train.get(key):
+            problems.append(f"train.{key}: qctrain applies Liger's kernels to SFT runs; method {method} scores the "
+                            "completions with TRL's own fused LM head (leave it out)")
     return problems
 
 

@@ -397,7 +397,7 @@ def _part_report(method: str, parts: np.ndarray, merged: np.ndarray, outcomes: n
     completions = parts[:, 1:]
     tokens = int(parts[:, 0].sum()) * completions.shape[1] + int(completions.sum())
     report: dict[str, Any] = {
-        "rows": len(parts), "tokens": tokens, "supervised_tokens": int(completions.sum()),
+        "rows": len(parts), "records": len(parts), "tokens": tokens, "supervised_tokens": int(completions.sum()),
         "supervised_fraction": round(int(completions.sum()) / tokens, 4) if tokens else 0.0,
         "prompt_length": _length_stats(parts[:, 0]),
         **{f"{name}_length": _length_stats(completions[:, j]) for j, name in enumerate(COMPLETIONS[method])},
