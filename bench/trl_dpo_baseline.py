@@ -13,24 +13,16 @@ on CPU). Each logged step is appended to OUT/metrics.jsonl with a wall-clock tim
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 from trl import DPOConfig, DPOTrainer
 
-
-class TimeLog(TrainerCallback):
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trl_baseline import TimeLog  # noqa: E402
 
 
 def conversational(pair: dict) -> dict:

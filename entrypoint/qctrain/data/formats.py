@@ -469,16 +469,7 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str], ignore: f
     """The record's canonical conversation. Keys it does not read (unread_keys) make it bad, or with `unread`
     given are counted there (key -> records) and ignored; `ignore`: more key names to ignore. With loss_on "all"
     (every token trains) a turn with weight 0 cannot be honoured: the record is bad."""
-    if record.raw is not None:
-        record = parse_line(record)
-    if record.problem is not None:
-        raise BadRecord(record.where, record.problem, "invalid_json")
-    fields = record.fields
-    if not isinstance(fields, dict):
-        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
-    if columns:
-        fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
-        ignore = ignore | frozenset(columns.values())
+    fields, ignore = record_fields(record, columns, ignore)
     if fmt == "auto":
         fmt = detect_format(fields, record.where)
     _media(fields, record.where)
@@ -490,15 +481,36 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str], ignore: f
         raise BadRecord(record.where, "a turn with weight 0 (or train/loss false), but data.loss_on: all trains on "
                                       "every token; set data.loss_on: assistant to keep such turns as context",
                         "unhonoured_weight")
-    keys = unread_keys(fields, fmt, ignore)
+    refuse_or_count(unread_keys(fields, fmt, ignore), fmt, record.where, unread)
+    return conversation
+
+
+def record_fields(record: Record, columns: dict[str, str], ignore: frozenset[str]) -> tuple[dict, frozenset[str]]:
+    """A record's fields (a JSONL line parsed; bad when it is no JSON object), with the source's columns: mapping
+    applied, and the names to ignore with the columns it renamed."""
+    if record.raw is not None:
+        record = parse_line(record)
+    if record.problem is not None:
+        raise BadRecord(record.where, record.problem, "invalid_json")
+    fields = record.fields
+    if not isinstance(fields, dict):
+        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
+    if columns:
+        fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
+        ignore = ignore | frozenset(columns.values())
+    return fields, ignore
+
+
+def refuse_or_count(keys: list[str], fmt: str, where: str, unread: dict[str, int] | None) -> None:
+    """Keys a record's format does not read: the record is bad (unread None: data.on_bad_record: error), or each is
+    counted in `unread` (key -> records)."""
     if keys and unread is None:
-        raise BadRecord(record.where, f"{'keys' if len(keys) > 1 else 'key'} {', '.join(map(repr, keys[:5]))} not "
-                                      f"read (not a field of the {fmt} format nor known metadata); name "
-                                      f"{'them' if len(keys) > 1 else 'it'} in this source's ignore_keys, or set "
-                                      "data.on_bad_record: skip to ignore and count such keys", "unknown_key")
+        raise BadRecord(where, f"{'keys' if len(keys) > 1 else 'key'} {', '.join(map(repr, keys[:5]))} not "
+                               f"read (not a field of the {fmt} format nor known metadata); name "
+                               f"{'them' if len(keys) > 1 else 'it'} in this source's ignore_keys, or set "
+                               "data.on_bad_record: skip to ignore and count such keys", "unknown_key")
     for key in keys:
         unread[key] = unread.get(key, 0) + 1
-    return conversation
 
 
 def conversation_digest(conversation: dict[str, Any] | list[dict]) -> int:

@@ -26,7 +26,7 @@ from qctrain.data import stage, workers
 from qctrain.data.formats import BadRecord
 from qctrain.data.pack import KEPT, OVERLONG, TRUNCATED, UNSUPERVISED
 from qctrain.data.preference import row_digest, row_turn_counts, to_preference_rows
-from qctrain.data.sources import Record, read_source
+from qctrain.data.sources import Record
 from qctrain.data.template import Rendering
 from qctrain.data.tokens import Tokenized, _render_all, encode_texts, rust_backend
 from qctrain.errors import InputError
@@ -306,26 +306,11 @@ def _sample(store: stage.TokenStore, start: int, parts: np.ndarray, cut: int, me
     return "\n".join(lines)
 
 
-def heldout_prompts(job: PairJob, indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
-    """The prompts of the good rows at positions `wanted` of the sources `indices` (read again, only as far as the
-    last of them), as the card's samples take them."""
-    wanted_set, prompts, good = set(wanted.tolist()), {}, 0
-    last = max(wanted_set, default=-1)
-    for index in indices:
-        src = job.sources[index]
-        for record in read_source(src):
-            if good > last:
-                return [prompts[i] for i in wanted.tolist()]
-            try:
-                rows = to_preference_rows(record, src.format, job.method, src.columns, unread={})
-            except BadRecord:
-                continue
-            for row in rows:
-                if good in wanted_set:
-                    messages = _strip(row["prompt"], job.keep_reasoning)
-                    prompts[good] = {"messages": messages, "tools": row["tools"]} if row["tools"] else messages
-                good += 1
-    return [prompts[i] for i in wanted.tolist()]
+def row_prompts(job: PairJob, src: DataSource, record: Record) -> list[list[dict] | dict]:
+    """The prompts of a record's rows (stage.heldout_prompts reads them for the card's samples)."""
+    rows = to_preference_rows(record, src.format, job.method, src.columns, unread={})
+    return [{"messages": _strip(row["prompt"], job.keep_reasoning), "tools": row["tools"]} if row["tools"]
+            else _strip(row["prompt"], job.keep_reasoning) for row in rows]
 
 
 # --- the stage ---
@@ -346,7 +331,8 @@ def build_rows(cfg: DataSection, method: str, tokenizer, template: str, work: Pa
             eval_part = parts["eval"]
             report: dict[str, Any] = {"method": method, "sources": counts, "records_read": 0, "duplicates": 0,
                                       "tools_rendered_by": how.tools,
-                                      "heldout_prompts": heldout_prompts(job, eval_part.indices, eval_part.records[:3])}
+                                      "heldout_prompts": stage.heldout_prompts(job, eval_part.indices,
+                                                                               eval_part.records[:3], row_prompts)}
             for name, part in parts.items():
                 if len(part.records):
                     _write_part(name, part, cfg, job, store, tokenizer, work, counts, report)

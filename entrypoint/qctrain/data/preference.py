@@ -39,9 +39,11 @@ from qctrain.data.formats import (
     alpaca_prompt,
     check_turns,
     message_of,
+    record_fields,
+    refuse_or_count,
     sharegpt_message,
 )
-from qctrain.data.sources import Record, parse_line
+from qctrain.data.sources import Record
 from qctrain.recipe import PREFERENCE_FORMATS, abbreviate, canonical_json
 
 # Why a preference record is bad, beyond the reasons every record can have (formats.BAD_REASONS).
@@ -368,16 +370,7 @@ def to_preference_rows(record: Record, fmt: str, method: str, columns: dict[str,
                        ignore: frozenset[str] = frozenset(), unread: dict[str, int] | None = None) -> list[dict]:
     """The record's canonical rows: one pair (dpo), or one or two labelled completions (kto: a pair is unpaired).
     Keys it does not read make it bad, or with `unread` given are counted there and ignored (as to_conversation)."""
-    if record.raw is not None:
-        record = parse_line(record)
-    if record.problem is not None:
-        raise BadRecord(record.where, record.problem, "invalid_json")
-    fields = record.fields
-    if not isinstance(fields, dict):
-        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
-    if columns:
-        fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
-        ignore = ignore | frozenset(columns.values())
+    fields, ignore = record_fields(record, columns, ignore)
     if fmt == "auto":
         fmt = detect_preference_format(fields, method, record.where)
     _media(fields, record.where)
@@ -387,14 +380,7 @@ def to_preference_rows(record: Record, fmt: str, method: str, columns: dict[str,
             for i, turn in enumerate(fields[key]):
                 if isinstance(turn, dict):
                     _media(turn, record.where, f"{key}[{i}].")
-    keys = unread_pair_keys(fields, fmt, ignore)
-    if keys and unread is None:
-        raise BadRecord(record.where, f"{'keys' if len(keys) > 1 else 'key'} {', '.join(map(repr, keys[:5]))} not "
-                                      f"read (not a field of the {fmt} format nor known metadata); name "
-                                      f"{'them' if len(keys) > 1 else 'it'} in this source's ignore_keys, or set "
-                                      "data.on_bad_record: skip to ignore and count such keys", "unknown_key")
-    for key in keys:
-        unread[key] = unread.get(key, 0) + 1
+    refuse_or_count(unread_pair_keys(fields, fmt, ignore), fmt, record.where, unread)
     if method == "kto" and fmt != "kto":
         return unpaired(normalised)
     return [normalised]

@@ -457,10 +457,19 @@ def write_shards(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, row
         return sum(pool.map(_write_shard, range(len(ranges)), chunksize=1))
 
 
-def heldout_prompts(job: _Job, indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
-    """The prompts (all but the last turn, as the template gets them; with their tools as {"messages", "tools"})
-    of the good records at positions `wanted` of the job's sources `indices` (a few, early in the read order):
-    read again, only as far as the last of them."""
+def conversation_prompts(job: _Job, src: DataSource, record: Record) -> list[list[dict] | dict]:
+    """A record's prompt: all but the last turn, as the template gets them (with its tools as {"messages",
+    "tools"}); BadRecord for a bad one."""
+    conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=job.loss_on)
+    [messages], [tools], _ = template_inputs([conversation], job.reasoning != "drop")
+    return [{"messages": messages[:-1], "tools": tools} if tools else messages[:-1]]
+
+
+def heldout_prompts(job, indices: range, wanted: np.ndarray, prompts_of=conversation_prompts
+                    ) -> list[list[dict] | dict]:
+    """The prompts of the good rows at positions `wanted` of the job's sources `indices` (a few, early in the read
+    order): read again, only as far as the last of them. prompts_of: a record's rows' prompts
+    (conversation_prompts; the preference data's: a pair's, or two for a pair that KTO unpairs)."""
     wanted_set, prompts, good = set(wanted.tolist()), {}, 0
     last = max(wanted_set, default=-1)
     for index in indices:
@@ -469,13 +478,13 @@ def heldout_prompts(job: _Job, indices: range, wanted: np.ndarray) -> list[list[
             if good > last:
                 return [prompts[i] for i in wanted.tolist()]
             try:
-                conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=job.loss_on)
+                found = prompts_of(job, src, record)
             except BadRecord:
                 continue
-            if good in wanted_set:
-                [messages], [tools], _ = template_inputs([conversation], job.reasoning != "drop")
-                prompts[good] = {"messages": messages[:-1], "tools": tools} if tools else messages[:-1]
-            good += 1
+            for prompt in found:
+                if good in wanted_set:
+                    prompts[good] = prompt
+                good += 1
     return [prompts[i] for i in wanted.tolist()]
 
 
