@@ -147,7 +147,7 @@ def rounds(arms: list[str], n: int, run) -> dict[str, list[dict]]:
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
@@ -159,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=None)
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     model = str(common.tiny_model(args.model))
     arms, memory_arms = args.arms.split(","), [a for a in args.memory_arms.split(",") if a]
     speed_job = {"name": "speed", "steps": args.steps, "max_length": 512, "batch": 4,
