@@ -11,12 +11,14 @@ IMAGE ?= qc-train-phi:dev
 setup: $(VENV)/.installed
 
 # The venv gets exactly the versions locked for the image (hashes stripped: here torch is the
-# CPU build of the same version), so what `make test` runs against is what the image holds.
-$(VENV)/.installed: pyproject.toml docker/requirements.lock
+# CPU build of the same version), so what `make test` runs against is what the image holds; what the image
+# leaves out although a package requires it (docker/left-out.txt) leaves the venv too.
+$(VENV)/.installed: pyproject.toml docker/requirements.lock docker/left-out.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python docker/lock_to_constraints.py docker/requirements.lock > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test,trackers]'
+	$(BIN)/python -m pip uninstall -q -y $$(grep -v -e '^#' -e '^ *$$' docker/left-out.txt)
 	touch $@
 
 tiny-model: setup $(TINY_MODEL)/config.json

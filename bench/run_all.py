@@ -20,13 +20,15 @@ QUICK = {
     "gpu_qlora.py": ["--steps", "4", "--warmup", "1"],
     "check.py": ["--rounds", "3"],
     "extension.py": ["--plain-records", "1000", "--tool-records", "500", "--rounds", "2"],
+    "eval_samples.py": ["--prompts", "3", "--rounds", "1", "--max-new-tokens", "16"],
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
-    parser.add_argument("--only", default="check.py,prep.py,extension.py,packing.py,train_cpu.py,gpu_qlora.py")
+    parser.add_argument("--only", default="check.py,prep.py,extension.py,packing.py,train_cpu.py,eval_samples.py,"
+                                          "gpu_qlora.py")
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
     args = parser.parse_args(argv)
 

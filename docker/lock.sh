@@ -24,6 +24,10 @@ if [ -z "${SSL_CERT_FILE:-}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; the
   export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 fi
 
+# Packages the image leaves out although a locked package requires them (docker/left-out.txt): not emitted.
+LEFT_OUT=()
+while read -r name; do LEFT_OUT+=(--no-emit-package "$name"); done < <(grep -v -e '^#' -e '^ *$' docker/left-out.txt)
+
 UV_CUSTOM_COMPILE_COMMAND="make lock  (docker/lock.sh: uv pip compile --universal --python-version 3.11 --generate-hashes)" "$UV" pip compile \
   --no-config \
   --default-index https://pypi.org/simple \
@@ -32,6 +36,7 @@ UV_CUSTOM_COMPILE_COMMAND="make lock  (docker/lock.sh: uv pip compile --universa
   --generate-hashes \
   --no-emit-index-url \
   --quiet \
+  "${LEFT_OUT[@]}" \
   --output-file docker/requirements.lock \
   docker/requirements.in
 echo "wrote docker/requirements.lock ($(grep -c '==' docker/requirements.lock) pins)"

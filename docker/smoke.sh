@@ -6,8 +6,9 @@
 #   2. `IMAGE tiny-model /models/tiny-phi3` builds a tiny random Phi-3 (as an arbitrary non-root
 #      uid when the caller is root, to prove any uid can run the image);
 #   3. `IMAGE train /recipes/smoke.yaml` (docker/smoke/smoke.yaml) trains a 4-bit LoRA adapter on
-#      the repository's sample data; adapter/, README.md and run_manifest.json must appear on the
-#      host, owned by the caller, and the manifest must record the image's git revision;
+#      the repository's sample data and evaluates it against its base (held-out split, an lm-eval task
+#      file); adapter/, README.md, run_manifest.json and eval_results.json must appear on the host,
+#      owned by the caller, and the manifest must record the image's git revision;
 #   4. a recipe with a typo'd key exits 2 (bad input);
 #   5. SIGTERM during training (docker stop) reaches qctrain through tini: it saves a checkpoint
 #      and exits 75 (preempted). Skip with QCTRAIN_SMOKE_SKIP_PREEMPT=1.
@@ -75,6 +76,7 @@ step "train /recipes/smoke.yaml as uid $uid:$gid"
 run_rc rc run \
   -v "$PWD/docker/smoke:/recipes:ro" \
   -v "$PWD/data:/data:ro" \
+  -v "$PWD/tests/data/eval:/tasks:ro" \
   -v "$work/models:/models:ro" \
   -v "$work/out:/out" \
   -e QCTRAIN_IMAGE_DIGEST="$image_id" \
@@ -91,6 +93,15 @@ python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$run_dir/run_manife
   || fail "run_manifest.json is not JSON"
 grep -q "$revision" "$run_dir/run_manifest.json" \
   || fail "run_manifest.json does not record the image's git revision $revision"
+python3 - "$run_dir/eval_results.json" <<'EOF' || fail "eval_results.json lacks base or tuned scores"
+import json, sys
+results = json.load(open(sys.argv[1]))
+task = results["tasks"]["qc_tiny_mc"]
+assert {"acc", "acc_norm"} <= set(task["base"]) & set(task["tuned"]) and results["heldout"]["base"]["loss"] > 0
+assert results["gate"]["passed"] is True
+print(f"evaluation: lm-eval {results['lm_eval_version']}, qc_tiny_mc acc base {task['base']['acc']} tuned "
+      f"{task['tuned']['acc']}, {results['seconds']['total']} s")
+EOF
 foreign=$(find "$work/out" \( ! -uid "$uid" -o ! -gid "$gid" \) -print | head -n 5)
 [ -z "$foreign" ] || fail "outputs not owned by $uid:$gid: $foreign"
 echo "outputs present and owned by $uid:$gid"

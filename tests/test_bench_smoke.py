@@ -4,6 +4,7 @@ The real runs are `make bench` (bench/run_all.py); these only check that each sc
 """
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -107,3 +108,11 @@ def test_extension(tiny_model_dir, tmp_path):
                                            "--model", str(tiny_model_dir), "--results", str(results)]) == 0
     text = rows_of(results, "extension")
     assert "plain (40)" in text and "tools (20)" in text and "extended, us/record" in text
+
+
+def test_eval_samples(tiny_model_dir, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    assert bench_module("eval_samples").main(["--prompts", "2", "--rounds", "1", "--max-new-tokens", "4", "--model",
+                                              str(tiny_model_dir), "--results", str(results)]) == 0
+    text = rows_of(results, "eval_samples")
+    assert re.search(r"\| 2 +\|", text) and "speed-up" in text and "True" in text

@@ -137,13 +137,13 @@ def runs(tmp_path_factory):
     model_dir = write_tiny_model(root / "tiny-phi3")
     data = write_json(root / "data.json", alpaca_records(48))
 
-    def recipe(name: str, per_device: int) -> Path:
+    def recipe(name: str, per_device: int, **sections) -> Path:
         return write_recipe(root / f"{name}.yaml", model_dir, data, root / name,
                             # 44 train records pack into 30 sequences of <= 68 Phi-3.5 tokens: 7 full global
                             # batches of 4, then a padded one
                             data={"eval": {"count": 4}, "max_seq_length": 68},
                             train={"max_steps": MAX_STEPS, "per_device_train_batch_size": per_device,
-                                   "save_steps": 100})
+                                   "save_steps": 100}, **sections)
 
     hooks = root / "hooks"
     hooks.mkdir()
@@ -175,7 +175,7 @@ def runs(tmp_path_factory):
          str(REPO / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
          "-m", "qctrain", "train", str(recipe("accelerate", 2))],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    node_recipe, port = recipe("nodes", 2), free_port()
+    node_recipe, port = recipe("nodes", 2, evaluate={"samples": False}), free_port()  # base pass on every rank
     nodes = [qctrain("train", "--nproc", "1", str(node_recipe),
                      env={**ENV, "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
                           "PET_MASTER_PORT": str(port)}) for rank in (0, 1)]
@@ -241,6 +241,16 @@ def test_one_set_of_outputs(runs):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, MAX_STEPS + 1))
     assert sum("train_runtime" in r for r in rows) == 1
     assert "| with this adapter |" in (runs.out / "README.md").read_text()  # rank 0 generated the held-out samples
+
+
+def test_every_rank_joins_the_held_out_pass_of_the_base(runs):
+    """evaluate: with two processes: the base's held-out pass gathers across ranks, so both run it before rank 1
+    returns; rank 0 alone writes the results."""
+    assert all(node.returncode == 0 for node in runs.nodes), [node.stderr[-2000:] for node in runs.nodes]
+    out = runs.root / "nodes"
+    held = json.loads((out / "eval_results.json").read_text())["heldout"]
+    assert held["records"] == 4 and held["base"]["loss"] != held["tuned"]["loss"]
+    assert held["tuned"]["loss"] == json.loads((out / "run_manifest.json").read_text())["metrics"]["eval_loss"]
 
 
 def test_the_adapter_loads_and_generates(runs):

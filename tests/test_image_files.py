@@ -90,8 +90,11 @@ def test_runtime_stage_installs_locked_hash_checked_wheels_once():
     text = DOCKERFILE.read_text(encoding="utf-8")
     runtime = text[text.index("AS runtime") :]
     assert runtime.count("python3 -m venv /opt/venv") == 1
-    assert "--require-hashes" in runtime and "-r /tmp/requirements.lock" in runtime
-    assert "--only-binary=:all:" in runtime  # no sdist builds, so no compilers
+    assert "--require-hashes" in runtime and "/tmp/requirements.lock > /tmp/wheels.lock" in runtime
+    assert "--only-binary=:all:" in runtime and "-r /tmp/wheels.lock" in runtime  # no sdist builds, no compilers
+    # the few sdist-only packages: wheels built in their own stage from the lock's hash-checked sdists
+    sdists = text[text.index("AS sdists"):text.index("AS wheel")]
+    assert "--require-hashes" in sdists and "/tmp/requirements.lock" in sdists and "--no-build-isolation" in sdists
     assert "--mount=type=cache,target=/root/.cache/pip" in runtime  # cache never in a layer
     assert "COPY --from" not in runtime, "the venv is built in place, never copied between stages"
     # every other pip install in the image has --no-cache-dir or a cache mount
@@ -166,7 +169,8 @@ def test_dockerfile_copies_only_allowed_context():
     rules = [r.strip() for r in ignore if r.strip() and not r.startswith("#")]
     assert rules[0] == "*", ".dockerignore is an allow-list"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "entrypoint", "docker/requirements.lock", "docker/entrypoint.sh"}
+    assert allowed == {"pyproject.toml", "README.md", "entrypoint", "docker/requirements.lock", "docker/entrypoint.sh",
+                       "docker/left-out.txt"}
     for never in (".venv", ".git", "out", "models", ".env", "data"):
         assert never not in allowed
     for word, args in dockerfile_instructions():
@@ -363,6 +367,7 @@ def test_job_failure_policy_follows_exit_codes():
                 by_code[code] = rule["action"]
     assert by_code[int(ExitCode.BAD_INPUT)] == "FailJob"
     assert by_code[int(ExitCode.DISK_FULL)] == "FailJob"
+    assert by_code[int(ExitCode.NOT_BETTER)] == "FailJob"  # a retry would train the same refused model again
     assert by_code[int(ExitCode.PREEMPTED)] in ("Ignore", "Count")
     assert int(ExitCode.INTERNAL) not in by_code or by_code[int(ExitCode.INTERNAL)] == "Count"
     disruption = [

@@ -251,3 +251,25 @@ def test_sft_config_leaves_liger_to_us(tmp_path):
 def test_activation_checkpointing_off_on_cpu_unless_named(tmp_path):
     assert not train.sft_config(_recipe(), tmp_path, False).activation_checkpointing
     assert train.sft_config(_recipe(gradient_checkpointing=True), tmp_path, False).activation_checkpointing
+
+
+@pytest.mark.parametrize("training_path", ["model", "trl"])
+def test_evaluation_takes_the_lean_path_whatever_training_takes(packed, training_path):
+    """With Liger's fused loss (loss path "model", CUDA) or TRL's chunked head (CUDA) an evaluation computes the
+    plain cross entropy and reports next-token accuracy (what evaluate.gate's heldout.mean_token_accuracy reads):
+    the same numbers on every device."""
+    trainer, examples, tokenizer = packed
+    rows = trainer.data_collator(examples)
+    metrics = trainer._metrics["eval"]
+    trainer.model.eval()
+    try:
+        metrics.clear()
+        with torch.no_grad():
+            lean = trainer.compute_loss(trainer.model, dict(rows))
+            trainer.loss_path = training_path
+            other = trainer.compute_loss(trainer.model, dict(rows))
+        assert other.item() == lean.item()
+        assert len(metrics["mean_token_accuracy"]) == 2 and len(metrics["entropy"]) == 2
+    finally:
+        trainer.loss_path = "lean"
+        trainer.model.train()

@@ -78,10 +78,10 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 
 def training_recipe(recipe: Recipe, parent: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The recipe as training sees it: everything but hub: and output:, with train: as the method's TRL config gets
-    it; for a dpo/kto run that continues an adapter, that adapter's identity (`parent`: its sha256 above all, so a
-    changed SFT adapter under the same path does not resume)."""
-    parts = recipe.model_dump(mode="json", exclude={"hub", "output"})
+    """The recipe as training sees it: everything but hub:, output: and evaluate:, with train: as the method's TRL
+    config gets it; for a dpo/kto run that continues an adapter, that adapter's identity (`parent`: its sha256
+    above all, so a changed SFT adapter under the same path does not resume)."""
+    parts = recipe.model_dump(mode="json", exclude={"hub", "output", "evaluate"})
     parts["train"] = recipe.sft_kwargs()
     if parent is not None:
         parts["parent"] = parent

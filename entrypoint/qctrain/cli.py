@@ -39,6 +39,7 @@ def _quiet_libraries(debug: bool) -> None:
     if not sys.stderr.isatty():  # a log file or `kubectl logs`: no "Loading weights" / download bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d/gloo notes under torchrun
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints: qctrain says where the run is
 
 
 def _load(args):
@@ -165,9 +166,10 @@ def _train(args, stop) -> int:
 
 
 def _train_held(recipe, args, stop) -> int:
-    """The stages of `train` in the held output folder: data, model, training, outputs, push."""
-    from qctrain import checkpoint, distributed, train
+    """The stages of `train` in the held output folder: data, model, training, evaluation, outputs, push."""
+    from qctrain import checkpoint, distributed, trackers, train
     from qctrain.basemodel.load import load_tokenizer
+    from qctrain.rundir import RunDir
 
     parent = _parent(recipe)
     identity = parent.identity() if parent else None
@@ -181,13 +183,17 @@ def _train_held(recipe, args, stop) -> int:
     distributed.check_same_run(prepared.fingerprint, plan.step)
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
+    tracker_env = _trackers(recipe)
     trainer = _trainer(recipe, tokenizer, prepared, stop, parent)
     result = train.run(trainer, plan, stop)
     # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
     adapter_state = distributed.full_adapter_state(trainer) if not plan.finished else None
+    held = _heldout(recipe, trainer, result, prepared, stop)
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and pushes
-    _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, identity)
+    _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop, identity)
+    for line in trackers.offline_runs(RunDir.of(recipe).root) if tracker_env.get("WANDB_MODE") == "offline" else []:
+        print(line)
     return _publish(recipe, stop)
 
 
@@ -215,18 +221,26 @@ def _finished_before(recipe, plan, tokenizer) -> bool:
     return plan.outputs_current(fingerprint)
 
 
+def _trackers(recipe) -> dict[str, str]:
+    """Where the experiment trackers write when the environment does not say (trackers.apply), told once."""
+    from qctrain import distributed, trackers
+    from qctrain.rundir import RunDir
+
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), RunDir.of(recipe).root)
+    if tracker_env and distributed.is_main():
+        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
+    return tracker_env
+
+
 def _trainer(recipe, tokenizer, prepared, stop, parent=None):
-    """Trackers set up, the base loaded (its Linear layers checked against lora.target_modules) and the method's
-    trainer built on it (dpo/kto: continuing `parent`, the adapter model.adapter names), pushing its checkpoints
-    where the recipe says."""
-    from qctrain import distributed, publish, trackers, train
+    """The base loaded (its Linear layers checked against lora.target_modules) and the method's trainer built on it
+    (dpo/kto: continuing `parent`, the adapter model.adapter names), pushing its checkpoints where the recipe
+    says."""
+    from qctrain import distributed, publish, train
     from qctrain.basemodel import files, load
     from qctrain.rundir import RunDir
 
     run = RunDir.of(recipe)
-    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), run.root)
-    if tracker_env and distributed.is_main():
-        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     stop.stage = "while loading the model; nothing to save"
     base = load.load_base_model(recipe.model)
     if parent is None:  # a continued adapter keeps the targets it was trained with
@@ -250,27 +264,71 @@ def _trainer(recipe, tokenizer, prepared, stop, parent=None):
     return trainer
 
 
-def _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, parent=None) -> None:
-    """The outputs of a finished training: samples of the trained model beside the base's, then everything the
-    writer puts into output.dir."""
-    from qctrain import checkpoint, data, distributed, outputs
+def _heldout(recipe, trainer, result, prepared, stop) -> dict | None:
+    """The base's held-out loss and accuracy beside the tuned model's (evaluate.heldout), on every rank: the
+    evaluation gathers across ranks. None without evaluate: or a held-out split, and on an FSDP-sharded model."""
+    from qctrain import distributed, evaluate
+
+    section = recipe.evaluate
+    if section is None or not section.heldout or trainer.eval_dataset is None or distributed.fsdp_enabled(trainer):
+        return None
+    stop.stage = "while evaluating; the adapter is trained"
+    return evaluate.heldout(trainer, result.metrics, prepared.report.get("eval", {}).get("records"))
+
+
+def _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop, parent=None) -> None:
+    """The outputs of a finished training: the evaluation (with an evaluate: section) or samples of the trained
+    model beside the base's, then everything the writer puts into output.dir (parent: the adapter a dpo/kto
+    run continued)."""
+    from qctrain import checkpoint, data, distributed, evaluate, outputs
+    from qctrain.card import Sample
     from qctrain.finished.generate import before_after_samples
     from qctrain.rundir import RunDir
 
     run = RunDir.of(recipe)
-    # Sample replies: generating from an FSDP-sharded model would need every rank; skipped there.
-    prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
+    # Generating or scoring from an FSDP-sharded model would need every rank: samples and evaluation skipped there.
+    sharded = distributed.fsdp_enabled(trainer)
+    prompts = [] if sharded else prepared.report.get("heldout_prompts", [])
     # The template the adapter carries: what training rendered (tools, traces), without the training markers.
     chat_template = data.extend_template(data.resolve_chat_template(recipe.data.chat_template, tokenizer),
                                          recipe.data.reasoning)
-    samples = before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
-                                   chat_template=chat_template)
+    evaluation = None
+    if recipe.evaluate is None:
+        samples = before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
+                                       chat_template=chat_template)
+    else:
+        evaluation = _evaluate_trained(recipe, trainer, tokenizer, prompts, chat_template, held, sharded, stop)
+        evaluate.append_metrics(run.metrics, evaluate.metrics_rows(evaluation, result.global_step))
+        samples = [Sample(**sample) for sample in evaluation.get("samples", [])]
     newest = checkpoint.complete_checkpoints(run.checkpoints)
     outputs.write_outputs(outputs.TrainedRun(
         recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
         result.log_history, result.started, result.finished, samples, state_dict=adapter_state,
-        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None), parent=parent))
+        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None), evaluation=evaluation,
+        parent=parent))
     print(f"done: adapter in {run.adapter} (train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
+
+
+def _evaluate_trained(recipe, trainer, tokenizer, prompts, chat_template, held, sharded, stop) -> dict:
+    """The evaluate: section on the model training just left in memory (no second load of the base)."""
+    import gc
+
+    import torch
+
+    from qctrain import evaluate
+
+    if sharded:
+        report = {"skipped": "the model was sharded (FSDP); evaluate with `qctrain eval OUTPUT_DIR`", "tasks": {}}
+        if recipe.evaluate.gate:
+            report["gate"] = evaluate.gate(report, recipe.evaluate.gate)
+        return report
+    stop.stage = "while evaluating; the adapter is trained"
+    trainer.optimizer = trainer.lr_scheduler = None  # room for lm-eval's batches: training is over
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return evaluate.evaluate_model(trainer.model, tokenizer, recipe.evaluate, prompts, chat_template, held,
+                                   should_stop=lambda: stop.signum is not None)
 
 
 def _complete(recipe, plan, stop) -> int:
@@ -278,6 +336,7 @@ def _complete(recipe, plan, stop) -> int:
     push) are completed, and those that did are left as they are."""
     from qctrain import distributed
     from qctrain.atomic import restore_interrupted_swap
+    from qctrain.finished import evaluate as evaluate_finished
     from qctrain.finished.gguf_lora import write_gguf
     from qctrain.rundir import RunDir
 
@@ -292,6 +351,11 @@ def _complete(recipe, plan, stop) -> int:
         stop.stage = "while writing the GGUF export; the adapter is complete"
         done = write_gguf(run.root)
         print(f"GGUF LoRA adapter: {run.gguf / done.adapter.name}")
+    if recipe.evaluate is not None and not evaluate_finished.evaluated(run):  # stopped in it, or added since
+        stop.stage = "while evaluating; the adapter is complete"
+        target = evaluate_finished.EvalTarget(str(run.root), recipe, run, run.root)
+        report = evaluate_finished.evaluate_saved(target, should_stop=lambda: stop.signum is not None)
+        evaluate_finished.record_evaluation(run.root, report)
     return _publish(recipe, stop)
 
 
@@ -312,7 +376,30 @@ def _publish(recipe, stop) -> int:
 def cmd_push(args) -> int:
     from qctrain import publish
 
-    return publish.push_again(Path(args.output_dir))
+    return publish.push_again(Path(args.output_dir), ignore_gate=args.ignore_gate)
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a finished run, an adapter folder or a Hub adapter against its base (evaluate: section)."""
+    from qctrain import card, evaluate, rundir
+    from qctrain.finished import evaluate as evaluate_finished
+
+    target = evaluate_finished.eval_target(args.path, args.recipe, args.set, args.out)
+    section = target.recipe.evaluate
+    problems = evaluate.check_tasks(section, section.gate if section else [])  # before any weight loads
+    if problems:
+        raise InputError("\n".join(f"preflight: {p}" for p in problems))
+    held = target.run.root if target.run is not None else target.out
+    with rundir.hold(held, enabled=target.run is not None):  # a run folder: one writer at a time
+        report = evaluate_finished.evaluate_saved(target, should_stop=lambda: args.stop.signum is not None)
+        if target.run is not None:
+            evaluate_finished.record_evaluation(target.run.root, report)
+        if target.run is None or target.out != target.run.root:
+            target.out.mkdir(parents=True, exist_ok=True)
+            evaluate.write_results(target.out / "eval_results.json", report)
+    print(card.evaluation_table(report))
+    print(f"results: {target.out / 'eval_results.json'} ({report['seconds']['total']:.1f} s)")
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -397,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qctrain", parents=[common],
         description="Fine-tune a 4-bit quantized LoRA adapter from one YAML recipe.",
         epilog="exit codes: 0 ok, 1 internal error, 2 bad recipe/data/input, 3 environment (or a lost rank), "
-               "4 trained but not pushed, 74 disk full/quota/read-only (free space, rerun to resume), "
+               "4 trained but not pushed, 5 trained but not pushed: not better than the base (evaluate.gate), "
+               "74 disk full/quota/read-only (free space, rerun to resume), "
                "75 preempted (checkpoint saved, rerun to resume)")
     parser.add_argument("--version", action="version", version=f"qctrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -432,6 +520,19 @@ def _finished_run_commands(add, common: argparse.ArgumentParser) -> None:
     """The commands that take a finished run's folder: push, merge, generate, export."""
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
+    push.add_argument("--ignore-gate", action="store_true",
+                      help="push even where evaluate.gate found the tuned model worse than its base (hub.push: "
+                           "if_better)")
+    eval_cmd = add("eval", cmd_eval, "evaluate a finished run (or an adapter folder or Hub id, with --recipe) "
+                   "against its base: held-out loss and accuracy, lm-eval tasks, sample replies, evaluate.gate; "
+                   "writes eval_results.json (a run's manifest, card and metrics.jsonl too)", [common])
+    eval_cmd.add_argument("path", metavar="RUN_DIR|ADAPTER|HUB_ID")
+    eval_cmd.add_argument("--recipe", help="a recipe whose evaluate: section to run (for an adapter: also its "
+                                           "model: base and data: held-out split)")
+    eval_cmd.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                          help="override a recipe value, e.g. --set evaluate.limit=100")
+    eval_cmd.add_argument("--out", metavar="FOLDER", help="where eval_results.json goes (default: the run or "
+                                                          "adapter folder; required for a Hub id)")
     merge = add("merge", cmd_merge, "merge a finished run's adapter into its base (standalone model)", [common])
     merge.add_argument("output_dir")
     merge.add_argument("--dest", help="where to write it (default: OUTPUT_DIR/merged)")

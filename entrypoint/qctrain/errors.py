@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # recipe, data, template, paths, too little free disk: fix the input, retrying will not help
     ENVIRONMENT = 3  # the machine cannot run this: broken CUDA/bitsandbytes stack, or another rank was lost
     NOT_PUSHED = 4  # training finished and outputs are complete locally, the Hub push failed
+    NOT_BETTER = 5  # trained and evaluated, outputs complete locally; evaluate.gate refused the push (if_better)
     DISK_FULL = 74  # a write failed: no space left, quota exceeded or read-only (EX_IOERR); free space, then rerun
     PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun to resume (EX_TEMPFAIL)
 
@@ -39,6 +40,12 @@ class InputError(QcError):
 
 class PushFailed(QcError):
     exit_code = ExitCode.NOT_PUSHED
+
+
+class NotBetter(QcError):
+    """The tuned model is worse than its base beyond evaluate.gate's tolerance: nothing pushed (exit 5)."""
+
+    exit_code = ExitCode.NOT_BETTER
 
 
 class Preempted(QcError):

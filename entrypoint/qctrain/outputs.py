@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qctrain import PROVENANCE_VARS, __version__, distributed
+from qctrain import PROVENANCE_VARS, __version__, distributed, evaluate
 from qctrain.atomic import make_shareable, read_json_object, staging_folder, write_json_atomic
 from qctrain.basemodel.reference import BaseReference, base_license, base_reference
 from qctrain.card import Sample, model_card, preference_section
@@ -65,9 +65,10 @@ def iso(timestamp: float) -> str:
 def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics: dict, args,
                    started: float, finished: float, base: BaseReference | None = None,
                    checkpoint: dict | None = None, parent: dict | None = None,
-                   heldout: dict | None = None) -> dict[str, Any]:
+                   heldout: dict | None = None, evaluation: dict | None = None) -> dict[str, Any]:
     """run_manifest.json; a dpo/kto run's also names the adapter it continued (parent: parent.Parent.identity)
-    and its held-out preference metrics at the start and the end (heldout_metrics)."""
+    and its held-out preference metrics at the start and the end (heldout_metrics); evaluation: the evaluate
+    stage's report (evaluation_summary)."""
     from qctrain.checkpoint import recipe_fingerprint
 
     world = distributed.world_size()
@@ -99,6 +100,7 @@ def build_manifest(recipe: Recipe, data_report: dict, split_path: Path, metrics:
         "started": iso(started),
         "finished": iso(finished),
         "metrics": metrics,
+        **({"evaluation": evaluation_summary(evaluation)} if evaluation else {}),
     }
 
 
@@ -131,6 +133,11 @@ def plot_rewards(ax, log_history: list[dict[str, Any]]) -> None:
     ax.set_ylabel("reward (beta x log-ratio to the reference)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def evaluation_summary(evaluation: dict) -> dict[str, Any]:
+    """What run_manifest.json records of an evaluation: eval_results.json less the sample replies."""
+    return {key: value for key, value in evaluation.items() if key != "samples"}
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
@@ -205,6 +212,7 @@ class TrainedRun:
     state_dict: dict | None = None  # FSDP: the adapter gathered from every rank
     checkpoint: dict | None = None  # checkpoint.checkpoint_record of the newest complete checkpoint
     parent: dict | None = None  # dpo/kto: the adapter the run continued (parent.Parent.identity)
+    evaluation: dict | None = None  # the evaluate stage's report (eval_results.json)
 
 
 def write_outputs(run: TrainedRun) -> dict[str, Any]:
@@ -227,11 +235,13 @@ def _write_staged(run: TrainedRun, staged: RunDir, name: str) -> dict[str, Any]:
     point_adapter_at_base(adapter, base)
     heldout = heldout_metrics(run.log_history) if recipe.method != "sft" else None
     manifest = build_manifest(recipe, data_report, run.split_path, metrics, trainer.args, run.started, run.finished,
-                              base, run.checkpoint, run.parent, heldout)
+                              base, run.checkpoint, run.parent, heldout, run.evaluation)
     write_json_atomic(staged.manifest, manifest)
     write_json_atomic(staged.data_report, data_report)
+    if run.evaluation is not None:
+        evaluate.write_results(staged.eval_results, run.evaluation)
     plot_loss(run.log_history, staged.loss_plot)
-    card = model_card(recipe, data_report, metrics, run.samples, base, base_license(base),
+    card = model_card(recipe, data_report, metrics, run.samples, base, base_license(base), run.evaluation,
                       preference_section(recipe, data_report, heldout, run.parent))
     for folder in (staged.root, adapter):  # the adapter folder travels alone: its own copy of the card
         (folder / "README.md").write_text(card, encoding="utf-8")

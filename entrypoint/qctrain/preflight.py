@@ -198,6 +198,17 @@ def check_publisher(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
     return publisher.check(env)
 
 
+def check_evaluation(recipe: Recipe, env: Mapping[str, str]) -> list[str]:
+    """evaluate.tasks: every task builds here (its file read, its data found in the HF cache when offline, the
+    packages its metrics need) and every gate rule names a task that is evaluated. Imports lm-eval and loads the
+    tasks' data (seconds; the index of built-in tasks only where one is named). Under torchrun rank 0 checks."""
+    if recipe.evaluate is None or not recipe.evaluate.tasks or distributed.rank(env) != 0:
+        return []
+    from qctrain import evaluate
+
+    return evaluate.check_tasks(recipe.evaluate, recipe.evaluate.gate)
+
+
 def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool = True) -> list[str]:
     env = os.environ if env is None else env
     setting = env.get(MIN_FREE_ENV, "").strip()
@@ -211,6 +222,7 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
     problems += model_problems or (check_template(recipe) + check_lora(recipe) + check_sequence_length(recipe)
                                    + check_gpu_memory(recipe, env) + check_parent(recipe))
+    problems += check_evaluation(recipe, env)
     if hub:
         problems += check_publisher(recipe, env)
     return list(dict.fromkeys(problems))

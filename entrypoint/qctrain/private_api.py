@@ -9,7 +9,8 @@ re-read the code named in `where`, adjust ours (or drop it for a public API), th
 from dataclasses import dataclass
 
 # The versions these entries were read against (docker/requirements.in pins the same).
-CHECKED_ON = {"transformers": "5.24.0", "trl": "1.16.0", "bitsandbytes": "0.50.2", "python": "3.11"}
+CHECKED_ON = {"transformers": "5.24.0", "trl": "1.16.0", "bitsandbytes": "0.50.2", "lm-eval": "0.4.13",
+              "python": "3.11"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,16 @@ PREFERENCE_PREPARE = Private(
     "overridden: TRL 1.16 tokenizes every data set it is given again and has no switch to skip it (SFTConfig's "
     "skip_prepare_dataset has no DPO/KTO counterpart); the data stage's rows, equal to its processing, pass through")
 
+LM_EVAL_TASK_FILE = Private(
+    "lm_eval.tasks._yaml_loader", ("load_yaml",), "evaluate.read_task_file",
+    "lm-eval's own reader of a task YAML (its !function tags and include:), which no public function returns as a "
+    "config dict; qctrain then makes the data paths relative to the file and hands lm-eval the dict")
+LM_EVAL_QUIETED = Private(
+    "lm_eval.evaluator", ("get_git_commit_hash", "add_env_info"), "evaluate._quiet_lm_eval",
+    "replaced while qctrain scores (evaluate.QUIETED): simple_evaluate runs `git describe` (git writes 'fatal: not "
+    "a git repository' to fd 2) and torch's collect_env (subprocesses) for a report qctrain does not keep; no "
+    "argument turns them off")
+
 PRIVATE = (TRAINER_CHECKPOINTS, SFT_TRAINER_METRICS, CHAT_TEMPLATE, POOL_PIPES, BNB_LIBRARY, TRL_PREPARE,
-           PREFERENCE_PREPARE)
+           PREFERENCE_PREPARE, LM_EVAL_TASK_FILE, LM_EVAL_QUIETED)
 NAMES = frozenset(name for entry in PRIVATE for name in entry.names)

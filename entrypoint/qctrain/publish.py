@@ -33,7 +33,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from qctrain import __version__
 from qctrain.atomic import read_json_object, restore_interrupted_swap, write_json_atomic
-from qctrain.errors import InputError, Preempted, PushFailed
+from qctrain.errors import InputError, NotBetter, Preempted, PushFailed
 from qctrain.hubtoken import redact, resolve_token
 from qctrain.recipe import HubSection, Recipe
 from qctrain.rundir import RunDir
@@ -427,8 +427,29 @@ def publisher_for(recipe: Recipe) -> Publisher | None:
     return None
 
 
+def gate_refusal(output_dir: Path) -> str | None:
+    """Why hub.push: if_better pushes nothing, from the verdict eval_results.json records; None: it passed."""
+    results = RunDir(output_dir).eval_results
+    verdict = read_json_object(results).get("gate")
+    if not isinstance(verdict, dict):
+        return f"{results} records no evaluate.gate verdict (evaluate with `qctrain eval {output_dir}`)"
+    return None if verdict.get("passed") is True else str(verdict.get("reason") or "the gate did not pass")
+
+
+def check_gate(recipe: Recipe, output_dir: Path) -> None:
+    """hub.push: if_better: NotBetter (exit 5, nothing pushed, the outputs as they are) unless the tuned model is
+    not worse than its base (evaluate.gate)."""
+    if recipe.hub is None or recipe.hub.push != "if_better":
+        return
+    if (reason := gate_refusal(output_dir)) is not None:
+        raise NotBetter(f"not pushed: {reason}; outputs complete in {output_dir}; to push anyway: "
+                        f"qctrain push {output_dir} --ignore-gate")
+    print(f"gate: passed ({read_json_object(RunDir(output_dir).eval_results)['gate'].get('reason')})", flush=True)
+
+
 def publish_after_training(recipe: Recipe, output_dir: Path, stopped_by: str | None, world_size: int) -> int:
-    """The end of `train`: push the finished run, unless a stop signal came after training."""
+    """The end of `train`: push the finished run, unless a stop signal came after training or evaluate.gate
+    refuses it (hub.push: if_better)."""
     publisher = publisher_for(recipe)
     if publisher is None:
         return 0
@@ -439,6 +460,7 @@ def publish_after_training(recipe: Recipe, output_dir: Path, stopped_by: str | N
     if stopped_by is not None:
         raise Preempted(f"stopped by {stopped_by} after training; outputs complete in {output_dir}, not pushed: "
                         "rerun the same command to push")
+    check_gate(recipe, output_dir)
     return push_finished(output_dir, publisher)
 
 
@@ -449,10 +471,13 @@ def push_finished(output_dir: Path, publisher: Publisher) -> int:
     return 0
 
 
-def push_again(output_dir: Path) -> int:
-    """`qctrain push OUTPUT_DIR`: push a finished run where its recipe says."""
+def push_again(output_dir: Path, ignore_gate: bool = False) -> int:
+    """`qctrain push OUTPUT_DIR`: push a finished run where its recipe says (with hub.push: if_better, only when
+    its recorded evaluation passed evaluate.gate, unless ignore_gate)."""
     run = RunDir(output_dir)
     recipe = run.read_recipe()
     if recipe.hub is None:
         raise InputError(f"{run.manifest}: the run's recipe has no hub: section")
+    if not ignore_gate:
+        check_gate(recipe, output_dir)
     return push_finished(output_dir, HubPublisher(recipe.hub))

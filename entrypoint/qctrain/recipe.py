@@ -183,12 +183,75 @@ class OutputSection(_Strict):
 class HubSection(_Strict):
     repo_id: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
     private: bool = True
-    push: Literal["end", "checkpoints", "never"] = "end"
+    # if_better: as end, once the evaluation says the tuned model is not worse than its base (evaluate.gate)
+    push: Literal["end", "checkpoints", "never", "if_better"] = "end"
     revision: str | None = None  # branch to push to
     push_merged: bool = False
     merged_repo_id: str | None = None
 
     _repo_ids = field_validator("repo_id", "merged_repo_id")(_repo_id)
+
+
+HELDOUT_METRICS = {"loss": False, "mean_token_accuracy": True}  # gateable held-out metrics: higher is better?
+
+
+class GateRule(_Strict):
+    """The tuned model may be worse than its base on `metric` by at most `tolerance` (absolute; negative: it must
+    be better by that much). metric: heldout.loss, heldout.mean_token_accuracy, or TASK.METRIC of an
+    evaluate.tasks entry (lm-eval's metric name, e.g. arc_easy.acc_norm; METRIC,FILTER where a task filters)."""
+
+    metric: str
+    tolerance: float = 0.0
+
+    @field_validator("metric")
+    @classmethod
+    def _task_dot_metric(cls, metric: str) -> str:
+        if not re.fullmatch(r"[^.\s]+(\.[^.\s]+)*\.[^.\s]+", metric):
+            raise ValueError("expected TASK.METRIC (e.g. arc_easy.acc_norm) or heldout.loss / "
+                             "heldout.mean_token_accuracy")
+        return metric
+
+    @property
+    def task(self) -> str:
+        return self.metric.rsplit(".", 1)[0]
+
+    @property
+    def measure(self) -> str:
+        return self.metric.rsplit(".", 1)[1]
+
+
+class TaskFile(_Strict):
+    file: str = Field(min_length=1)  # an lm-eval task YAML; its data_files are relative to its own folder
+
+
+class EvaluateSection(_Strict):
+    """Base against tuned on the same footing (qctrain eval, and at the end of train)."""
+
+    heldout: bool = True  # loss and token accuracy of both on data.eval
+    samples: bool = True  # replies of both to the held-out prompts (the card's samples)
+    max_new_tokens: int = Field(48, gt=0, le=4096)
+    # lm-eval tasks: built-in names (their data from the HF cache, or the Hub when online) or local task files
+    tasks: list[str | TaskFile] = []
+    num_fewshot: int | None = Field(None, ge=0, le=1000)  # null: each task's own default
+    limit: int | float | None = Field(None, gt=0)  # documents per task: a count, or a fraction below 1 (the first ones)
+    batch_size: int = Field(8, gt=0, le=4096)
+    chat_template: bool = False  # render the prompts through the chat template (lm-eval's apply_chat_template)
+    gate: list[GateRule] = []  # every rule must hold for hub.push: if_better to push
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _one_rule_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, limit: int | float | None) -> int | float | None:
+        if limit is not None and limit >= 1 and limit != int(limit):
+            raise ValueError("a number of documents (a whole number), or a fraction below 1")
+        return int(limit) if limit is not None and limit >= 1 else limit
+
+    def task_names(self) -> list[str]:
+        return [task for task in self.tasks if isinstance(task, str)]
 
 
 # SFTConfig fields that other recipe sections decide; naming them under train: is an error.
@@ -256,6 +319,15 @@ class Recipe(_Strict):
     train: dict[str, Any] = {}
     output: OutputSection
     hub: HubSection | None = None
+    evaluate: EvaluateSection | None = None  # null: the final eval loss and the samples, as ever
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_evaluate(self, handler):
+        # Unset, it stays out of dumps, so recipes written before the section keep their hashes.
+        data = handler(self)
+        if self.evaluate is None:
+            data.pop("evaluate", None)
+        return data
 
     @field_validator("train")
     @classmethod
@@ -280,6 +352,8 @@ class Recipe(_Strict):
             self.data.packing = False
         if "dropout" not in self.lora.model_fields_set:
             self.lora.dropout = 0.0  # TRL zeroes every dropout for DPO/KTO unless train.disable_dropout: false
+        if self.evaluate is not None and "heldout" not in self.evaluate.model_fields_set:
+            self.evaluate.heldout = False  # the preference trainer evaluates its held-out rows itself
         return self
 
     @model_serializer(mode="wrap")
@@ -356,6 +430,36 @@ def preference_problems(recipe: "Recipe") -> list[str]:
         if train.get(key):
             problems.append(f"train.{key}: qctrain applies Liger's kernels to SFT runs; method {method} scores the "
                             "completions with TRL's own fused LM head (leave it out)")
+    evaluate = recipe.evaluate
+    if evaluate is not None and evaluate.heldout and "heldout" in evaluate.model_fields_set:
+        problems.append(f"evaluate.heldout: method {method} measures its held-out {HELD_OUT_ROWS[method]} itself "
+                        "(reward accuracy and margins at the first and the last evaluation: the manifest's preference "
+                        "and the card); set evaluate.heldout: false or leave it out")
+    return problems
+
+
+HELD_OUT_ROWS = {"dpo": "pairs", "kto": "completions"}
+
+
+def gate_problems(recipe: "Recipe") -> list[str]:
+    """What makes hub.push: if_better or evaluate.gate impossible to decide, found without reading any file (a
+    local task's name is in its file: preflight checks those)."""
+    evaluate, problems = recipe.evaluate, []
+    if recipe.hub is not None and recipe.hub.push == "if_better" and (evaluate is None or not evaluate.gate):
+        problems.append("hub.push: if_better needs evaluate.gate: the metric(s) the tuned model must not be worse on")
+    for i, rule in enumerate(evaluate.gate if evaluate else []):
+        where = f"evaluate.gate[{i}].metric: {rule.metric}"
+        if rule.task == "heldout":
+            if recipe.method != "sft":
+                problems.append(f"{where}: the held-out loss and accuracy of base and tuned are measured for method "
+                                f"sft; a {recipe.method} run's held-out metrics are in its manifest (preference)")
+            elif rule.measure not in HELDOUT_METRICS:
+                problems.append(f"{where}: the held-out metrics are {', '.join(HELDOUT_METRICS)}")
+            elif not evaluate.heldout or recipe.data.eval is None:
+                problems.append(f"{where}: needs evaluate.heldout: true and a data.eval split")
+        elif rule.task not in evaluate.task_names() and len(evaluate.task_names()) == len(evaluate.tasks):
+            problems.append(f"{where}: {rule.task} is not in evaluate.tasks"
+                            + did_you_mean(rule.task, evaluate.task_names()))
     return problems
 
 
@@ -821,7 +925,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (),
         flagged = {p.split(":")[0] for p in problems}
         problems += [p for p in describe_errors(err) if p.split(":")[0] not in flagged]
     else:
-        problems += output_data_overlap(recipe.data, recipe.output.dir)
+        problems += output_data_overlap(recipe.data, recipe.output.dir) + gate_problems(recipe)
     if problems:
         raise RecipeError(path, [mask(p, env=env) for p in problems])  # a type error quoting a refused value
     return recipe

@@ -46,8 +46,9 @@ class RunDir:
 
     root: Path
     # Written by the outputs writer at the end, beside adapter/, and pushed with it (metrics.jsonl grows during
-    # training).
-    FINAL_FILES: ClassVar[tuple[str, ...]] = ("README.md", "run_manifest.json", "loss.png", "data_report.json")
+    # training); eval_results.json by the evaluation (at the end of training, or `qctrain eval`).
+    FINAL_FILES: ClassVar[tuple[str, ...]] = ("README.md", "run_manifest.json", "loss.png", "data_report.json",
+                                              "eval_results.json")
     PUSHED_FILES: ClassVar[tuple[str, ...]] = (*FINAL_FILES, "metrics.jsonl")
 
     @classmethod
@@ -86,6 +87,10 @@ class RunDir:
     @property
     def data_report(self) -> Path:
         return self.root / "data_report.json"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.root / "eval_results.json"
 
     @property
     def card(self) -> Path:

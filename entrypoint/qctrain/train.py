@@ -4,7 +4,8 @@ Faster than TRL as it comes, with TRL's loss as the reference (tests/test_loss_p
 - the loss: a plain cross entropy over the supervised positions only (transformers' boolean
   `logits_to_keep` keeps the LM head off the others); on CUDA with Liger, its fused linear cross
   entropy; on CUDA without it, TRL's own chunked head. Entropy and token accuracy are computed only
-  for the steps that are logged (never with Liger's fused loss, where they would cost a pass).
+  for the steps that are logged (never in training with Liger's fused loss, where they would cost a pass);
+  evaluation always takes the plain cross entropy, on every device.
 - the batch layout: with sdpa or eager attention, a batch of N packs stays N rows (position ids
   restarting per record, so each row gets a block-diagonal causal mask); one padding-free row only
   with flash-attention kernels, which take variable-length sequences.
@@ -290,10 +291,14 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
         """The same loss as SFTTrainer.compute_loss (the sum of the supervised tokens' negative
         log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass. It keeps
         SFTTrainer's metrics as SFTTrainer does, in its private state (private_api.SFT_TRAINER_METRICS)."""
-        if return_outputs or self.loss_path == "trl" or not self._plain_nll():
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        if self.loss_path == "model":
+        # Evaluation always takes the lean path (whatever training takes): no gradients, token accuracy from the
+        # logits of the supervised positions alone (what evaluate.gate's heldout.mean_token_accuracy reads, never
+        # computed by Liger's fused loss), and the same numbers on every device, for `qctrain eval` too.
+        lean = self.loss_path == "lean" or mode == "eval"
+        if return_outputs or (not lean and self.loss_path == "trl") or not self._plain_nll():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not lean:
             loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
         else:
             logits, targets = supervised_logits(model, inputs)
@@ -523,3 +528,17 @@ def _result(trainer: SFTTrainer, metrics: dict[str, Any], started: float) -> Tra
         metrics.pop("step", None)
     return TrainResult(trainer, metrics, list(trainer.state.log_history), trainer.state.global_step,
                        started, time.time())
+
+
+def eval_trainer(recipe: Recipe, model, tokenizer, eval_dataset, output_dir: Path) -> QcTrainer:
+    """A trainer that only evaluates (`qctrain eval`): `model` already carries its adapter (a PeftModel), the
+    run's eval split, batch settings, collator and loss as in training, no tracker and no callback of ours."""
+    quiet = recipe.model_copy(update={"train": {**recipe.train, "report_to": "none"}})
+    # TRL wants a train_dataset even here: the eval split stands in (prepared already, never trained on)
+    trainer = QcTrainer(model=model, args=sft_config(quiet, output_dir, has_eval=True), train_dataset=eval_dataset,
+                        eval_dataset=eval_dataset, processing_class=tokenizer)
+    trainer.loss_path = "lean"  # what evaluation takes on every device (QcTrainer.compute_loss)
+    if packs_as_rows(recipe):
+        trainer.data_collator = PackedRows(tokenizer.pad_token_id)
+        trainer.padding_free = False
+    return trainer
