@@ -116,3 +116,19 @@ def test_what_preference_tuning_cannot_honour_is_refused_by_name(tmp_path):
     assert problems(tmp_path, data={"sources": [{"path": "d.json", "format": "preference"}]}) == [
         "data.sources[0].format: preference is a preference format; method sft reads alpaca, sharegpt, messages "
         "(or auto); set method: dpo or kto"]
+
+
+def test_a_preference_run_measures_its_held_out_rows_itself(tmp_path):
+    """evaluate.heldout (base against tuned through the SFT loss) is off by default for dpo/kto and refused when
+    set, as is a gate on it: the preference trainer evaluates the held-out pairs (manifest: preference)."""
+    pairs = {"sources": [{"path": "d.json", "format": "preference"}], "eval": {"count": 4}}
+    path = recipe_file(tmp_path, method="dpo", data=pairs, evaluate={"samples": True})
+    assert load_recipe(path, env={}).evaluate.heldout is False
+    sft = recipe_file(tmp_path, data={"sources": [{"path": "d.json"}], "eval": {"count": 4}}, evaluate={})
+    assert load_recipe(sft, env={}).evaluate.heldout is True
+    found = problems(tmp_path, method="dpo", data=pairs, evaluate={"heldout": True})
+    assert any(line.startswith("evaluate.heldout: method dpo measures its held-out pairs itself") for line in found)
+    found = problems(tmp_path, method="kto", data={**pairs, "sources": [{"path": "d.json", "format": "kto"}]},
+                     evaluate={"gate": {"metric": "heldout.loss"}})
+    assert any(line.startswith("evaluate.gate[0].metric: heldout.loss: the held-out loss and accuracy of base and "
+                               "tuned are measured for method sft") for line in found), found

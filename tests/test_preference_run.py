@@ -34,6 +34,11 @@ def write(path: Path, recipe: dict) -> Path:
     return path
 
 
+# The uninterrupted DPO run also evaluates: an lm-eval task and the samples, base (every adapter off) and tuned.
+EVALUATE = {"tasks": [{"file": str(REPO / "tests" / "data" / "eval" / "qc_tiny_mc.yaml")}], "limit": 4,
+            "max_new_tokens": 8, "gate": [{"metric": "qc_tiny_mc.acc", "tolerance": 1.0}]}
+
+
 def quantization() -> dict:
     return {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
 
@@ -48,8 +53,9 @@ def sft_recipe(model: Path, out: Path) -> dict:
             "output": {"dir": str(out)}}
 
 
-def dpo_recipe(model: Path, sft_out: Path | None, out: Path, method: str = "dpo", **train) -> dict:
-    return {"method": method,
+def dpo_recipe(model: Path, sft_out: Path | None, out: Path, method: str = "dpo", evaluate: dict | None = None,
+               **train) -> dict:
+    return {"method": method, **({"evaluate": evaluate} if evaluate else {}),
             "model": {"name": str(model), "quantization": quantization(),
                       **({"adapter": str(sft_out)} if sft_out else {})},
             "data": {"sources": [{"path": str(REPO / "data" / "style_pairs.json")}], "eval": {"count": 8},
@@ -66,7 +72,7 @@ def chain(tmp_path_factory, tiny_model_dir):
     sft_out, dpo_out, resumed_out, kto_out = (root / name for name in ("sft", "dpo", "dpo-resumed", "kto"))
     sft = run_cli("train", str(write(root / "sft.yaml", sft_recipe(tiny_model_dir, sft_out))))
     assert sft.returncode == 0, sft.stderr[-3000:]
-    dpo_yaml = write(root / "dpo.yaml", dpo_recipe(tiny_model_dir, sft_out, dpo_out))
+    dpo_yaml = write(root / "dpo.yaml", dpo_recipe(tiny_model_dir, sft_out, dpo_out, evaluate=EVALUATE))
     reference = start(dpo_yaml)  # the uninterrupted run, beside the interrupted one
     resumed_yaml = write(root / "dpo-resumed.yaml", dpo_recipe(tiny_model_dir, sft_out, resumed_out))
     proc = start(resumed_yaml, hooks={"sleep_per_step": 0.5})
@@ -191,3 +197,19 @@ def test_check_refuses_an_adapter_that_is_missing_or_of_another_base(chain, tmp_
     result = run_cli("check", str(write(tmp_path / "b.yaml", recipe)))
     assert result.returncode == 2
     assert f"model.adapter: {chain.sft_out} was trained on {chain.model}, not model.name {other}" in result.stderr
+
+
+def test_the_dpo_run_evaluates_its_task_and_samples_with_its_parent_loaded(chain):
+    """evaluate: on a dpo run that continues an adapter: the lm-eval task scored for the base (every adapter
+    disabled) and the tuned policy, the samples in the card, the gate decided; its held-out pairs stay the preference
+    trainer's (evaluate.heldout is off for dpo)."""
+    results = json.loads((chain.dpo_out / "eval_results.json").read_text())
+    task = results["tasks"]["qc_tiny_mc"]
+    assert set(task["base"]) >= {"acc"} and set(task["tuned"]) >= {"acc"}
+    assert results.get("heldout") is None and results["gate"]["passed"] is True
+    assert results["samples"] and all(s["base"] is not None and s["tuned"] for s in results["samples"])
+    manifest = json.loads((chain.dpo_out / "run_manifest.json").read_text())
+    assert manifest["evaluation"]["tasks"]["qc_tiny_mc"]["tuned"]["acc"] == task["tuned"]["acc"]
+    card = (chain.dpo_out / "README.md").read_text()
+    assert "qc_tiny_mc" in card and "## Preference tuning" in card
+    assert "eval: qc_tiny_mc" in chain.reference.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from qctrain import model as models
+from qctrain.basemodel import load as models
 from qctrain.data.stage import prepare
 from qctrain.preference import (
     POLICY,

@@ -321,14 +321,6 @@ class Recipe(_Strict):
     hub: HubSection | None = None
     evaluate: EvaluateSection | None = None  # null: the final eval loss and the samples, as ever
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_evaluate(self, handler):
-        # Unset, it stays out of dumps, so recipes written before the section keep their hashes.
-        data = handler(self)
-        if self.evaluate is None:
-            data.pop("evaluate", None)
-        return data
-
     @field_validator("train")
     @classmethod
     def _train_keys(cls, train: dict[str, Any], info) -> dict[str, Any]:
@@ -357,11 +349,14 @@ class Recipe(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_default_method(self, handler):
-        # method: sft stays out of dumps, so SFT recipes written before the field keep their fingerprints.
+    def _omit_defaults_added_later(self, handler):
+        # method: sft and an unset evaluate: stay out of dumps, so recipes written before those fields keep their
+        # hashes and fingerprints (one serializer: pydantic keeps only the last one a class defines).
         data = handler(self)
         if self.method == "sft":
             data.pop("method", None)
+        if self.evaluate is None:
+            data.pop("evaluate", None)
         return data
 
     def sha256(self) -> str:
