@@ -34,6 +34,7 @@ import common  # noqa: E402
 import gpu_qlora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+DEBUG = False
 
 
 def parse_args(argv):
@@ -43,6 +44,7 @@ def parse_args(argv):
     parser.add_argument("--max-seq-length", type=int, default=1024)
     parser.add_argument("--tiny", action="store_true", help="the tiny Phi-3 shapes (a quick check of the script)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (with --tiny: the smoke test)")
+    parser.add_argument("--debug", action="store_true", help="qctrain --debug (tracebacks)")
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
     return parser.parse_args(argv)
 
@@ -135,9 +137,9 @@ def stage(work: Path, name: str, path: Path) -> dict:
     print(f"{name}: check exit {checked.returncode}\n{checked.stdout[-1500:]}{checked.stderr[-1500:]}", flush=True)
     started = time.perf_counter()
     with GpuPeak() as peak:
-        done = qctrain(work, "train", path.name)
+        done = qctrain(work, "train", path.name, *(["--debug"] if DEBUG else []))
     wall = time.perf_counter() - started
-    print(f"{name}: train exit {done.returncode} in {wall:.0f}s\n{done.stdout[-4000:]}{done.stderr[-3000:]}",
+    print(f"{name}: train exit {done.returncode} in {wall:.0f}s\n{done.stdout[-4000:]}{done.stderr[-6000:]}",
           flush=True)
     row = {"stage": name, "exit": done.returncode, "wall s": round(wall), "GPU peak GiB": round(peak.mib / 1024, 1),
            "preflight estimate": estimate_gib(checked.stdout + checked.stderr)}
@@ -166,6 +168,8 @@ def evaluation_cells(manifest: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    global DEBUG
+    DEBUG = args.debug
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch

@@ -5,6 +5,8 @@ LM head, entropy and accuracy every call) on exactly the weights our compute_los
 its own collator's: one padding-free row of the packs. Ours: the packs as rows (sdpa).
 """
 
+import contextlib
+
 import pytest
 import torch
 from conftest import alpaca_records, write_json
@@ -253,6 +255,31 @@ def test_activation_checkpointing_off_on_cpu_unless_named(tmp_path):
     assert train.sft_config(_recipe(gradient_checkpointing=True), tmp_path, False).activation_checkpointing
 
 
+@contextlib.contextmanager
+def liger_slicing():
+    """Phi-3's forward slicing logits_to_keep as Liger's fused-loss forward (lce_forward) does on CUDA:
+    hidden_states[:, keep, :], which a boolean [batch, length] mask cannot index (seen on an H200)."""
+    from transformers.models.phi3 import modeling_phi3
+
+    def positions_only(hidden_states, logits_to_keep):
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+    original = modeling_phi3.slice_logits_to_keep
+    modeling_phi3.slice_logits_to_keep = positions_only
+    try:
+        yield
+    finally:
+        modeling_phi3.slice_logits_to_keep = original
+
+
+def test_liger_slicing_refuses_a_boolean_mask(packed):
+    trainer, examples, tokenizer = packed
+    rows = trainer.data_collator(examples)
+    with torch.no_grad(), liger_slicing(), pytest.raises(IndexError, match="too many indices"):
+        train.supervised_logits(trainer.model, dict(rows))
+
+
 @pytest.mark.parametrize("training_path", ["model", "trl"])
 def test_evaluation_takes_the_lean_path_whatever_training_takes(packed, training_path):
     """With Liger's fused loss (loss path "model", CUDA) or TRL's chunked head (CUDA) an evaluation computes the
@@ -267,7 +294,8 @@ def test_evaluation_takes_the_lean_path_whatever_training_takes(packed, training
         with torch.no_grad():
             lean = trainer.compute_loss(trainer.model, dict(rows))
             trainer.loss_path = training_path
-            other = trainer.compute_loss(trainer.model, dict(rows))
+            with liger_slicing() if training_path == "model" else contextlib.nullcontext():
+                other = trainer.compute_loss(trainer.model, dict(rows))
         assert other.item() == lean.item()
         assert len(metrics["mean_token_accuracy"]) == 2 and len(metrics["entropy"]) == 2
     finally:
