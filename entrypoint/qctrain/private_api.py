@@ -47,6 +47,11 @@ PREFERENCE_PREPARE = Private(
     "overridden: TRL 1.16 tokenizes every data set it is given again and has no switch to skip it (SFTConfig's "
     "skip_prepare_dataset has no DPO/KTO counterpart); the data stage's rows, equal to its processing, pass through")
 
+TRL_FUSED_HEAD = Private(
+    "trl.trainer.utils", ("_use_triton",), "preference.compact_head_on_cpu",
+    "the fused LM head of DPO/KTO scores only the completion positions where this says the device runs Triton; no "
+    "public switch makes it do so on CPU, where it scores every position of the padded batch instead")
+
 PRIVATE = (TRAINER_CHECKPOINTS, SFT_TRAINER_METRICS, CHAT_TEMPLATE, POOL_PIPES, BNB_LIBRARY, TRL_PREPARE,
-           PREFERENCE_PREPARE)
+           PREFERENCE_PREPARE, TRL_FUSED_HEAD)
 NAMES = frozenset(name for entry in PRIVATE for name in entry.names)
