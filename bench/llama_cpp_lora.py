@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(compare("random r16 all-linear", model_dir, random_adapter(model_dir, work / "random"),
                             base_gguf, ids, work, args.llama_python))
         if args.run:
-            rows.append(compare(f"trained: {args.run}", model_dir, args.run / "adapter", base_gguf, ids, work,
+            from qctrain.rundir import RunDir
+
+            rows.append(compare(f"trained: {args.run}", model_dir, RunDir(args.run).adapter, base_gguf, ids, work,
                                 args.llama_python))
     version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()

@@ -39,6 +39,7 @@ def _quiet_libraries(debug: bool) -> None:
     if not sys.stderr.isatty():  # a log file or `kubectl logs`: no "Loading weights" / download bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d/gloo notes under torchrun
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints: qctrain says where the run is
 
 
 def _load(args):
@@ -166,8 +167,9 @@ def _train(args, stop) -> int:
 
 def _train_held(recipe, args, stop) -> int:
     """The stages of `train` in the held output folder: data, model, training, outputs, push."""
-    from qctrain import checkpoint, distributed, train
+    from qctrain import checkpoint, distributed, trackers, train
     from qctrain.basemodel.load import load_tokenizer
+    from qctrain.rundir import RunDir
 
     parent = _parent(recipe)
     identity = parent.identity() if parent else None
@@ -181,6 +183,7 @@ def _train_held(recipe, args, stop) -> int:
     distributed.check_same_run(prepared.fingerprint, plan.step)
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
+    tracker_env = _trackers(recipe)
     trainer = _trainer(recipe, tokenizer, prepared, stop, parent)
     result = train.run(trainer, plan, stop)
     # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
@@ -188,6 +191,8 @@ def _train_held(recipe, args, stop) -> int:
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and pushes
     _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, identity)
+    for line in trackers.offline_runs(RunDir.of(recipe).root) if tracker_env.get("WANDB_MODE") == "offline" else []:
+        print(line)
     return _publish(recipe, stop)
 
 
@@ -215,18 +220,25 @@ def _finished_before(recipe, plan, tokenizer) -> bool:
     return plan.outputs_current(fingerprint)
 
 
+def _trackers(recipe) -> dict[str, str]:
+    """Where the experiment trackers write when the environment does not say (trackers.apply), told once."""
+    from qctrain import distributed, trackers
+    from qctrain.rundir import RunDir
+
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), RunDir.of(recipe).root)
+    if tracker_env and distributed.is_main():
+        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
+    return tracker_env
+
+
 def _trainer(recipe, tokenizer, prepared, stop, parent=None):
-    """Trackers set up, the base loaded (its Linear layers checked against lora.target_modules) and the method's
-    trainer built on it (dpo/kto: continuing `parent`, the adapter model.adapter names), pushing its checkpoints
-    where the recipe says."""
-    from qctrain import distributed, publish, trackers, train
+    """The base loaded (its Linear layers checked against lora.target_modules) and the method's trainer built on it
+    (dpo/kto: continuing `parent`, the adapter model.adapter names), pushing its checkpoints where the recipe says."""
+    from qctrain import distributed, publish, train
     from qctrain.basemodel import files, load
     from qctrain.rundir import RunDir
 
     run = RunDir.of(recipe)
-    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), run.root)
-    if tracker_env and distributed.is_main():
-        print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
     stop.stage = "while loading the model; nothing to save"
     base = load.load_base_model(recipe.model)
     if parent is None:  # a continued adapter keeps the targets it was trained with
