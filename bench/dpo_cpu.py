@@ -49,18 +49,30 @@ SPEED_ARMS = ("trl", "ours", "trl-adapter", "ours-adapter")
 MEMORY_ARMS = ("ours-adapter", "trl", "trl-refcopy")
 
 
-def write_pairs(path: Path, n: int, seed: int = 0, max_words: int = 160) -> Path:
+def write_pairs(path: Path, n: int, model: str, max_length: int, seed: int = 0) -> Path:
     """n pairs of our own text: prompt = an instruction, chosen = its output, rejected = another record's output;
-    short enough that no pair reaches the max length (both arms train on the same whole rows)."""
+    each side with its prompt within max_length tokens in the chat template, so both arms train on the same whole
+    rows (qctrain drops a pair whose reply alone is too long, TRL cuts it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def fits(prompt: str, reply: str) -> bool:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reply}], tokenize=False)
+        return len(tokenizer(text)["input_ids"]) < max_length
+
     records = [r for r in common.alpaca_records(n * 8, seed, duplicate_rate=0.0) if not r.get("history")
-               and not r.get("system") and not r.get("input") and len(r["instruction"].split()) + len(
-                   r["output"].split()) <= max_words // 2][:n]
+               and not r.get("system") and not r.get("input") and fits(r["instruction"], r["output"])]
     rng = random.Random(seed)
     pairs = []
     for i, record in enumerate(records):
         other = records[(i + rng.randint(1, len(records) - 1)) % len(records)]
-        pairs.append({"prompt": record["instruction"], "chosen": record["output"], "rejected": other["output"]})
-    path.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+        if fits(record["instruction"], other["output"]):
+            pairs.append({"prompt": record["instruction"], "chosen": record["output"], "rejected": other["output"]})
+    if len(pairs) < n:
+        raise SystemExit(f"only {len(pairs)} pairs within {max_length} tokens; ask for fewer")
+    path.write_text(json.dumps(pairs[:n], ensure_ascii=False), encoding="utf-8")
     return path
 
 
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_job = {"name": "memory", "steps": 6, "max_length": 256, "batch": 2, "logging_steps": 2}
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-dpo-") as tmp:
         work = Path(tmp)
-        data_file = write_pairs(work / "pairs.json", args.pairs)
+        data_file = write_pairs(work / "pairs.json", args.pairs, model, memory_job["max_length"])
         adapter = write_adapter(model, work / "adapter")
         speed = rounds(arms, args.rounds, lambda arm: run_arm(arm, model, data_file, work, speed_job, adapter, args))
         memory: dict[str, list[dict]] = {}
