@@ -1,7 +1,7 @@
 """`qctrain train` with method dpo against a plain TRL DPOTrainer script (bench/trl_dpo_baseline.py) on the same
 pairs, alternating rounds: real tokens/s, CPU time per step, peak memory (issue 23).
 
-    python bench/dpo_cpu.py                  # speed: 3 rounds x 5 arms x 40 steps; memory: 3 arms on a wider model
+    python bench/dpo_cpu.py                  # speed: 3 rounds x 4 arms x 40 steps; memory: 3 arms on a wider model
 
 The job: the tiny Phi-3 of `make tiny-model` (hidden 64, 2 layers), 4-bit NF4 double-quant base with float32 compute,
 LoRA r8 / alpha 16 / dropout 0 on all linear layers, 256 pairs of our own text (bench/common.py's generator: the
@@ -12,9 +12,8 @@ process, in rotating order:
 
 - trl: the plain TRL script, a new adapter on the bare base (reference: the adapter disabled);
 - ours: `qctrain train RECIPE` (the whole CLI, preflight and the data stage included; the data cache is warm after
-  the first round);
-- ours-compact: ours with TRL's fused LM head scoring only the completion positions on CPU too (what it does on
-  CUDA; a private TRL name, `trl.trainer.utils._use_triton`, set by this script only: qctrain does not use it);
+  the first round; on CPU its trainer has TRL's fused LM head score only the completion positions, as TRL does on
+  CUDA: preference.compact_head_on_cpu, same losses; the plain script scores every position of the padded batch);
 - trl-adapter, ours-adapter: both continuing the same saved adapter (reference: TRL's frozen copy of it).
 
 Memory arms (a tiny Phi-3 of hidden 1024 and 4 layers: 270 MiB of 4-bit base weights that stand out above the
@@ -46,24 +45,34 @@ import common  # noqa: E402
 from train_cpu import CpuSampler, measure  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SPEED_ARMS = ("trl", "ours", "ours-compact", "trl-adapter", "ours-adapter")
+SPEED_ARMS = ("trl", "ours", "trl-adapter", "ours-adapter")
 MEMORY_ARMS = ("ours-adapter", "trl", "trl-refcopy")
-COMPACT = ("import sys, trl.trainer.utils as u; u._use_triton = lambda device: True\n"
-           "from qctrain.cli import main\nsys.exit(main(sys.argv[1:]))")
 
 
-def write_pairs(path: Path, n: int, seed: int = 0, max_words: int = 160) -> Path:
+def write_pairs(path: Path, n: int, model: str, max_length: int, seed: int = 0) -> Path:
     """n pairs of our own text: prompt = an instruction, chosen = its output, rejected = another record's output;
-    short enough that no pair reaches the max length (both arms train on the same whole rows)."""
+    each side with its prompt within max_length tokens in the chat template, so both arms train on the same whole
+    rows (qctrain drops a pair whose reply alone is too long, TRL cuts it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def fits(prompt: str, reply: str) -> bool:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reply}], tokenize=False)
+        return len(tokenizer(text)["input_ids"]) < max_length
+
     records = [r for r in common.alpaca_records(n * 8, seed, duplicate_rate=0.0) if not r.get("history")
-               and not r.get("system") and not r.get("input") and len(r["instruction"].split()) + len(
-                   r["output"].split()) <= max_words // 2][:n]
+               and not r.get("system") and not r.get("input") and fits(r["instruction"], r["output"])]
     rng = random.Random(seed)
     pairs = []
     for i, record in enumerate(records):
         other = records[(i + rng.randint(1, len(records) - 1)) % len(records)]
-        pairs.append({"prompt": record["instruction"], "chosen": record["output"], "rejected": other["output"]})
-    path.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+        if fits(record["instruction"], other["output"]):
+            pairs.append({"prompt": record["instruction"], "chosen": record["output"], "rejected": other["output"]})
+    if len(pairs) < n:
+        raise SystemExit(f"only {len(pairs)} pairs within {max_length} tokens; ask for fewer")
+    path.write_text(json.dumps(pairs[:n], ensure_ascii=False), encoding="utf-8")
     return path
 
 
@@ -100,8 +109,7 @@ def recipe(path: Path, model: str, data_file: Path, out: Path, job: dict, adapte
 def command(arm: str, model: str, data_file: Path, out: Path, recipe_path: Path, job: dict,
             adapter: Path | None) -> list[str]:
     if arm.startswith("ours"):
-        head = [sys.executable, "-c", COMPACT] if arm == "ours-compact" else [sys.executable, "-m", "qctrain"]
-        return [*head, "train", "--restart", str(recipe_path)]
+        return [sys.executable, "-m", "qctrain", "train", "--restart", str(recipe_path)]
     extra = (["--adapter", str(adapter)] if arm == "trl-adapter" else []) + (["--ref-copy"] if arm == "trl-refcopy"
                                                                             else [])
     return [sys.executable, str(HERE / "trl_dpo_baseline.py"), "--model", model, "--data", str(data_file),
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_job = {"name": "memory", "steps": 6, "max_length": 256, "batch": 2, "logging_steps": 2}
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-dpo-") as tmp:
         work = Path(tmp)
-        data_file = write_pairs(work / "pairs.json", args.pairs)
+        data_file = write_pairs(work / "pairs.json", args.pairs, model, memory_job["max_length"])
         adapter = write_adapter(model, work / "adapter")
         speed = rounds(arms, args.rounds, lambda arm: run_arm(arm, model, data_file, work, speed_job, adapter, args))
         memory: dict[str, list[dict]] = {}
@@ -210,12 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def verdicts(speed, memory, arms: list[str], memory_arms: list[str], steps: int) -> list[str]:
     lines = []
-    for ours, theirs in (("ours", "trl"), ("ours-compact", "trl"), ("ours-adapter", "trl-adapter"),
-                         ("ours-compact", "ours")):
+    for ours, theirs in (("ours", "trl"), ("ours-adapter", "trl-adapter")):
         if ours in arms and theirs in arms:
             ratio = speed(ours, "tokens_per_s") / speed(theirs, "tokens_per_s")
             cpu = speed(theirs, "cpu_s_per_step") / speed(ours, "cpu_s_per_step")
-            target = "" if ours == "ours-compact" else f"; target >= 1.0: {'met' if ratio >= 1.0 else 'NOT met'}"
+            target = f"; target >= 1.0: {'met' if ratio >= 1.0 else 'NOT met'}"
             lines.append(f"{ours} / {theirs}: real tokens/s {ratio:.2f}x (by CPU time per step {cpu:.2f}x){target}")
             a, b = speed(ours, "last_loss"), speed(theirs, "last_loss")
             lines.append(f"loss at step {steps}: {ours} {a:.4f}, {theirs} {b:.4f} ({100 * abs(a - b) / b:.2f}% apart)")

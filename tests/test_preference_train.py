@@ -139,3 +139,30 @@ def test_kto_makes_its_kl_completions_per_batch(tiny_model_dir, tmp_path):
     first = rows(trainer, "rewards/chosen")[0]
     assert first["loss"] == pytest.approx(0.5) and first["rewards/chosen"] == 0.0 and first["kl"] == 0.0
     assert rows(trainer, "eval_loss")[-1]["eval_rewards/margins"] > 0
+
+
+def test_the_compact_fused_head_on_cpu_gives_trls_losses(tiny_model_dir, tmp_path):
+    """preference.compact_head_on_cpu, set where the trainer is built on CPU: TRL's fused LM head scoring only the
+    completion positions (its CUDA path) gives on CPU the loss and log-probabilities of its every-position CPU path."""
+    import trl.trainer.utils as trl_utils
+    from qctrain.preference import compact_head_on_cpu
+    from trl.kernels import chunked_logprob
+
+    recipe = recipe_for(tiny_model_dir, tmp_path)
+    tokenizer = models.load_tokenizer(recipe.model)
+    trainer = build_preference_trainer(recipe, models.load_base_model(recipe.model), tokenizer,
+                                       prepared_for(recipe, tokenizer), tmp_path / "ckpt", tmp_path / "out")
+    assert getattr(trl_utils._use_triton, "qctrain_compact_on_cpu", False)  # build_preference_trainer set it
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    outputs = {}
+    for name, decide in (("trl", chunked_logprob._use_triton), ("compact", None)):
+        trl_utils._use_triton = decide or trl_utils._use_triton
+        if decide is None:
+            assert compact_head_on_cpu()
+        trainer._metrics["train"].clear()
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, batch)
+        outputs[name] = (loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()})
+    assert outputs["compact"][0] == pytest.approx(outputs["trl"][0], abs=1e-6)
+    for key in ("logps/chosen", "logps/rejected", "rewards/margins"):
+        assert outputs["compact"][1][key] == pytest.approx(outputs["trl"][1][key], rel=1e-5, abs=1e-5), key

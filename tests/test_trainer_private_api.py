@@ -181,3 +181,16 @@ def test_every_private_name_used_is_listed():
                 for name, line in _private_names_used(tree).items()
                 if name not in ours and name not in private_api.NAMES and name not in DOCUMENTED]
     assert not unlisted, "private library names not in qctrain.private_api: " + "; ".join(unlisted)
+
+
+def test_the_fused_head_asks_use_triton_whether_to_score_only_the_completions():
+    """preference.compact_head_on_cpu: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) reads the module's
+    _use_triton at call time to choose the compact path (only the completion positions) or every position."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    [name] = private_api.TRL_FUSED_HEAD.names
+    assert callable(getattr(trl_utils, name)) and getattr(chunked_logprob, name) is not None
+    source = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert "compact = _use_triton(hidden_states.device)" in source
+    assert "hidden_states[mask] if compact else" in source

@@ -145,6 +145,26 @@ def save_policy_adapter(model, dest: Path, **kwargs) -> None:
     model.save_pretrained(str(dest), selected_adapters=[POLICY] if REFERENCE in adapters else None, **kwargs)
 
 
+def compact_head_on_cpu() -> bool:
+    """TRL's fused LM head scores only the completion positions where its Triton kernels run (CUDA, XPU) and every
+    position of the padded batch elsewhere; on CPU the compact path gives the same log-probabilities (tests/
+    test_preference_train.py) at a fraction of the CPU time (bench/dpo_cpu.py). It is chosen by a private TRL
+    function (private_api.TRL_FUSED_HEAD), here made to say yes for the CPU. False where it was not changed (CUDA,
+    or TRL without it)."""
+    import trl.trainer.utils as trl_utils
+
+    decide = getattr(trl_utils, "_use_triton", None)
+    if torch.cuda.is_available() or not callable(decide):
+        return False
+    if not getattr(decide, "qctrain_compact_on_cpu", False):
+        def compact(device: torch.device, original=decide) -> bool:
+            return device.type == "cpu" or original(device)
+
+        compact.qctrain_compact_on_cpu = True
+        trl_utils._use_triton = compact
+    return True
+
+
 def build_preference_trainer(recipe: Recipe, base, tokenizer, prepared: PreparedData, checkpoints_dir: Path,
                              output_dir: Path, stop: StopOnSignal | None = None, adapter_dir: Path | str | None = None,
                              parent: dict[str, Any] | None = None):
@@ -157,6 +177,7 @@ def build_preference_trainer(recipe: Recipe, base, tokenizer, prepared: Prepared
                                       eval_dataset=prepared.eval, processing_class=tokenizer, peft_config=peft_config)
     if not torch.cuda.is_available():
         keep_adapter_in_compute_dtype(trainer.model, base.dtype)
+        compact_head_on_cpu()
     align_reference(trainer.model)
     return with_run_callbacks(trainer, recipe, prepared, output_dir, stop, parent)
 
