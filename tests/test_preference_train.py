@@ -9,6 +9,7 @@ import torch
 from conftest import REPO
 from qctrain.basemodel import load as models
 from qctrain.data.stage import prepare
+from qctrain.outputs import save_trained_adapter
 from qctrain.preference import (
     POLICY,
     REFERENCE,
@@ -16,7 +17,6 @@ from qctrain.preference import (
     KLRotation,
     build_preference_trainer,
     preference_config,
-    save_policy_adapter,
 )
 from qctrain.recipe import Recipe
 from safetensors.torch import load_file
@@ -106,7 +106,7 @@ def test_continuing_an_sft_adapter_keeps_it_frozen_as_the_reference_on_one_base(
         assert torch.equal(param.detach(), saved[name.replace(f".{REFERENCE}.", ".")].to(param.dtype)), name
     assert any(not torch.equal(param, trainer.model.get_parameter(name.replace(f".{POLICY}.", f".{REFERENCE}.")))
                for name, param in policy.items())
-    save_policy_adapter(trainer.model, tmp_path / "adapter")
+    save_trained_adapter(trainer.model, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
                                                                          "adapter_model.safetensors"]
 

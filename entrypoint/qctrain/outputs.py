@@ -180,11 +180,16 @@ def save_adapter(trainer, tokenizer, chat_template: str, dest: Path, state_dict:
     """The trained adapter and the tokenizer. A dpo/kto run that continued an adapter also holds TRL's frozen copy
     of it (the reference, "ref"): only the trained one ("default") is the run's adapter."""
     if state_dict is None:
-        adapters = list(getattr(trainer.model, "peft_config", {}))
-        trainer.model.save_pretrained(dest, selected_adapters=["default"] if len(adapters) > 1 else None)
+        save_trained_adapter(trainer.model, dest)
     else:  # FSDP: the full state dict every rank gathered (distributed.full_adapter_state)
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(dest, state_dict=state_dict)
     save_tokenizer(tokenizer, chat_template, dest)
+
+
+def save_trained_adapter(model, dest: Path) -> None:
+    """The trained adapter ("default") alone: PEFT would also write TRL's frozen reference copy into dest/ref."""
+    others = [name for name in getattr(model, "peft_config", {}) if name != "default"]
+    model.save_pretrained(dest, **({"selected_adapters": ["default"]} if others else {}))
 
 
 def save_tokenizer(tokenizer, chat_template: str, dest: Path) -> None:

@@ -13,7 +13,7 @@ What TRL 1.16 needs around it (each verified on the tiny model, notes in the tes
   reference differ at step 0 (rewards not 0, held-out accuracy 1.0 before any step): `align_reference`;
 - KTO's KL completions are made per batch by the collator (KLRotation) instead of a dataset map over batches of
   per_device_train_batch_size, so the prepared rows do not depend on the batch size;
-- it saves every adapter; the run's adapter is "default" alone (`save_policy_adapter`).
+- it saves every adapter; the run's adapter is "default" alone (`outputs.save_trained_adapter`).
 """
 
 from pathlib import Path
@@ -137,12 +137,6 @@ def align_reference(model) -> int:
                 reference.data = param.data.detach().clone()
         aligned += 1
     return aligned
-
-
-def save_policy_adapter(model, dest: Path, **kwargs) -> None:
-    """The trained adapter alone ("default"; PEFT would also write TRL's frozen "ref" copy into dest/ref)."""
-    adapters = list(getattr(model, "peft_config", {}))
-    model.save_pretrained(str(dest), selected_adapters=[POLICY] if REFERENCE in adapters else None, **kwargs)
 
 
 def compact_head_on_cpu() -> bool:
