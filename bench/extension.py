@@ -7,7 +7,7 @@ Plain Alpaca records pass through the extension's preamble unchanged, so the sta
 it extends: expected 1.0x. Tool records (tests/data/shapes/openai_tools.jsonl: definitions, calls, results) go
 through the preamble; as it is, Phi-3.5's template drops their tools, calls and results (a lower bound, not a
 usable baseline), so the ratio is the preamble's price for keeping them. Each cell: the best of 3 runs of
-data.tokenize_flat in this process (no workers), in microseconds per record.
+data.tokens.tokenize_flat in this process (no workers), in microseconds per record.
 """
 
 import argparse
@@ -27,11 +27,11 @@ def conversations(kind: str, n: int) -> list[dict]:
     from qctrain import data
 
     if kind == "plain":
-        return [data.to_conversation(data.Record(f"gen[{i}]", r), "alpaca", {})
+        return [data.formats.to_conversation(data.sources.Record(f"gen[{i}]", r), "alpaca", {})
                 for i, r in enumerate(common.alpaca_records(n))]
     lines = TOOL_RECORDS.read_text(encoding="utf-8").splitlines()
-    return [data.to_conversation(data.Record(f"tools[{i}]", json.loads(lines[i % len(lines)])), "messages", {})
-            for i in range(n)]
+    return [data.formats.to_conversation(data.sources.Record(f"tools[{i}]", json.loads(lines[i % len(lines)])),
+                                         "messages", {}) for i in range(n)]
 
 
 def per_record_us(records: list[dict], tokenizer, template: str) -> float:
@@ -40,7 +40,7 @@ def per_record_us(records: list[dict], tokenizer, template: str) -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        data.tokenize_flat(records, tokenizer, template, "assistant", workers=1)
+        data.tokens.tokenize_flat(records, tokenizer, template, "assistant")
         best = min(best, time.perf_counter() - start)
     return best * 1e6 / len(records)
 
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qctrain import data
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.data.template import split_extension
-    from qctrain.model import load_tokenizer
     from qctrain.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(name=str(common.tiny_model(args.model))))
-    extended = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    extended = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     as_it_is = split_extension(extended)[1]
     rows = []
     for kind, n in (("plain", args.plain_records), ("tools", args.tool_records)):

@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+sys.path.insert(0, str(common.ROOT / "tests"))  # data_reference: the in-memory data set
+
 PHI35_MINI = {"hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
               "intermediate_size": 8192, "vocab_size": 32064}
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -91,7 +93,7 @@ def synthetic_records(n: int, max_len: int, vocab: int, seed: int):
     position = np.arange(int(bounds[-1])) - np.repeat(bounds[:-1], lengths)
     supervised = position >= np.repeat((lengths * 0.3).astype(np.int64), lengths)
     labels = np.where(supervised, ids, data.IGNORE).astype(np.int32)
-    return data.Tokenized(ids, labels, bounds)
+    return data.tokens.Tokenized(ids, labels, bounds)
 
 
 def build_random_model(shape: dict, out: Path, dtype, device: str, seed: int) -> Path:
@@ -168,13 +170,10 @@ def liger_status(cpu: bool) -> str | None:
     return None
 
 
-def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer, work: Path) -> dict:
-    import numpy as np
-    import torch
-    from qctrain import data, model, train
+def variant_recipe(name: str, args, model_dir: Path, work: Path):
+    """The recipe a variant trains with: packed or padded rows, Liger on or off, torch.compile or not."""
     from qctrain.recipe import Recipe
 
-    packed = name != "padded"
     batch, accumulation = (1, 4) if name == "packed-bs1" else (args.batch_size, 1)
     train_section = {"max_steps": args.warmup + args.steps, "per_device_train_batch_size": batch,
                      "gradient_accumulation_steps": accumulation, "logging_steps": 1, "save_steps": 10**6,
@@ -188,22 +187,34 @@ def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer
     if "compile" in name:
         train_section["torch_compile"] = True
     compute = "float32" if args.cpu else "bfloat16"
-    recipe = Recipe.model_validate({
+    return Recipe.model_validate({
         "model": {"name": str(model_dir), "attn_implementation": "sdpa",
                   "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": compute}},
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"sources": [{"path": "synthetic"}], "eval": None, "max_seq_length": args.max_seq_length,
-                 "packing": packed},
+                 "packing": name != "padded"},
         "train": train_section,
         "output": {"dir": str(work / name)},
     })
-    dataset = data.to_dataset_flat(tokens, packed, args.max_seq_length, seed=42)
+
+
+def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer, work: Path) -> dict:
+    import numpy as np
+    import torch
+    from data_reference import to_dataset_flat  # tests/: the data set in memory, as the data stage writes it
+    from qctrain import data, train
+    from qctrain.basemodel.load import load_base_model
+
+    recipe = variant_recipe(name, args, model_dir, work)
+    packed, batch = recipe.data.packing, recipe.train["per_device_train_batch_size"]
+    accumulation = recipe.train["gradient_accumulation_steps"]
+    dataset = to_dataset_flat(tokens, packed, args.max_seq_length, seed=42)
     prepared = data.PreparedData(dataset, None, {}, "synthetic", work, cached=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    base = model.load_base_model(recipe.model)
+    base = load_base_model(recipe.model)
     loaded = time.perf_counter() - start
     (work / name).mkdir(parents=True, exist_ok=True)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, work / name)
@@ -234,7 +245,7 @@ def run_variant(name: str, args, shape: dict, model_dir: Path, tokens, tokenizer
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Phi-3 instead of Phi-3.5-mini's shapes")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (with --tiny: the smoke test)")
@@ -249,11 +260,75 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
     args = parser.parse_args(argv)
-
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in KNOWN_VARIANTS]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in KNOWN_VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(KNOWN_VARIANTS)}")
+    return args
+
+
+def skip_reason(name: str, args, started: float) -> str | None:
+    if time.perf_counter() - started > args.budget_s:
+        return f"time budget ({args.budget_s:.0f}s) spent"
+    if "compile" in name and args.cpu:
+        return "torch.compile is only measured on the GPU"
+    return liger_status(args.cpu) if "liger" in name else None
+
+
+def result_row(name: str, result: dict, peak: float | None) -> dict:
+    row = {"variant": name, "status": "ok", "rows x accum": result["rows"],
+           "real tokens/s": result["tokens_per_s"], "tokens/step": result["tokens_per_step"],
+           "step s": result["step_s"], "1st step s": result["first_step_s"],
+           "loss@1": round(result["loss_step1"], 4)}
+    if peak:
+        row["MFU"] = f"{result['tokens_per_s'] * result['flops_per_token'] / (peak * 1e12):.1%}"
+    if "peak_alloc_gib" in result:
+        row["peak alloc/reserved GiB"] = f"{result['peak_alloc_gib']:.1f}/{result['peak_reserved_gib']:.1f}"
+    if "liger" in result:
+        row["status"] = "ok, liger on: " + ", ".join(k for k, v in result["liger"].items() if v) \
+            if any(result["liger"].values()) else "ok, but liger did NOT engage"
+    return row
+
+
+def run_variants(args, shape: dict, model_dir: Path, tokens, tokenizer, work: Path, started: float,
+                 peak: float | None) -> tuple[list[dict], list[dict]]:
+    """Each variant in turn (skipped, failed or measured): the table's rows and the measured results."""
+    rows, results = [], []
+    for name in args.variants:
+        if why := skip_reason(name, args, started):
+            rows.append({"variant": name, "status": f"skipped: {why}"})
+            print(f"{name}: skipped: {why}", flush=True)
+            continue
+        try:
+            result = run_variant(name, args, shape, model_dir, tokens, tokenizer, work)
+        except Exception as err:  # noqa: BLE001 - one variant failing (e.g. compile) must not end the run
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            rows.append({"variant": name, "status": f"failed: {type(err).__name__}: {first}"})
+            print(f"{name}: failed: {type(err).__name__}: {first}", flush=True)
+            continue
+        results.append(result)
+        print(f"{name}: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()})}",
+              flush=True)
+        rows.append(result_row(name, result, peak))
+    return rows, results
+
+
+def comparisons(results: list[dict]) -> list[str]:
+    by_name = {r["variant"]: r for r in results}
+    notes = []
+    if "packed" in by_name and "padded" in by_name:
+        gain = by_name["packed"]["tokens_per_s"] / by_name["padded"]["tokens_per_s"]
+        notes.append(f"packed / padded real tokens/s: {gain:.2f}x")
+    if "packed" in by_name and "packed+liger" in by_name:
+        delta = abs(by_name["packed"]["loss_step1"] - by_name["packed+liger"]["loss_step1"])
+        speed = by_name["packed+liger"]["tokens_per_s"] / by_name["packed"]["tokens_per_s"]
+        notes.append(f"liger vs unfused: loss at step 1 differs by {delta:.2e} (same seed, data, order); "
+                     f"{speed:.2f}x tokens/s")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch
@@ -273,67 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     started = time.perf_counter()
     shape = TINY if args.tiny else PHI35_MINI
-    tokenizer = build_tokenizer()
     tokens = synthetic_records(args.records, args.max_seq_length, shape["vocab_size"], seed=0)
-    rows, notes, results = [], [], []
-    device = "cpu" if args.cpu else "cuda"
     gpu_name = "" if args.cpu else torch.cuda.get_device_name(0)
     peak = None if args.cpu else peak_tflops(gpu_name, args.peak_tflops)
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-gpu-") as tmp:
-        work = Path(tmp)
         t0 = time.perf_counter()
-        model_dir = build_random_model(shape, work / "model", torch.float32 if args.cpu else torch.bfloat16,
-                                       device, seed=0)
-        notes.append(f"random model built and saved in {time.perf_counter() - t0:.0f}s")
-        for name in variants:
-            why = None
-            if "liger" in name:
-                why = liger_status(args.cpu)
-            if "compile" in name and args.cpu:
-                why = "torch.compile is only measured on the GPU"
-            if time.perf_counter() - started > args.budget_s:
-                why = f"time budget ({args.budget_s:.0f}s) spent"
-            if why:
-                rows.append({"variant": name, "status": f"skipped: {why}"})
-                print(f"{name}: skipped: {why}", flush=True)
-                continue
-            try:
-                result = run_variant(name, args, shape, model_dir, tokens, tokenizer, work)
-            except Exception as err:  # noqa: BLE001 - one variant failing (e.g. compile) must not end the run
-                first = str(err).splitlines()[0][:200] if str(err) else ""
-                rows.append({"variant": name, "status": f"failed: {type(err).__name__}: {first}"})
-                print(f"{name}: failed: {type(err).__name__}: {first}", flush=True)
-                continue
-            results.append(result)
-            print(f"{name}: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()})}",
-                  flush=True)
-            row = {"variant": name, "status": "ok", "rows x accum": result["rows"],
-                   "real tokens/s": result["tokens_per_s"], "tokens/step": result["tokens_per_step"],
-                   "step s": result["step_s"], "1st step s": result["first_step_s"],
-                   "loss@1": round(result["loss_step1"], 4)}
-            if peak:
-                row["MFU"] = f"{result['tokens_per_s'] * result['flops_per_token'] / (peak * 1e12):.1%}"
-            if "peak_alloc_gib" in result:
-                row["peak alloc/reserved GiB"] = f"{result['peak_alloc_gib']:.1f}/{result['peak_reserved_gib']:.1f}"
-            if "liger" in result:
-                row["status"] = "ok, liger on: " + ", ".join(k for k, v in result["liger"].items() if v) \
-                    if any(result["liger"].values()) else "ok, but liger did NOT engage"
-            rows.append(row)
-    by_name = {r["variant"]: r for r in results}
-    if "packed" in by_name and "padded" in by_name:
-        gain = by_name["packed"]["tokens_per_s"] / by_name["padded"]["tokens_per_s"]
-        notes.append(f"packed / padded real tokens/s: {gain:.2f}x")
-    if "packed" in by_name and "packed+liger" in by_name:
-        delta = abs(by_name["packed"]["loss_step1"] - by_name["packed+liger"]["loss_step1"])
-        speed = by_name["packed+liger"]["tokens_per_s"] / by_name["packed"]["tokens_per_s"]
-        notes.append(f"liger vs unfused: loss at step 1 differs by {delta:.2e} (same seed, data, order); "
-                     f"{speed:.2f}x tokens/s")
+        model_dir = build_random_model(shape, Path(tmp) / "model", torch.float32 if args.cpu else torch.bfloat16,
+                                       "cpu" if args.cpu else "cuda", seed=0)
+        built = f"random model built and saved in {time.perf_counter() - t0:.0f}s"
+        rows, results = run_variants(args, shape, model_dir, tokens, build_tokenizer(), Path(tmp), started, peak)
     model_desc = "tiny Phi-3" if args.tiny else "Phi-3.5-mini-shaped Phi3ForCausalLM (3.8B, random weights)"
-    notes.insert(0, f"{model_desc}, NF4 + double quant, {'float32' if args.cpu else 'bf16'} compute, sdpa, LoRA "
-                    f"r{args.lora_r} all-linear, max_seq_length {args.max_seq_length}, batch {args.batch_size}, "
-                    f"gradient checkpointing, {args.steps} measured steps after {args.warmup}; device "
-                    f"{gpu_name or 'CPU'}; peak {peak or 'unknown'} TFLOP/s bf16 dense; MFU formula in "
-                    f"bench/gpu_qlora.py; whole run {time.perf_counter() - started:.0f}s")
+    notes = [f"{model_desc}, NF4 + double quant, {'float32' if args.cpu else 'bf16'} compute, sdpa, LoRA "
+             f"r{args.lora_r} all-linear, max_seq_length {args.max_seq_length}, batch {args.batch_size}, "
+             f"gradient checkpointing, {args.steps} measured steps after {args.warmup}; device "
+             f"{gpu_name or 'CPU'}; peak {peak or 'unknown'} TFLOP/s bf16 dense; MFU formula in "
+             f"bench/gpu_qlora.py; whole run {time.perf_counter() - started:.0f}s", built, *comparisons(results)]
     common.record("gpu_qlora" + (" (tiny, CPU)" if args.cpu else ""), rows,
                   "\n".join(f"- {n}" for n in notes), None if args.results is None else Path(args.results))
     return 0

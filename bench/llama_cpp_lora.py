@@ -75,14 +75,14 @@ def random_adapter(model_dir: Path, dest: Path) -> Path:
 
 def compare(name: str, model_dir: Path, adapter_dir: Path, base_gguf: Path, ids: list[int], work: Path,
             llama_python: str) -> dict:
-    from qctrain import gguf_adapter
-    from qctrain.model import BaseReference
+    from qctrain.basemodel.reference import BaseReference
+    from qctrain.finished import gguf_lora
     from transformers import AutoConfig
 
     slug = "".join(c if c.isalnum() else "-" for c in name)
     lora_gguf = work / f"{slug}.gguf"
-    gguf_adapter.write_lora_gguf(adapter_dir, lora_gguf, AutoConfig.from_pretrained(model_dir),
-                                 BaseReference(str(model_dir), None, None))
+    gguf_lora.write_lora_gguf(adapter_dir, lora_gguf, AutoConfig.from_pretrained(model_dir),
+                              BaseReference(str(model_dir), None, None))
     (work / "ids.json").write_text(json.dumps(ids))
     out = work / f"{slug}.npz"
     subprocess.run([llama_python, "-c", LLAMA_SIDE, str(base_gguf), str(lora_gguf), str(work / "ids.json"), str(out)],
@@ -127,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(compare("random r16 all-linear", model_dir, random_adapter(model_dir, work / "random"),
                             base_gguf, ids, work, args.llama_python))
         if args.run:
-            rows.append(compare(f"trained: {args.run}", model_dir, args.run / "adapter", base_gguf, ids, work,
+            from qctrain.rundir import RunDir
+
+            rows.append(compare(f"trained: {args.run}", model_dir, RunDir(args.run).adapter, base_gguf, ids, work,
                                 args.llama_python))
     version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
     worst = max(row.pop("diff") for row in rows)
     notes = (f"llama-cpp-python {version} built from its PyPI sdist (CPU); base converted with that sdist's "
-             f"convert_hf_to_gguf.py (f32), adapter by qctrain.gguf_adapter (f32); PEFT on the float32 "
+             f"convert_hf_to_gguf.py (f32), adapter by qctrain.finished.gguf_lora (f32); PEFT on the float32 "
              f"transformers model; {len(ids)} tokens of a Phi-3.5 chat; worst max |diff| {worst:.2e} "
              f"(target <= 1e-3): {'met' if worst <= 1e-3 else 'MISSED'}.")
     common.record("llama_cpp_lora", rows, notes, Path(args.results) if args.results else None)

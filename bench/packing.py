@@ -20,17 +20,22 @@ import common  # noqa: E402
 
 
 def record_lengths(n: int, max_len: int, model: str) -> np.ndarray:
+    """The token counts of n generated Alpaca records as the data stage keeps them: duplicates removed,
+    tokenized, those over max_len dropped (pack.fit_lengths)."""
     from qctrain import data
-    from qctrain.model import load_tokenizer
+    from qctrain.basemodel.load import load_tokenizer
+    from qctrain.data import formats, pack, sources, stage, tokens
     from qctrain.recipe import ModelSection
 
     tokenizer = load_tokenizer(ModelSection(name=model))
-    conversations = data.dedup([data.to_conversation(data.Record(f"gen[{i}]", r), "alpaca", {})
-                                for i, r in enumerate(common.alpaca_records(n))])[0]
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
-    tokens = data.tokenize_flat(conversations, tokenizer, template, "assistant")
-    tokens, _ = data.fit_length_flat(tokens, max_len, "drop")
-    return tokens
+    conversations = [formats.to_conversation(sources.Record(f"gen[{i}]", r), "alpaca", {})
+                     for i, r in enumerate(common.alpaca_records(n))]
+    digests = np.fromiter(map(formats.conversation_digest, conversations), dtype=np.uint64, count=len(conversations))
+    conversations = [conversations[i] for i in stage.first_indices(digests).tolist()]
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    tok = tokens.tokenize_flat(conversations, tokenizer, template, "assistant")
+    _, lengths, _, _ = pack.fit_lengths(tok.lengths, pack.supervised_within(tok, max_len), max_len, "drop")
+    return lengths
 
 
 def padded(lengths: np.ndarray, batch: int, seed: int, grouped: bool = False) -> tuple[int, int]:
@@ -61,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import datasets
-    from qctrain import data
+    from qctrain.data import pack
 
     datasets.disable_progress_bars()
     model = str(common.tiny_model(args.model))
-    tokens = record_lengths(args.records, args.max_seq_length, model)
-    lengths = tokens.lengths
+    lengths = record_lengths(args.records, args.max_seq_length, model)
     real = int(lengths.sum())
     b, max_len = args.batch_size, args.max_seq_length
     rows = []
@@ -78,19 +82,19 @@ def main(argv: list[str] | None = None) -> int:
                  "token slots computed": slots, "real-token share": real / slots})
     rows.append({"batches": f"padded to max_seq_length ({max_len})", "steps/epoch": math.ceil(len(lengths) / b),
                  "token slots computed": len(lengths) * max_len, "real-token share": real / (len(lengths) * max_len)})
-    packed = data.to_dataset_flat(tokens, True, max_len, args.seed)
-    fill = real / (len(packed) * max_len)
-    rows.append({"batches": "packed (BFD), padding-free: real tokens", "steps/epoch": math.ceil(len(packed) / b),
+    packed = len(pack.pack_rows(lengths, max_len, args.seed)[2]) - 1  # the rows the data stage writes
+    fill = real / (packed * max_len)
+    rows.append({"batches": "packed (BFD), padding-free: real tokens", "steps/epoch": math.ceil(packed / b),
                  "token slots computed": real, "real-token share": 1.0})
-    rows.append({"batches": "packed (BFD): fill of the packs", "steps/epoch": math.ceil(len(packed) / b),
-                 "token slots computed": len(packed) * max_len, "real-token share": fill})
+    rows.append({"batches": "packed (BFD): fill of the packs", "steps/epoch": math.ceil(packed / b),
+                 "token slots computed": packed * max_len, "real-token share": fill})
     for row in rows:
         row["real-token share"] = round(row["real-token share"], 4)
     notes = (f"{len(lengths):,} records after dedup and dropping those over {max_len} tokens "
              f"(generated Alpaca, tiny tokenizer; mean {lengths.mean():.0f}, p50 {int(np.median(lengths))}, "
              f"max {lengths.max()} tokens), {real:,} real tokens, batch {b}. Packing fill {fill:.4f} "
              f"(target >= 0.97): {'met' if fill >= 0.97 else 'MISSED'}; "
-             f"{math.ceil(len(lengths) / b) / math.ceil(len(packed) / b):.1f}x fewer steps per epoch than padded.")
+             f"{math.ceil(len(lengths) / b) / math.ceil(packed / b):.1f}x fewer steps per epoch than padded.")
     common.record("packing", rows, notes, None if args.results is None else Path(args.results))
     return 0
 

@@ -175,7 +175,7 @@ def section(data_file: Path, max_len: int, eval_fraction: float | None = 0.05):
 
 
 def tokenizer_of(model_dir: str):
-    from qctrain.model import load_tokenizer
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.recipe import ModelSection
 
     return load_tokenizer(ModelSection(name=model_dir))
@@ -187,7 +187,7 @@ def child_prepare(args) -> dict:
     tokenizer = tokenizer_of(args.model)
     cfg = section(Path(args.data), args.max_seq_length, None if args.no_eval else 0.05)
     # Libraries loaded before the clock starts, as for TRL's run (a training run has them loaded anyway).
-    data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
+    data.template.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer, cfg.loss_on)
     start, cpu = time.perf_counter(), os.times()
     prepared = data.prepare(cfg, tokenizer, Path(args.out), force=args.child == "first")
     seconds = time.perf_counter() - start
@@ -197,7 +197,7 @@ def child_prepare(args) -> dict:
                                                               "children_system"))
     return {"seconds": seconds, "cpu_s": cpu_s, "records": report["records_read"], "cached": prepared.cached,
             "tokens": report["train"]["tokens"] + report.get("eval", {}).get("tokens", 0),
-            "duplicates": report["duplicates"], "workers": data.prep_workers(1 << 40)}
+            "duplicates": report["duplicates"], "workers": data.workers.prep_workers(1 << 40)}
 
 
 def child_broken(args) -> dict:
@@ -228,12 +228,12 @@ def child_floor(args) -> dict:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = tokenizer_of(args.model)
     cfg = section(Path(args.data), args.max_seq_length)
-    template = data.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer,
-                                      cfg.loss_on)
+    template = data.template.training_template(data.resolve_chat_template(cfg.chat_template, tokenizer), tokenizer,
+                                               cfg.loss_on)
     src = cfg.sources[0]
-    conversations = [data.to_conversation(r, src.format, src.columns)
-                     for r in islice(data.read_source(src), args.floor_records)]
-    messages, *_ = data.template_inputs(conversations)
+    conversations = [data.formats.to_conversation(r, src.format, src.columns)
+                     for r in islice(data.sources.read_source(src), args.floor_records)]
+    messages, *_ = data.template.template_inputs(conversations)
     # The stage renders conversations without tools or traces with the template the extension extends (the same
     # text): so does the floor.
     template = (templates.unextended(template) or (template,))[0]
@@ -248,9 +248,9 @@ def child_floor(args) -> dict:
     start = time.perf_counter()
     backend.encode_batch_fast(texts, add_special_tokens=False)
     fast_s = time.perf_counter() - start
-    data.tokenize_flat(conversations[:100], tokenizer, template, cfg.loss_on, workers=1)  # set up outside the clock
+    data.tokens.tokenize_flat(conversations[:100], tokenizer, template, cfg.loss_on)  # set up outside the clock
     start = time.perf_counter()
-    data.tokenize_flat(conversations, tokenizer, template, cfg.loss_on, workers=1)
+    data.tokens.tokenize_flat(conversations, tokenizer, template, cfg.loss_on)
     ours_s = time.perf_counter() - start
     return {"records": len(texts), "tokens": sum(map(len, encodings)), "render_s": render_s,
             "encode_s": encode_s, "fast_s": fast_s, "tokenize_1proc_s": ours_s}
@@ -266,11 +266,12 @@ def child_trl(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = tokenizer_of(args.model)
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))
     start = time.perf_counter()
-    dataset = Dataset.from_list([{"messages": data.to_conversation(data.Record("r", r), "alpaca", {})["messages"]}
-                                 for r in records])
+    dataset = Dataset.from_list([
+        {"messages": data.formats.to_conversation(data.sources.Record("r", r), "alpaca", {})["messages"]}
+        for r in records])
     config = SFTConfig(output_dir=str(Path(args.out) / "trl"), max_length=args.max_seq_length, packing=True,
                        packing_strategy="bfd", assistant_only_loss=True, dataset_num_proc=args.workers,
                        report_to="none", use_cpu=True)
@@ -284,7 +285,7 @@ def child_trl(args) -> dict:
 
 # --- the parent ---
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000", help="record counts, comma-separated")
     parser.add_argument("--trl-records", type=int, default=20_000, help="records for the TRL comparison (0: skip)")
@@ -299,8 +300,140 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--no-eval", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+class Bench:
+    """The parent's runs, each a child process in `tmp`, and what they found: rows for RESULTS.md, the floors
+    measured around them, each size's result and one-core rate, and the verdicts against the targets."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path):
+        self.args, self.tmp = args, tmp
+        self.base = ["--model", str(common.tiny_model(args.model)), "--max-seq-length", str(args.max_seq_length)]
+        self.sizes = [int(s) for s in args.sizes.split(",") if s]
+        self.first_file = write_records(tmp / f"records-{self.sizes[0]}.json", self.sizes[0])
+        self.rows: list[dict] = []
+        self.verdicts: list[str] = []
+        self.results: dict[int, dict] = {}
+        self.per_cores: dict[int, float] = {}
+        self.floors = [self.floor()]
+
+    def child(self, kind: str, data: Path, out: str, *extra: str, sample: bool = True) -> dict:
+        return run_sampled([*self.base, "--data", str(data), "--out", str(self.tmp / out), "--child", kind, *extra],
+                           sample=sample)
+
+    def floor(self) -> dict:
+        return self.child("floor", self.first_file, "floor", "--floor-records", str(self.args.floor_records))
+
+    def size(self, n: int) -> None:
+        """n records: a timed first run (unwatched), the floor after it, a watched run for memory, a cached rerun."""
+        path = self.first_file if n == self.sizes[0] else write_records(self.tmp / f"records-{n}.json", n)
+        start = time.perf_counter()
+        result = self.child("first", path, f"timed-{n}", sample=False)
+        self.floors.append(self.floor())  # the floor on each side of the run: the machine's speed drifts
+        memory = self.child("first", path, f"out-{n}")
+        cached = self.child("cached", path, f"out-{n}")
+        assert cached["cached"], "the second run did not hit the cache"
+        shutil.rmtree(self.tmp / f"timed-{n}")
+        result.update({k: memory[k] for k in ("peak_pss_mib", "peak_main_pss_mib", "peak_rss_mib")})
+        self.results[n] = result
+        per_core = self.per_cores[n] = statistics.mean(f["records"] / f["encode_s"] for f in self.floors[-2:])
+        rate = result["records"] / result["seconds"]
+        bound = result["workers"] * per_core
+        self.rows.append({"run": f"{n:,} records, first run", "records": result["records"],
+                          "seconds": round(result["seconds"], 1), "records/s": rate,
+                          "floor records/s": f"{bound:,.0f} ({result['workers']} x {per_core:,.0f})",
+                          "vs floor": round(rate / bound, 2),
+                          "records per CPU s vs one core": round(result["records"] / result["cpu_s"] / per_core, 2),
+                          "peak PSS MiB (main+workers)": round(result["peak_pss_mib"]),
+                          "peak PSS MiB (main)": round(result["peak_main_pss_mib"]),
+                          "cached re-run s": round(cached["seconds"], 2)})
+        print(f"{n:,} records: {rate:,.0f} records/s, peak PSS {result['peak_pss_mib']:,.0f} MiB "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
+        if n != self.sizes[0]:
+            path.unlink()
+
+    def trl(self) -> None:
+        """Ours and TRL's preparation of the same records, alternating, medians."""
+        records, rounds = self.args.trl_records, self.args.rounds
+        subset = write_records(self.tmp / "trl.json", records)
+        ours_s, trl_s = [], []
+        workers = self.results[self.sizes[0]]["workers"]
+        for round_ in range(rounds):
+            ours = self.child("first", subset, f"ours-{round_}", "--no-eval")
+            trl = self.child("trl", subset, f"trl-{round_}", "--workers", str(workers))
+            ours_s.append(ours["seconds"])
+            trl_s.append(trl["seconds"])
+        ratio = statistics.median(trl_s) / statistics.median(ours_s)
+        for who, seconds, last in (("qctrain", ours_s, ours), ("TRL SFTTrainer", trl_s, trl)):
+            self.rows.append({"run": f"{records:,} records, {who} (median of {rounds})", "records": records,
+                              "seconds": round(statistics.median(seconds), 2),
+                              "records/s": records / statistics.median(seconds),
+                              "peak PSS MiB (main+workers)": round(last["peak_pss_mib"])})
+        self.verdicts.append(f"vs TRL at {records:,}: {ratio:.2f}x (target >= 3x): "
+                             f"{'met' if ratio >= 3 else '**missed**'}; same tokens: "
+                             f"{'yes' if trl['tokens'] == ours['tokens'] else 'no'} "
+                             f"({ours['tokens']:,} vs {trl['tokens']:,})")
+
+    def broken(self) -> None:
+        """A broken file of --broken-gb: how fast it is refused, in how much memory."""
+        broken = write_broken(self.tmp / "broken.jsonl", self.args.broken_gb)
+        size_gb = broken.stat().st_size / 2**30
+        start = time.perf_counter()
+        refused = self.child("broken", broken, "broken-out")
+        self.rows.append({"run": f"broken {size_gb:.1f} GB JSONL (cut 3rd line), refused",
+                          "seconds": round(refused["seconds"], 1),
+                          "peak PSS MiB (main+workers)": round(refused["peak_pss_mib"]),
+                          "peak RSS MiB": round(refused["peak_rss_mib"])})
+        met = refused["seconds"] < 10 and refused["peak_rss_mib"] <= 1024
+        self.verdicts.append(f"broken {size_gb:.1f} GB file: refused in {refused['seconds']:.1f} s with "
+                             f"{refused['peak_rss_mib']:,.0f} MiB peak RSS (target: seconds, <= 1 GB): "
+                             f"{'met' if met else '**missed**'}; message: {refused['message'][:160]}")
+        print(f"broken file: {time.perf_counter() - start:.1f}s", flush=True)
+        broken.unlink()
+
+    def all_verdicts(self) -> list[str]:
+        """Records/s against the floor for each size (the biggest first), the TRL and broken-file verdicts, and the
+        memory of the biggest size against the target and the smallest."""
+        verdicts = []
+        for n, result in reversed(self.results.items()):
+            rate = result["records"] / result["seconds"]
+            bound = result["workers"] * self.per_cores[n]
+            verdicts.append(f"{n:,} records: {rate:,.0f} records/s = {rate / bound:.2f} x the floor (target >= 0.8): "
+                            f"{'met' if rate >= 0.8 * bound else '**missed**'}")
+        verdicts += self.verdicts
+        if len(self.sizes) > 1:
+            small, big = (self.results[self.sizes[i]]["peak_pss_mib"] for i in (0, -1))
+            verdicts.append(f"{self.sizes[-1]:,} records: peak PSS {big:,.0f} MiB (target <= 2,560 MiB): "
+                            f"{'met' if big <= 2560 else '**missed**'}; {big / small:.2f}x the {self.sizes[0]:,} "
+                            f"figure (target <= 1.2x): {'met' if big <= 1.2 * small else '**missed**'}")
+        return verdicts
+
+    def notes(self) -> str:
+        floors, floor = self.floors, self.floors[0]
+
+        def rate_of(key: str) -> float:
+            return statistics.median(f["records"] / f[key] for f in floors)
+
+        floor_runs = ", ".join(f"{f['records'] / f['encode_s']:,.0f}" for f in floors)
+        return "\n\n".join([
+            "records per CPU s vs one core: records over the CPU seconds of the process and its workers "
+            "together, against the one-core floor: how close the work itself is to the tokenizer alone, "
+            "whatever share of the cores the machine gave it.",
+            f"Real-text Alpaca records (data/alpaca_sample.json sentences, README.zh.md Chinese; "
+            f"{floor['tokens'] / floor['records']:.0f} tokens/record), tiny Phi-3 on Phi-3.5's tokenizer, "
+            f"max_seq_length {self.args.max_seq_length}, eval 5%, packing on. Floor: one core, "
+            f"{floor['records']:,} records, encode_batch alone (what `tokenizer(texts)` runs, offsets included) on "
+            f"the rendered texts, measured before and after each run (the mean of the two); its runs: {floor_runs} "
+            f"records/s (encode_batch_fast, no offsets: {rate_of('fast_s'):,.0f}; jinja render alone "
+            f"{rate_of('render_s'):,.0f}; our whole tokenize on one process {rate_of('tokenize_1proc_s'):,.0f} "
+            "records/s, medians). Peak PSS of the process and its forked workers together, sampled every 0.2 s "
+            "from /proc/PID/smaps_rollup.",
+            "Targets: " + "; ".join(self.all_verdicts()) + "."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.child:
         import datasets
 
@@ -309,120 +442,16 @@ def main(argv: list[str] | None = None) -> int:
                    "broken": child_broken}
         print(json.dumps(handler[args.child](args)))
         return 0
-
-    model = str(common.tiny_model(args.model))
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    rows, notes, verdicts = [], [], []
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-prep-") as tmp:
-        tmp = Path(tmp)
-        base = ["--model", model, "--max-seq-length", str(args.max_seq_length)]
-        first_file = write_records(tmp / f"records-{sizes[0]}.json", sizes[0])
-        def measure_floor() -> dict:
-            return run_sampled([*base, "--data", str(first_file), "--out", str(tmp / "floor"), "--child", "floor",
-                                "--floor-records", str(args.floor_records)])
-
-        floors = [measure_floor()]
-        floor = floors[0]
-        tokens_per_record = floor["tokens"] / floor["records"]
-        results, per_cores = {}, {}
-        for n in sizes:
-            path = first_file if n == sizes[0] else write_records(tmp / f"records-{n}.json", n)
-            start = time.perf_counter()
-            result = run_sampled([*base, "--data", str(path), "--out", str(tmp / f"timed-{n}"), "--child", "first"],
-                                 sample=False)
-            floors.append(measure_floor())  # the floor on each side of the run: the machine's speed drifts
-            memory = run_sampled([*base, "--data", str(path), "--out", str(tmp / f"out-{n}"), "--child", "first"])
-            cached = run_sampled([*base, "--data", str(path), "--out", str(tmp / f"out-{n}"), "--child", "cached"])
-            assert cached["cached"], "the second run did not hit the cache"
-            shutil.rmtree(tmp / f"timed-{n}")
-            result.update({k: memory[k] for k in ("peak_pss_mib", "peak_main_pss_mib", "peak_rss_mib")})
-            results[n] = result
-            per_core = per_cores[n] = statistics.mean(f["records"] / f["encode_s"] for f in floors[-2:])
-            rate = result["records"] / result["seconds"]
-            bound = result["workers"] * per_core
-            rows.append({"run": f"{n:,} records, first run", "records": result["records"],
-                         "seconds": round(result["seconds"], 1), "records/s": rate,
-                         "floor records/s": f"{bound:,.0f} ({result['workers']} x {per_core:,.0f})",
-                         "vs floor": round(rate / bound, 2),
-                         "records per CPU s vs one core": round(result["records"] / result["cpu_s"] / per_core, 2),
-                         "peak PSS MiB (main+workers)": round(result["peak_pss_mib"]),
-                         "peak PSS MiB (main)": round(result["peak_main_pss_mib"]),
-                         "cached re-run s": round(cached["seconds"], 2)})
-            print(f"{n:,} records: {rate:,.0f} records/s, peak PSS {result['peak_pss_mib']:,.0f} MiB "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
-            if n != sizes[0]:
-                path.unlink()
+        bench = Bench(args, Path(tmp))
+        for n in bench.sizes:
+            bench.size(n)
         if args.trl_records:
-            subset = write_records(tmp / "trl.json", args.trl_records)
-            ours_s, trl_s = [], []
-            workers = results[sizes[0]]["workers"]
-            for round_ in range(args.rounds):
-                ours = run_sampled([*base, "--data", str(subset), "--out", str(tmp / f"ours-{round_}"),
-                                    "--child", "first", "--no-eval"])
-                trl = run_sampled([*base, "--data", str(subset), "--out", str(tmp / f"trl-{round_}"),
-                                   "--child", "trl", "--workers", str(workers)])
-                ours_s.append(ours["seconds"])
-                trl_s.append(trl["seconds"])
-            ratio = statistics.median(trl_s) / statistics.median(ours_s)
-            rows.append({"run": f"{args.trl_records:,} records, qctrain (median of {args.rounds})",
-                         "records": args.trl_records, "seconds": round(statistics.median(ours_s), 2),
-                         "records/s": args.trl_records / statistics.median(ours_s),
-                         "peak PSS MiB (main+workers)": round(ours["peak_pss_mib"])})
-            rows.append({"run": f"{args.trl_records:,} records, TRL SFTTrainer (median of {args.rounds})",
-                         "records": args.trl_records, "seconds": round(statistics.median(trl_s), 2),
-                         "records/s": args.trl_records / statistics.median(trl_s),
-                         "peak PSS MiB (main+workers)": round(trl["peak_pss_mib"])})
-            verdicts.append(f"vs TRL at {args.trl_records:,}: {ratio:.2f}x (target >= 3x): "
-                            f"{'met' if ratio >= 3 else '**missed**'}; same tokens: "
-                            f"{'yes' if trl['tokens'] == ours['tokens'] else 'no'} "
-                            f"({ours['tokens']:,} vs {trl['tokens']:,})")
+            bench.trl()
         if args.broken_gb:
-            broken = write_broken(tmp / "broken.jsonl", args.broken_gb)
-            size_gb = broken.stat().st_size / 2**30
-            start = time.perf_counter()
-            refused = run_sampled([*base, "--data", str(broken), "--out", str(tmp / "broken-out"),
-                                   "--child", "broken"])
-            rows.append({"run": f"broken {size_gb:.1f} GB JSONL (cut 3rd line), refused",
-                         "seconds": round(refused["seconds"], 1),
-                         "peak PSS MiB (main+workers)": round(refused["peak_pss_mib"]),
-                         "peak RSS MiB": round(refused["peak_rss_mib"])})
-            verdicts.append(f"broken {size_gb:.1f} GB file: refused in {refused['seconds']:.1f} s with "
-                            f"{refused['peak_rss_mib']:,.0f} MiB peak RSS (target: seconds, <= 1 GB): "
-                            f"{'met' if refused['seconds'] < 10 and refused['peak_rss_mib'] <= 1024 else '**missed**'}"
-                            f"; message: {refused['message'][:160]}")
-            print(f"broken file: {time.perf_counter() - start:.1f}s", flush=True)
-            broken.unlink()
-
-    for n, result in results.items():
-        rate = result["records"] / result["seconds"]
-        bound = result["workers"] * per_cores[n]
-        verdicts.insert(0, f"{n:,} records: {rate:,.0f} records/s = {rate / bound:.2f} x the floor (target >= 0.8): "
-                           f"{'met' if rate >= 0.8 * bound else '**missed**'}")
-    if len(sizes) > 1:
-        small, big = results[sizes[0]]["peak_pss_mib"], results[sizes[-1]]["peak_pss_mib"]
-        verdicts.append(f"{sizes[-1]:,} records: peak PSS {big:,.0f} MiB (target <= 2,560 MiB): "
-                        f"{'met' if big <= 2560 else '**missed**'}; {big / small:.2f}x the {sizes[0]:,} figure "
-                        f"(target <= 1.2x): {'met' if big <= 1.2 * small else '**missed**'}")
-    notes.append("records per CPU s vs one core: records over the CPU seconds of the process and its workers "
-                 "together, against the one-core floor: how close the work itself is to the tokenizer alone, "
-                 "whatever share of the cores the machine gave it.")
-    def rate_of(key: str) -> float:
-        return statistics.median(f["records"] / f[key] for f in floors)
-
-    floor_runs = ", ".join(f"{f['records'] / f['encode_s']:,.0f}" for f in floors)
-    notes.append(f"Real-text Alpaca records (data/alpaca_sample.json sentences, README.zh.md Chinese; "
-                 f"{tokens_per_record:.0f} tokens/record), tiny Phi-3 on Phi-3.5's tokenizer, max_seq_length "
-                 f"{args.max_seq_length}, eval 5%, packing on. Floor: one core, {floor['records']:,} records, "
-                 "encode_batch alone (what `tokenizer(texts)` runs, offsets included) on the rendered texts, "
-                 "measured before and after each run (the mean of the two); its runs: "
-                 f"{floor_runs} records/s "
-                 f"(encode_batch_fast, no offsets: {rate_of('fast_s'):,.0f}; jinja render alone "
-                 f"{rate_of('render_s'):,.0f}; our whole tokenize on one process {rate_of('tokenize_1proc_s'):,.0f} "
-                 "records/s, medians). "
-                 "Peak PSS of the process and its forked workers together, sampled every 0.2 s from "
-                 "/proc/PID/smaps_rollup.")
-    notes.append("Targets: " + "; ".join(verdicts) + ".")
-    common.record("prep", rows, "\n\n".join(notes), None if args.results is None else Path(args.results))
+            bench.broken()
+        notes = bench.notes()
+    common.record("prep", bench.rows, notes, None if args.results is None else Path(args.results))
     return 0
 
 

@@ -194,7 +194,7 @@ def job_data(path: Path, records: int | None, work: Path) -> Path:
     return subset
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
@@ -212,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--results", default=None, help="RESULTS.md to append to ('-': none)")
     args = parser.parse_args(argv)
-
-    model = str(common.tiny_model(args.model))
-    arms = args.arms.split(",")
-    unknown = sorted(set(arms) - set(ARMS))
+    args.arms = args.arms.split(",")
+    unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    return args
+
+
+def run_rounds(args, model: str) -> tuple[dict[str, list[dict]], str]:
+    """Every arm once a round, in an order that rotates each round: the runs of each arm, and the data's name."""
+    arms = args.arms
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="qctrain-bench-train-") as tmp:
         work = Path(tmp)
@@ -230,13 +234,19 @@ def main(argv: list[str] | None = None) -> int:
                 runs[arm].append(result)
                 print(f"round {round_ + 1} {arm}: {json.dumps({k: round(v, 3) for k, v in result.items()})}",
                       flush=True)
+    return runs, source.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs, source = run_rounds(args, str(common.tiny_model(args.model)))
 
     def med(arm: str, key: str) -> float:
         values = [r[key] for r in runs.get(arm, []) if key in r]
         return statistics.median(values) if values else float("nan")
 
     rows = []
-    for arm in arms:
+    for arm in args.arms:
         rates = [r.get("tokens_per_s", float("nan")) for r in runs[arm]]
         rows.append({"arm": arm, "real tokens/s (median)": med(arm, "tokens_per_s"),
                      "real tokens/s (runs)": " ".join(f"{x:,.0f}" for x in rates),
@@ -246,13 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"loss @ step {args.steps}": med(arm, "last_loss")})
     threads = f"{args.threads} torch thread(s) per run" if args.threads else "torch's default threads"
     notes = [f"{args.rounds} rounds, arms in rotating order, {threads}, {args.steps} steps each (rates from the "
-             f"step-{args.warmup} log on), {source.name}"
+             f"step-{args.warmup} log on), {source}"
              + (f" (first {args.records} records)" if args.records else "")
              + f", max_seq_length {args.max_seq_length} (truncate), batch {args.batch_size} x 1, tiny Phi-3 4-bit "
              "NF4 (float32 compute), LoRA r8 all-linear, assistant-only loss, lr 5e-3 linear, sdpa. 'ours' "
              "start-up includes preflight and the data stage (cached after the first round); the TRL script "
              "tokenizes (and packs) in every run."]
-    notes += verdicts(med, arms, args.steps)
+    notes += verdicts(med, args.arms, args.steps)
     common.record("train_cpu", rows, "\n".join(f"- {n}" for n in notes),
                   None if args.results is None else Path(args.results))
     return 0

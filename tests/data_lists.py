@@ -4,22 +4,24 @@ plain lists (the stage itself only works on arrays)."""
 import hashlib
 from typing import Any
 
+import data_reference
 from qctrain import data
 from qctrain.errors import InputError
 
 
 def fit_length(input_ids: list[list[int]], labels: list[list[int]], max_len: int,
                policy: str) -> tuple[list[list[int]], list[list[int]], dict[str, int]]:
-    fitted, counts = data.fit_length_flat(data.Tokenized.from_lists(input_ids, labels), max_len, policy)
+    fitted, counts = data_reference.fit_length_flat(data.tokens.Tokenized.from_lists(input_ids, labels), max_len,
+                                                    policy)
     return *fitted.to_lists(), counts
 
 
 def token_stats(input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, Any]:
-    return data.token_stats_flat(data.Tokenized.from_lists(input_ids, labels))
+    return data_reference.token_stats_flat(data.tokens.Tokenized.from_lists(input_ids, labels))
 
 
 def to_dataset(input_ids: list[list[int]], labels: list[list[int]], packing: bool, max_len: int, seed: int):
-    return data.to_dataset_flat(data.Tokenized.from_lists(input_ids, labels), packing, max_len, seed)
+    return data_reference.to_dataset_flat(data.tokens.Tokenized.from_lists(input_ids, labels), packing, max_len, seed)
 
 
 def load_conversations(sources, on_bad: str, loss_on: str = "assistant") -> tuple[list[dict], dict[str, Any]]:
@@ -30,14 +32,14 @@ def load_conversations(sources, on_bad: str, loss_on: str = "assistant") -> tupl
     for src in sources:
         tally = counts.setdefault(src.path, {"read": 0, "bad": 0, "kept": 0, "by_reason": {}, "examples": [],
                                              "unread_keys": {}})
-        for record in data.read_source(src):
+        for record in data.sources.read_source(src):
             tally["read"] += 1
             try:
-                conversations.append(data.to_conversation(record, src.format, src.columns, frozenset(src.ignore_keys),
-                                                          None if on_bad == "error" else tally["unread_keys"],
-                                                          loss_on))
+                conversations.append(data.formats.to_conversation(
+                    record, src.format, src.columns, frozenset(src.ignore_keys),
+                    None if on_bad == "error" else tally["unread_keys"], loss_on))
                 tally["kept"] += 1
-            except data.BadRecord as err:
+            except data.formats.BadRecord as err:
                 if on_bad == "error":
                     raise InputError(f"{err} (set data.on_bad_record: skip to skip such records)") from None
                 tally["bad"] += 1

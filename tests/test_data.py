@@ -4,6 +4,7 @@ import csv
 import json
 
 import data_lists
+import data_reference
 import numpy as np
 import pytest
 from conftest import alpaca_records, write_json
@@ -112,7 +113,7 @@ def test_skip_policy_counts_bad_records(tmp_path):
 
 def test_dedup_is_exact():
     convs = [[{"role": "user", "content": c}, {"role": "assistant", "content": "A"}] for c in "xyxzx"]
-    unique, ids, removed = data.dedup(convs)
+    unique, ids, removed = data_reference.dedup(convs)
     assert removed == 2 and [c[0]["content"] for c in unique] == ["x", "y", "z"]
     assert len(set(ids)) == 3
 
@@ -123,7 +124,7 @@ def test_split_is_deterministic_and_order_independent():
     digests = np.array([int(cid, 16) for cid in ids], dtype=np.uint64)
 
     def chosen(values, seed, fraction, count) -> set[str]:
-        return {f"{d:016x}" for d in values[data.split_mask(values, seed, fraction, count)].tolist()}
+        return {f"{d:016x}" for d in values[data.stage.split_mask(values, seed, fraction, count)].tolist()}
 
     first = chosen(digests, 42, 0.1, None)
     assert len(first) == 20 and first == data_lists.split_ids(ids, seed=42, fraction=0.1, count=None)
@@ -132,14 +133,14 @@ def test_split_is_deterministic_and_order_independent():
     assert chosen(digests, 7, 0.1, None) == data_lists.split_ids(ids, seed=7, fraction=0.1, count=None)
     assert len(chosen(digests, 42, None, 5)) == 5
     for seed, fraction, count in ((42, 0.1, None), (7, None, 5)):  # the no-copies shortcut picks the same
-        np.testing.assert_array_equal(data.split_mask(digests, seed, fraction, count, unique=True),
-                                      data.split_mask(digests, seed, fraction, count))
+        np.testing.assert_array_equal(data.stage.split_mask(digests, seed, fraction, count, unique=True),
+                                      data.stage.split_mask(digests, seed, fraction, count))
     with pytest.raises(InputError, match="would leave none"):
-        data.split_mask(digests[:3], seed=1, fraction=None, count=3)
+        data.stage.split_mask(digests[:3], seed=1, fraction=None, count=3)
 
 
 def labels_of(tokenizer, messages, loss_on):
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, loss_on)
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, loss_on)
     ids, labels = data.tokenize([messages], tokenizer, template, loss_on)
     return ids[0], labels[0]
 
@@ -161,7 +162,7 @@ def test_assistant_only_masking(tokenizer):
     assert ids[-1] == tokenizer.eos_token_id
     assert {i for i, label in enumerate(labels) if label != data.IGNORE} == expected | {len(ids) - 1}
     assert all(labels[i] == ids[i] for i in expected)
-    marked = data.render_marked(ids, labels, tokenizer)
+    marked = data.pack.render_marked(ids, labels, tokenizer)
     assert marked.startswith("<|system|>Sys<|end|><|user|>Question<|end|><|assistant|>⟦First<|end|>⟧")
 
 
@@ -179,7 +180,7 @@ def test_named_file_and_unknown_templates(tokenizer, tmp_path):
     with pytest.raises(InputError, match=r"unknown template 'phi35' \(did you mean 'phi3_5'\?\)"):
         data.resolve_chat_template("phi35", tokenizer)
     with pytest.raises(InputError, match="no {% generation %} markers"):
-        data.training_template(jinja.read_text(), tokenizer, "assistant")
+        data.template.training_template(jinja.read_text(), tokenizer, "assistant")
 
 
 def test_overlong_records_dropped_or_truncated():

@@ -8,13 +8,15 @@ import json
 from pathlib import Path
 
 import data_lists
+import data_reference
 import pytest
 import torch
 from conftest import run_cli, write_json
-from qctrain import data, export
+from qctrain import data, outputs
 from qctrain.data import template as templates
 from qctrain.data import tokens
 from qctrain.errors import InputError
+from qctrain.finished.generate import generate_replies
 from qctrain.recipe import DataSection
 from test_data_shapes import SHAPES, prepared_records
 from transformers import AutoTokenizer
@@ -25,7 +27,8 @@ def sources(*paths: Path, **settings) -> DataSection:
 
 
 def phi_template(tokenizer, reasoning: str = "inline") -> str:
-    return data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant", reasoning)
+    return data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant",
+                                           reasoning)
 
 
 # --- per-turn training flags ---
@@ -52,11 +55,12 @@ def test_weight_0_turns_stay_in_the_context_unsupervised(tokenizer, tmp_path):
 def test_weights_fast_path_equals_the_reference(tokenizer):
     conversations, _ = data_lists.load_conversations(sources(SHAPES / "training_flags.jsonl").sources, "error")
     for template in (phi_template(tokenizer),
-                     data.training_template(data.resolve_chat_template("qwen3", tokenizer), tokenizer, "assistant")):
-        expected = data.tokenize_reference(conversations, tokenizer, template, "assistant")
+                     data.template.training_template(data.resolve_chat_template("qwen3", tokenizer), tokenizer,
+                                                     "assistant")):
+        expected = data.tokens.tokenize_reference(conversations, tokenizer, template, "assistant")
         assert data.tokenize(conversations, tokenizer, template, "assistant") == expected
-        assert data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=2,
-                                  chunk=2).to_lists() == expected
+        assert data_reference.tokenize_in_workers(conversations, tokenizer, template, "assistant", 2,
+                                                  chunk=2).to_lists() == expected
         # the flags are what leaves those turns out: without them every assistant turn is supervised
         flagless = [{**c, "messages": [{k: v for k, v in m.items() if k != "weight"} for m in c["messages"]]}
                     for c in conversations]
@@ -77,7 +81,7 @@ def test_weights_need_one_generation_block_per_assistant_turn(tokenizer):
     with pytest.raises(InputError, match=r"\{% generation %\} blocks \(4\) do not pair with the 2 assistant turns"):
         data.tokenize([conversation], tokenizer, two_blocks, "assistant")
     with pytest.raises(InputError, match="do not pair"):
-        data.tokenize_reference([conversation], tokenizer, two_blocks, "assistant")
+        data.tokens.tokenize_reference([conversation], tokenizer, two_blocks, "assistant")
 
 
 @pytest.mark.parametrize("turn, reason, message", [
@@ -91,8 +95,8 @@ def test_weights_need_one_generation_block_per_assistant_turn(tokenizer):
 def test_bad_training_flags(turn, reason, message):
     messages = [turn, {"role": "assistant", "content": "ok"}] if turn["role"] == "user" else \
         [{"role": "user", "content": "q"}, turn]
-    with pytest.raises(data.BadRecord) as err:
-        data.to_conversation(data.Record("r.jsonl:1", {"messages": messages}), "auto", {})
+    with pytest.raises(data.formats.BadRecord) as err:
+        data.formats.to_conversation(data.sources.Record("r.jsonl:1", {"messages": messages}), "auto", {})
     assert err.value.reason == reason and str(err.value).startswith(f"r.jsonl:1: {message}")
 
 
@@ -134,7 +138,7 @@ def test_traces_dropped_and_counted(tokenizer, tmp_path):
     assert first_spans == ["No: 91 = 7 x 13.<|end|><|endoftext|>"] and TRACE_91 not in first
     assert as_written_spans == ["<think>\nA greeting is wanted.\n</think>\n\nHi!<|end|><|endoftext|>"]
     assert report["reasoning"] == {"setting": "drop", "rendered_by": "dropped", "traces": 3, "dropped": 3}
-    assert not phi_template(tokenizer, "drop").startswith(data.template_extension(True, True))
+    assert not phi_template(tokenizer, "drop").startswith(data.template.template_extension(True, True))
 
 
 def test_a_template_that_renders_traces_gets_them(tokenizer, tmp_path):
@@ -148,8 +152,8 @@ def test_a_template_that_renders_traces_gets_them(tokenizer, tmp_path):
 def test_a_trace_next_to_a_think_block_is_refused():
     record = {"messages": [{"role": "user", "content": "q"},
                            {"role": "assistant", "reasoning_content": "r", "content": "<think>r</think>a"}]}
-    with pytest.raises(data.BadRecord, match="the trace would be there twice") as err:
-        data.to_conversation(data.Record("r[0]", record), "auto", {})
+    with pytest.raises(data.formats.BadRecord, match="the trace would be there twice") as err:
+        data.formats.to_conversation(data.sources.Record("r[0]", record), "auto", {})
     assert err.value.reason == "misplaced_reasoning"
 
 
@@ -162,7 +166,7 @@ WEATHER = {"name": "get_current_weather", "description": "Get the current weathe
 def test_legacy_functions_map_to_tools_calls_and_results(tokenizer, tmp_path):
     [(text, spans)], _ = prepared_records(tokenizer, tmp_path, SHAPES / "openai_functions.jsonl")
     system = text.split("<|end|>")[0]
-    assert system == "<|system|>" + data.TOOLS_HEADER + json.dumps([{"type": "function", "function": WEATHER}],
+    assert system == "<|system|>" + data.template.TOOLS_HEADER + json.dumps([{"type": "function", "function": WEATHER}],
                                                                    ensure_ascii=False)
     call = '{"tool_calls": [{"name": "get_current_weather", "arguments": {"location": "Oslo"}}]}'
     assert spans == [f"{call}<|end|>", "It is 9 °C in Oslo.<|end|><|endoftext|>"]  # the call is trained on
@@ -172,7 +176,7 @@ def test_legacy_functions_map_to_tools_calls_and_results(tokenizer, tmp_path):
 
 def test_legacy_functions_give_what_the_newer_form_gives(tokenizer):
     [legacy], _ = data_lists.load_conversations(sources(SHAPES / "openai_functions.jsonl").sources, "error")
-    newer = data.to_conversation(data.Record("r[0]", {
+    newer = data.formats.to_conversation(data.sources.Record("r[0]", {
         "messages": [{"role": "user", "content": "What is the weather in Oslo?"},
                      {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
                          "name": "get_current_weather", "arguments": {"location": "Oslo"}}}]},
@@ -235,8 +239,8 @@ def test_every_format_reads_its_documented_keys():
                              {"role": "assistant", "content": "a", "weight": 1, "reasoning_content": "r"}],
                 "tools": [], "functions": [], "only_last": False, "parallel_tool_calls": False}
     for fmt, record in (("alpaca", alpaca), ("sharegpt", sharegpt), ("messages", messages)):
-        assert data.unread_keys(record, fmt) == [], fmt
-        assert data.unread_keys({**record, "extra": 1}, fmt) == ["extra"]
+        assert data.formats.unread_keys(record, fmt) == [], fmt
+        assert data.formats.unread_keys({**record, "extra": 1}, fmt) == ["extra"]
 
 
 # --- the template the adapter carries ---
@@ -246,7 +250,7 @@ def tuned_tokenizer(tiny_model_dir, tmp_path):
     """The tokenizer as a run saves it in adapter/ (export.save_tokenizer with the inference template)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # a copy: saving sets its template
     template = data.extend_template(data.resolve_chat_template("model", tokenizer), "inline")
-    export.save_tokenizer(tokenizer, template, tmp_path / "adapter")
+    outputs.save_tokenizer(tokenizer, template, tmp_path / "adapter")
     return AutoTokenizer.from_pretrained(tmp_path / "adapter")
 
 
@@ -257,7 +261,8 @@ def test_the_adapter_template_gives_the_training_text_token_for_token(tokenizer,
     prepared = data.prepare(cfg, tokenizer, tmp_path / "out")
     conversations, _ = data_lists.load_conversations(cfg.sources, "skip")
     assert len(conversations) == len(prepared.train) == 15
-    assert (tmp_path / "adapter" / "chat_template.jinja").read_text().startswith(data.template_extension(True, True))
+    assert (tmp_path / "adapter" / "chat_template.jinja").read_text().startswith(
+        data.template.template_extension(True, True))
     for conversation, ids in zip(conversations, prepared.train["input_ids"], strict=True):
         messages = [{k: v for k, v in m.items() if k != "weight"} for m in conversation["messages"]]
         got = tuned_tokenizer.apply_chat_template(messages, tools=conversation["tools"] or None, tokenize=True,
@@ -284,9 +289,9 @@ def test_generation_renders_the_tools_through_the_adapter_template(tuned_tokeniz
 
     model = Echo()
     tools = [{"type": "function", "function": WEATHER}]
-    export.generate_replies(model, tuned_tokenizer, [[{"role": "user", "content": "Weather in Oslo?"}]], tools=tools)
+    generate_replies(model, tuned_tokenizer, [[{"role": "user", "content": "Weather in Oslo?"}]], tools=tools)
     prompt = tuned_tokenizer.decode(model.prompt[0])
-    assert prompt == ("<|system|>" + data.TOOLS_HEADER + json.dumps(tools, ensure_ascii=False)
+    assert prompt == ("<|system|>" + data.template.TOOLS_HEADER + json.dumps(tools, ensure_ascii=False)
                       + "<|end|><|user|>Weather in Oslo?<|end|><|assistant|>")
 
 
@@ -308,7 +313,7 @@ def test_conversations_the_extension_leaves_alone_render_as_through_it(tokenizer
         "openai_tools.jsonl", "reasoning.jsonl", "sharegpt_system.json", "alpaca_system_history.json",
         "typed_parts.jsonl")]).sources, "skip")
     template = phi_template(tokenizer)
-    messages, tools, _ = data.template_inputs(conversations)
+    messages, tools, _ = data.template.template_inputs(conversations)
     plain = [templates.passes_through(m, t, True, True) for m, t in zip(messages, tools, strict=True)]
     assert any(plain) and not all(plain)
     special = tokenizer.special_tokens_map
@@ -319,7 +324,7 @@ def test_conversations_the_extension_leaves_alone_render_as_through_it(tokenizer
 def test_new_settings_enter_the_fingerprint(tokenizer):
     base = DataSection.model_validate({"sources": [{"path": str(SHAPES / "reasoning.jsonl")}]})
     template = phi_template(tokenizer)
-    fingerprints = {data.data_fingerprint(cfg, tokenizer, template) for cfg in (
+    fingerprints = {data.stage.data_fingerprint(cfg, tokenizer, template) for cfg in (
         base, base.model_copy(update={"reasoning": "drop"}),
         DataSection.model_validate({"sources": [{"path": str(SHAPES / "reasoning.jsonl"), "ignore_keys": ["x"]}]}))}
     assert len(fingerprints) == 3

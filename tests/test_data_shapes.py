@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import data_lists
+import data_reference
 import pytest
 from conftest import write_json
 from qctrain import data
@@ -24,7 +25,7 @@ def prepared_records(tokenizer, tmp_path, *paths, **settings) -> tuple[list[tupl
     prepared = data.prepare(cfg, tokenizer, tmp_path / "out")
     records = []
     for ids, labels in zip(prepared.train["input_ids"], prepared.train["labels"], strict=True):
-        marked = data.render_marked(ids, labels, tokenizer)
+        marked = data.pack.render_marked(ids, labels, tokenizer)
         records.append((marked.replace("⟦", "").replace("⟧", ""), re.findall(r"⟦(.*?)⟧", marked, flags=re.S)))
     return records, prepared.report
 
@@ -46,8 +47,8 @@ def test_glaive_function_call_observation_and_tools_string(tokenizer, tmp_path):
     (tools_record, spans), (plain, plain_spans) = prepared_records(tokenizer, tmp_path,
                                                                    SHAPES / "glaive_toolcall.json")[0]
     system = tools_record.split("<|end|>")[0]
-    assert system.startswith("<|system|>You are a careful geometry assistant.\n\n" + data.TOOLS_HEADER)
-    tools = json.loads(system.split(data.TOOLS_HEADER)[1])
+    assert system.startswith("<|system|>You are a careful geometry assistant.\n\n" + data.template.TOOLS_HEADER)
+    tools = json.loads(system.split(data.template.TOOLS_HEADER)[1])
     assert [t["function"]["name"] for t in tools] == ["calculate_area"] and tools[0]["type"] == "function"
     assert tools[0]["function"]["parameters"]["required"] == ["shape", "dimensions"]
     call = '{"tool_calls": [{"name": "calculate_area", "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}]}'
@@ -63,7 +64,7 @@ def test_glaive_function_call_observation_and_tools_string(tokenizer, tmp_path):
 def test_openai_tool_calls_string_and_object_arguments(tokenizer, tmp_path):
     (oslo, oslo_spans), (maths, maths_spans) = prepared_records(tokenizer, tmp_path,
                                                                 SHAPES / "openai_tools.jsonl")[0]
-    assert oslo.startswith("<|system|>You check the weather.\n\n" + data.TOOLS_HEADER)
+    assert oslo.startswith("<|system|>You check the weather.\n\n" + data.template.TOOLS_HEADER)
     assert '"name": "get_weather", "description": "Current weather in a city"' in oslo
     assert oslo_spans == ['{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]}'
                           "<|end|>", "Yes: light rain in Oslo, 9 °C.<|end|><|endoftext|>"]
@@ -159,7 +160,7 @@ def test_more_bad_shapes(tmp_path, record, message):
 
 
 def test_tool_results_pair_with_calls_by_id_name_or_order():
-    convs = data.messages_conversation({"messages": [
+    convs = data.formats.messages_conversation({"messages": [
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "", "tool_calls": [
             {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
@@ -178,22 +179,22 @@ def test_native_tool_template_gets_the_canonical_conversation(tokenizer):
     conversations, _ = data_lists.load_conversations(DataSection.model_validate({"sources": [
         {"path": str(SHAPES / name)} for name in ("openai_tools.jsonl", "glaive_toolcall.json",
                                                    "sharegpt_system.json")]}).sources, "error")
-    qwen = data.training_template(data.resolve_chat_template("qwen3", tokenizer), tokenizer, "assistant")
-    phi = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
-    assert data.rendering(data.resolve_chat_template("qwen3", tokenizer), "inline") == data.Rendering("template",
-                                                                                                     "template")
-    assert data.rendering(data.resolve_chat_template("model", tokenizer), "inline") == data.Rendering(
+    qwen = data.template.training_template(data.resolve_chat_template("qwen3", tokenizer), tokenizer, "assistant")
+    phi = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    assert data.template.rendering(data.resolve_chat_template("qwen3", tokenizer), "inline") == \
+        data.template.Rendering("template", "template")
+    assert data.template.rendering(data.resolve_chat_template("model", tokenizer), "inline") == data.template.Rendering(
         "fallback", "think_block")
-    assert not qwen.startswith(data.template_extension(True, True)[:30])  # Qwen3 as it is; Phi-3.5 extended
-    assert phi.startswith(data.template_extension(True, True))
-    assert data.template_renders_tools(qwen) and data.template_renders_tools(phi)
+    assert not qwen.startswith(data.template.template_extension(True, True)[:30])  # Qwen3 as it is; Phi-3.5 extended
+    assert phi.startswith(data.template.template_extension(True, True))
+    assert data.template.template_renders_tools(qwen) and data.template.template_renders_tools(phi)
     for template in (qwen, phi):
-        expected = data.tokenize_reference(conversations, tokenizer, template, "assistant")
+        expected = data.tokens.tokenize_reference(conversations, tokenizer, template, "assistant")
         assert data.tokenize(conversations, tokenizer, template, "assistant") == expected
-        in_workers = data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=2, chunk=2)
+        in_workers = data_reference.tokenize_in_workers(conversations, tokenizer, template, "assistant", 2, chunk=2)
         assert in_workers.to_lists() == expected
     ids, labels = data.tokenize(conversations[:1], tokenizer, qwen, "assistant")
-    marked = data.render_marked(ids[0], labels[0], tokenizer)
+    marked = data.pack.render_marked(ids[0], labels[0], tokenizer)
     assert "<tools>" in marked and '"name": "get_weather", "description": "Current weather in a city"' in marked
     assert '"arguments": {"city": "Oslo", "unit": "celsius"}' in "".join(re.findall(r"⟦(.*?)⟧", marked, re.S))
     assert "light rain, 9 degrees" in re.sub(r"⟦.*?⟧", "", marked, flags=re.S)

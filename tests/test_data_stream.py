@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import data_lists
+import data_reference
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,8 +48,8 @@ def mixed_corpus(folder: Path) -> list[Path]:
 
 def reference(sources, tokenizer, template: str) -> tuple[list[list[int]], list[list[int]], dict]:
     conversations, counts = data_lists.load_conversations(sources, "skip")
-    conversations, _, _ = data.dedup(conversations)
-    return *data.tokenize_reference(conversations, tokenizer, template, "assistant"), counts
+    conversations, _, _ = data_reference.dedup(conversations)
+    return *data.tokens.tokenize_reference(conversations, tokenizer, template, "assistant"), counts
 
 
 @pytest.fixture(params=["model", "qwen3"])  # Phi-3.5's template (tools by the fallback), a template with tools
@@ -57,7 +58,7 @@ def small_chunks(request, monkeypatch):
     written as two shards)."""
     monkeypatch.setattr(stage, "CHUNK_RECORDS", 7)
     monkeypatch.setattr(data.tokens, "CHUNK_RECORDS", 7)
-    monkeypatch.setenv(data.PREP_WORKERS_ENV, "2")
+    monkeypatch.setenv(data.workers.PREP_WORKERS_ENV, "2")
     return request.param
 
 
@@ -67,7 +68,8 @@ def test_streaming_equals_the_reference_record_by_record(tokenizer, tmp_path, sm
                                       "chat_template": small_chunks, "max_seq_length": 4096, "packing": False,
                                       "on_bad_record": "skip"})
     prepared = data.prepare(cfg, tokenizer, tmp_path / "out")
-    template = data.training_template(data.resolve_chat_template(small_chunks, tokenizer), tokenizer, "assistant")
+    template = data.template.training_template(data.resolve_chat_template(small_chunks, tokenizer), tokenizer,
+                                               "assistant")
     ids, labels, counts = reference(cfg.sources, tokenizer, template)
     assert len(ids) > 120 and any("\u4e00" <= ch <= "\u9fff" for ch in tokenizer.decode(ids[-1]))
     assert prepared.train["input_ids"] == ids
@@ -95,17 +97,19 @@ def test_streaming_packs_split_and_truncates_as_the_list_path(tokenizer, tmp_pat
                                       "chat_template": small_chunks, "max_seq_length": 64, "packing": True,
                                       "on_overlong": "truncate", "on_bad_record": "skip", "seed": 7})
     prepared = data.prepare(cfg, tokenizer, tmp_path / "out")
-    template = data.training_template(data.resolve_chat_template(small_chunks, tokenizer), tokenizer, "assistant")
+    template = data.template.training_template(data.resolve_chat_template(small_chunks, tokenizer), tokenizer,
+                                               "assistant")
     conversations, _ = data_lists.load_conversations(cfg.sources, "skip")
-    conversations, ids, _ = data.dedup(conversations)
+    conversations, ids, _ = data_reference.dedup(conversations)
     eval_ids = data_lists.split_ids(ids, 7, 0.2, None)
     split = json.loads((prepared.dir / "split.json").read_text())
     assert split["eval_ids"] == [cid for cid in ids if cid in eval_ids]
     for name, wanted in (("train", False), ("eval", True)):
         part = [c for c, cid in zip(conversations, ids, strict=True) if (cid in eval_ids) == wanted]
-        tokens = data.Tokenized.from_lists(*data.tokenize_reference(part, tokenizer, template, "assistant"))
-        fitted, fit_counts = data.fit_length_flat(tokens, 64, "truncate")
-        expected = data.to_dataset_flat(fitted, True, 64, 7)
+        tokens = data.tokens.Tokenized.from_lists(*data.tokens.tokenize_reference(part, tokenizer, template,
+                                                                                   "assistant"))
+        fitted, fit_counts = data_reference.fit_length_flat(tokens, 64, "truncate")
+        expected = data_reference.to_dataset_flat(fitted, True, 64, 7)
         got = getattr(prepared, name)
         assert len(list(prepared.dir.glob(f"{name}-*-of-00002.arrow"))) == 2
         assert got.column_names == expected.column_names == ["input_ids", "labels", "seq_lengths"]
@@ -115,9 +119,9 @@ def test_streaming_packs_split_and_truncates_as_the_list_path(tokenizer, tmp_pat
         assert prepared.report[name]["overlong_truncated"] == fit_counts["overlong_truncated"] > 0
         assert {k: v for k, v in prepared.report[name].items() if k not in ("sequences", "packing_efficiency",
                                                                             "conversations")} \
-            == {**fit_counts, **data.token_stats_flat(fitted)}
+            == {**fit_counts, **data_reference.token_stats_flat(fitted)}
     first_eval = next(c for c, cid in zip(conversations, ids, strict=True) if cid in eval_ids)
-    [messages], [tools], _ = data.template_inputs([first_eval])
+    [messages], [tools], _ = data.template.template_inputs([first_eval])
     assert tools, "the first held-out record calls tools: its prompt carries them"
     assert prepared.report["heldout_prompts"][0] == {"messages": messages[:-1], "tools": tools}
     cached = data.prepare(cfg, tokenizer, tmp_path / "out")
@@ -126,7 +130,7 @@ def test_streaming_packs_split_and_truncates_as_the_list_path(tokenizer, tmp_pat
 
 def test_first_bad_record_in_read_order_stops_the_workers(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "CHUNK_RECORDS", 5)
-    monkeypatch.setenv(data.PREP_WORKERS_ENV, "2")
+    monkeypatch.setenv(data.workers.PREP_WORKERS_ENV, "2")
     records = alpaca_records(40)
     records[23] = {"instruction": "no output"}
     records[31] = {"output": "no instruction"}
@@ -152,7 +156,7 @@ def test_json_array_errors_name_the_place_json_names(tmp_path, text):
     with pytest.raises(json.JSONDecodeError) as expected:
         json.loads(text)
     with pytest.raises(InputError) as err:
-        list(data.read_file(path))
+        list(data.sources.read_file(path))
     place = expected.value
     assert str(err.value) == f"{path}:{place.lineno}:{place.colno}: invalid JSON: {place.msg}"
 
@@ -166,7 +170,7 @@ def test_json_that_is_not_an_array(tmp_path, text, message):
     path = tmp_path / "d.json"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(InputError, match=re.escape(f"{path}: {message}")):
-        list(data.read_file(path))
+        list(data.sources.read_file(path))
 
 
 def test_json_array_read_across_block_edges(tmp_path, monkeypatch):
@@ -176,9 +180,9 @@ def test_json_array_read_across_block_edges(tmp_path, monkeypatch):
                for i in range(60)]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    assert [r.fields for r in data.read_file(path)] == records
+    assert [r.fields for r in data.sources.read_file(path)] == records
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
-    assert [r.fields for r in data.read_file(path)] == records
+    assert [r.fields for r in data.sources.read_file(path)] == records
 
 
 def test_broken_big_file_refused_at_once_in_bounded_memory(tmp_path):
@@ -193,7 +197,7 @@ def test_broken_big_file_refused_at_once_in_bounded_memory(tmp_path):
         handle.write(b"]")
     # VmHWM, not ru_maxrss: the latter keeps the peak of the forked pytest process across exec
     code = ("import re, sys; from pathlib import Path; from qctrain import data\n"
-            "try:\n    list(data.read_file(Path(sys.argv[1])))\nexcept Exception as err:\n    print(err)\n"
+            "try:\n    list(data.sources.read_file(Path(sys.argv[1])))\nexcept Exception as err:\n    print(err)\n"
             "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     message, peak_mib = out.stdout.splitlines()
@@ -216,7 +220,7 @@ def test_hub_rows_come_a_batch_at_a_time_as_they_are(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     src = DataSection.model_validate({"sources": [{"path": "hub:acme/chats", "split": "train"}]}).sources[0]
-    records = list(data.read_source(src))
+    records = list(data.sources.read_source(src))
     assert calls == [("acme/chats", "train", None)]
     assert [r.fields for r in records] == rows
     assert records[2499].where == "hub:acme/chats[2499]"
@@ -224,24 +228,22 @@ def test_hub_rows_come_a_batch_at_a_time_as_they_are(monkeypatch):
 
 def test_worker_pipes_are_widened():
     import fcntl
-    import multiprocessing
 
     if not hasattr(fcntl, "F_GETPIPE_SZ"):
         pytest.skip("no pipe sizes on this platform")
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        stage._widen_pipes(pool)
+    with data.workers.pool(1) as pool:  # every pool the data stage forks
         for queue in (pool._inqueue, pool._outqueue):
-            assert fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ) == stage.PIPE_BYTES
+            assert fcntl.fcntl(queue._writer.fileno(), fcntl.F_GETPIPE_SZ) == data.workers.PIPE_BYTES
 
 
 def test_token_store_gives_back_ids_and_labels(tmp_path):
     store = stage.TokenStore(tmp_path / "tokens")
     ids = np.array([5, 0, 32063, 7, 1, 2**31 - 1], dtype=np.int32)
     labels = np.array([data.IGNORE, 0, 32063, data.IGNORE, 1, 2**31 - 1], dtype=np.int32)
-    first = store.append(data.Tokenized(ids[:3], labels[:3], np.array([0, 3])))
-    second = store.append(data.Tokenized(ids[3:], labels[3:], np.array([0, 3])))
+    first = store.append(data.tokens.Tokenized(ids[:3], labels[:3], np.array([0, 3])))
+    second = store.append(data.tokens.Tokenized(ids[3:], labels[3:], np.array([0, 3])))
     with pytest.raises(ValueError, match="neither"):
-        store.append(data.Tokenized(ids[:2], np.array([5, 9], dtype=np.int32), np.array([0, 2])))
+        store.append(data.tokens.Tokenized(ids[:2], np.array([5, 9], dtype=np.int32), np.array([0, 2])))
     store.close()
     got_ids, got_labels = store.gather(np.array([second, first]), np.array([3, 2]))
     assert got_ids.tolist() == [7, 1, 2**31 - 1, 5, 0]

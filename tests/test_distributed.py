@@ -213,10 +213,11 @@ def test_one_set_of_outputs(runs):
 
 
 def test_the_adapter_loads_and_generates(runs):
-    from qctrain import export, model
+    from qctrain.finished.generate import generate_replies
+    from qctrain.finished.load import FinishedRun
 
-    adapter_model, tokenizer = model.load_adapter_model(runs.out)
-    [reply] = export.generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": "Hello"}]],
+    adapter_model, tokenizer = FinishedRun.open(runs.out).load()
+    [reply] = generate_replies(adapter_model, tokenizer, [[{"role": "user", "content": "Hello"}]],
                                       max_new_tokens=4)
     assert isinstance(reply, str)
 

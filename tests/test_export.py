@@ -8,9 +8,12 @@ import stat
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from qctrain import atomic, export, model
+from qctrain import atomic, card, outputs
+from qctrain.basemodel import reference
+from qctrain.basemodel.reference import BaseReference, base_license
 from qctrain.errors import InputError
-from qctrain.model import BaseReference
+from qctrain.finished import merge
+from qctrain.finished.load import FinishedRun
 from qctrain.recipe import ModelSection, Recipe
 from safetensors.torch import save_file
 
@@ -42,7 +45,7 @@ def test_crash_between_renames_is_repaired(tmp_path):
 
 def test_loss_plot_from_log_history(tmp_path):
     rows = [{"step": s, "loss": 3.0 - s / 10} for s in range(1, 6)] + [{"step": 5, "eval_loss": 2.7}]
-    export.plot_loss(rows, tmp_path / "loss.png")
+    outputs.plot_loss(rows, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,15 +65,15 @@ def recipe_for(tmp_path, name: str, **model_fields) -> Recipe:
 def test_local_base_is_named_by_absolute_path(tmp_path, monkeypatch):
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    ref = model.base_reference(ModelSection(name="models/tiny"))
+    ref = reference.base_reference(ModelSection(name="models/tiny"))
     assert ref == BaseReference(str(tmp_path / "models" / "tiny"), None, None) and ref.local
-    ref = model.base_reference(ModelSection(name="./models/tiny", hub_id="acme/tiny"))
+    ref = reference.base_reference(ModelSection(name="./models/tiny", hub_id="acme/tiny"))
     assert ref.source == str(tmp_path / "models" / "tiny") and ref.hub_id == "acme/tiny"
 
 
 def test_hub_base_keeps_its_id_and_revision(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ref = model.base_reference(ModelSection(name="microsoft/Phi-3.5-mini-instruct", revision="v2"))
+    ref = reference.base_reference(ModelSection(name="microsoft/Phi-3.5-mini-instruct", revision="v2"))
     assert ref == BaseReference("microsoft/Phi-3.5-mini-instruct", "v2", "microsoft/Phi-3.5-mini-instruct")
     assert not ref.local
 
@@ -78,17 +81,17 @@ def test_hub_base_keeps_its_id_and_revision(tmp_path, monkeypatch):
 def test_hub_id_from_the_local_copys_own_metadata(tmp_path):
     snapshot = tmp_path / "hub" / "models--microsoft--Phi-3.5-mini-instruct" / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
-    assert model.hub_id_of_folder(snapshot) == "microsoft/Phi-3.5-mini-instruct"
+    assert reference.hub_id_of_folder(snapshot) == "microsoft/Phi-3.5-mini-instruct"
     saved = tmp_path / "saved"
     saved.mkdir()
     (saved / "config.json").write_text(json.dumps({"_name_or_path": "acme/base-7b"}))
-    assert model.hub_id_of_folder(saved) == "acme/base-7b"
+    assert reference.hub_id_of_folder(saved) == "acme/base-7b"
     (saved / "config.json").write_text(json.dumps({"_name_or_path": "Phi-3.5-mini-instruct"}))  # no owner
-    assert model.hub_id_of_folder(saved) is None
+    assert reference.hub_id_of_folder(saved) is None
     (saved / "config.json").write_text(json.dumps({"_name_or_path": "saved/x"}))  # a path beside it, not an id
     (tmp_path / "saved" / "x").mkdir()
-    assert model.hub_id_of_folder(saved) is None
-    assert model.base_reference(ModelSection(name=str(snapshot))).hub_id == "microsoft/Phi-3.5-mini-instruct"
+    assert reference.hub_id_of_folder(saved) is None
+    assert reference.base_reference(ModelSection(name=str(snapshot))).hub_id == "microsoft/Phi-3.5-mini-instruct"
 
 
 def finished_run(tmp_path, recipe_model: dict, adapter_base: str, base_model: dict | None = None):
@@ -105,22 +108,22 @@ def test_a_run_finds_its_base_from_any_folder(tmp_path, monkeypatch):
     base.mkdir(parents=True)
     out = finished_run(tmp_path, {"name": "models/tiny"}, str(base), {"hub_id": "acme/tiny"})
     monkeypatch.chdir(tmp_path / "run")  # not where it trained
-    cfg = model.run_model_section(out)
+    cfg = FinishedRun.open(out).base
     assert cfg.name == str(base) and cfg.hub_id == "acme/tiny"
     base.rename(tmp_path / "moved")
-    assert model.run_model_section(out).name == "acme/tiny"  # gone here: its Hub original
+    assert FinishedRun.open(out).base.name == "acme/tiny"  # gone here: its Hub original
     out = finished_run(tmp_path / "b", {"name": "models/tiny"}, str(base))
     with pytest.raises(InputError, match=f"its base model {base} is not there"):
-        model.run_model_section(out)
+        FinishedRun.open(out)
     out = finished_run(tmp_path / "c", {"name": "org/model", "revision": "v1"}, "org/model")
-    assert (model.run_model_section(out).name, model.run_model_section(out).revision) == ("org/model", "v1")
+    assert (FinishedRun.open(out).base.name, FinishedRun.open(out).base.revision) == ("org/model", "v1")
 
 
 def test_adapter_config_points_at_the_resolvable_base(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/tiny", "r": 8}))
-    export.point_adapter_at_base(adapter, BaseReference("org/model", "abc123", "org/model"))
+    outputs.point_adapter_at_base(adapter, BaseReference("org/model", "abc123", "org/model"))
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config == {"base_model_name_or_path": "org/model", "r": 8, "revision": "abc123"}
 
@@ -133,7 +136,7 @@ def test_outputs_are_readable_by_other_users(tmp_path):
         (tmp_path / "run" / "README.md").write_text("card")
     finally:
         os.umask(old)
-    export.make_shareable(tmp_path / "run")
+    atomic.make_shareable(tmp_path / "run")
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in [tmp_path / "run", *(tmp_path / "run").rglob("*")]}
     assert modes == {"run": 0o755, "run/adapter": 0o755, "run/adapter/adapter_model.safetensors": 0o644,
@@ -146,10 +149,10 @@ def card_of(text: str):
 
 def test_card_metadata_for_a_hub_base(tmp_path):
     recipe = recipe_for(tmp_path, "microsoft/Phi-3.5-mini-instruct")
-    ref = model.base_reference(recipe.model)
-    license_info = export.base_license(ref)  # offline, not cached: the known license of the default base
+    ref = reference.base_reference(recipe.model)
+    license_info = base_license(ref)  # offline, not cached: the known license of the default base
     assert license_info["license"] == "mit" and license_info["license_link"].endswith("/LICENSE")
-    text = export.model_card(recipe, {}, {"eval_loss": 1.23456, "train_loss": 1.5}, [], ref, license_info)
+    text = card.model_card(recipe, {}, {"eval_loss": 1.23456, "train_loss": 1.5}, [], ref, license_info)
     data = card_of(text)
     assert data.base_model == "microsoft/Phi-3.5-mini-instruct" and data.base_model_relation == "adapter"
     assert data.license == "mit" and data.library_name == "peft"
@@ -165,27 +168,27 @@ def test_card_of_a_local_base_has_no_path_for_base_model(tmp_path):
     base.mkdir(parents=True)
     (base / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n")
     recipe = recipe_for(tmp_path, str(base))
-    ref = model.base_reference(recipe.model)
-    text = export.model_card(recipe, {}, {}, [], ref, export.base_license(ref))
+    ref = reference.base_reference(recipe.model)
+    text = card.model_card(recipe, {}, {}, [], ref, base_license(ref))
     data = card_of(text)
     assert data.base_model is None and getattr(data, "base_model_relation", None) is None and data.eval_results is None
     assert (data.license, data.license_name, data.license_link) == ("other", "tiny-license", "LICENSE")
     assert str(base) not in text.split("---")[1]
-    copy = model.base_reference(recipe_for(tmp_path, str(base), hub_id="acme/tiny").model)
-    assert card_of(export.model_card(recipe, {}, {}, [], copy, {})).base_model == "acme/tiny"
+    copy = reference.base_reference(recipe_for(tmp_path, str(base), hub_id="acme/tiny").model)
+    assert card_of(card.model_card(recipe, {}, {}, [], copy, {})).base_model == "acme/tiny"
 
 
 def test_license_from_the_base_config_or_unknown(tmp_path):
     base = tmp_path / "m"
     base.mkdir()
-    assert export.base_license(BaseReference(str(base), None, None)) == {}
+    assert base_license(BaseReference(str(base), None, None)) == {}
     (base / "config.json").write_text(json.dumps({"license": "apache-2.0"}))
-    assert export.base_license(BaseReference(str(base), None, None)) == {"license": "apache-2.0"}
+    assert base_license(BaseReference(str(base), None, None)) == {"license": "apache-2.0"}
 
 
 def test_samples_side_by_side():
-    text = export.samples_markdown([export.Sample("Who are you?", "Th foll | x\nline", "I am Quill."),
-                                    export.Sample("Hi", None, "")])
+    text = card.samples_markdown([card.Sample("Who are you?", "Th foll | x\nline", "I am Quill."),
+                                  card.Sample("Hi", None, "")])
     assert "| base model (adapter off) | with this adapter |" in text
     assert "| Th foll \\| x<br>line | I am Quill. |" in text
     assert "| _not generated_ | _(empty reply)_ |" in text
@@ -212,9 +215,9 @@ def test_a_merge_replaces_only_a_folder_it_may(tmp_path):
     foreign.mkdir()
     (foreign / "keep.safetensors").write_bytes(b"someone else's model")
     with pytest.raises(InputError, match="holds files qctrain did not write"):
-        export.check_merge_dest(run, foreign)
-    (foreign / export.MERGED_MARKER).write_text("qc-train-phi\n")  # an earlier merge's folder
+        merge.check_merge_dest(run, foreign)
+    (foreign / merge.MERGED_MARKER).write_text("qc-train-phi\n")  # an earlier merge's folder
     for dest in (foreign, tmp_path / "new", run / "merged"):
-        export.check_merge_dest(run, dest)
+        merge.check_merge_dest(run, dest)
     (tmp_path / "empty").mkdir()
-    export.check_merge_dest(run, tmp_path / "empty")
+    merge.check_merge_dest(run, tmp_path / "empty")

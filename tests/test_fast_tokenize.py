@@ -5,6 +5,7 @@ return_assistant_tokens_mask=True), and the flat fit/stats/dataset helpers match
 import random
 
 import data_lists
+import data_reference
 import numpy as np
 import pytest
 from qctrain import data
@@ -48,14 +49,14 @@ def random_conversations(n: int, seed: int = 0) -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def template(tokenizer):
-    return data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    return data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
 
 
 @pytest.mark.parametrize("loss_on", ["assistant", "all"])
 def test_fast_path_matches_apply_chat_template(tokenizer, loss_on):
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, loss_on)
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, loss_on)
     conversations = CONVERSATIONS + random_conversations(200)
-    expected = data.tokenize_reference(conversations, tokenizer, template, loss_on)
+    expected = data.tokens.tokenize_reference(conversations, tokenizer, template, loss_on)
     assert data.tokenize(conversations, tokenizer, template, loss_on) == expected
     # also the raw library call, record by record (no batching in between)
     first = len(CONVERSATIONS)
@@ -71,11 +72,11 @@ def test_fast_path_matches_apply_chat_template(tokenizer, loss_on):
 
 def test_worker_processes_give_the_same_result(tokenizer, template):
     conversations = random_conversations(300, seed=1)
-    one = data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=1, chunk=64)
-    two = data.tokenize_flat(conversations, tokenizer, template, "assistant", workers=2, chunk=64)
+    one = data.tokens.tokenize_flat(conversations, tokenizer, template, "assistant", chunk=64)
+    two = data_reference.tokenize_in_workers(conversations, tokenizer, template, "assistant", 2, chunk=64)
     for a, b in ((one.ids, two.ids), (one.labels, two.labels), (one.bounds, two.bounds)):
         np.testing.assert_array_equal(a, b)
-    assert one.to_lists() == data.tokenize_reference(conversations, tokenizer, template, "assistant")
+    assert one.to_lists() == data.tokens.tokenize_reference(conversations, tokenizer, template, "assistant")
 
 
 def test_mask_vectorised_equals_loop_on_adversarial_offsets():
@@ -129,7 +130,7 @@ def test_mask_at_span_bounds_equals_loop_on_real_encodings(tokenizer):
 def test_python_tokenizer_falls_back_to_the_library(tokenizer, template, monkeypatch):
     monkeypatch.setattr(data.tokens, "_rust_backend", lambda tok: None)
     conversations = CONVERSATIONS[:3]
-    assert data.tokenize(conversations, tokenizer, template, "assistant") == data.tokenize_reference(
+    assert data.tokenize(conversations, tokenizer, template, "assistant") == data.tokens.tokenize_reference(
         conversations, tokenizer, template, "assistant")
 
 
@@ -196,7 +197,7 @@ def test_best_fit_decreasing_gives_trls_bins(capacity, monkeypatch):
     ids = pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
                                    pa.array(np.arange(lengths.sum(), dtype=np.int64)))
     theirs = _pack_bfd(pa.table({"input_ids": ids}), capacity)
-    order, counts = data.best_fit_decreasing(lengths, capacity)
+    order, counts = data.pack.best_fit_decreasing(lengths, capacity)
     assert theirs["seq_lengths"].to_pylist() == [lengths[order[a:b]].tolist()
                                                  for a, b in zip(np.cumsum([0, *counts[:-1]]), np.cumsum(counts),
                                                                  strict=True)]

@@ -146,7 +146,7 @@ def test_the_metrics_log_on_a_full_disk(small_disk, tmp_path, monkeypatch):
 
 
 def test_export_on_a_full_disk_keeps_the_old_adapter_and_no_staging(small_disk, tmp_path, monkeypatch):
-    from qctrain import export
+    from qctrain import outputs
 
     out = (small_disk or tmp_path) / "run"
     (out / "adapter").mkdir(parents=True)
@@ -162,7 +162,7 @@ def test_export_on_a_full_disk_keeps_the_old_adapter_and_no_staging(small_disk, 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "model", tmp_path / "d.json", out))
     trainer = SimpleNamespace(model=BigModel(), args=SimpleNamespace())
     with pytest.raises(DiskFull, match=f"writing {out}/.staging-"):
-        export.write_outputs(export.FinishedRun(recipe, trainer, None, "", {}, out / "none.json", {}, [], 0.0, 1.0,
+        outputs.write_outputs(outputs.TrainedRun(recipe, trainer, None, "", {}, out / "none.json", {}, [], 0.0, 1.0,
                                                  []))
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == b"GOOD"
     assert sorted(p.name for p in out.iterdir()) == ["adapter"]

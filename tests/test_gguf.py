@@ -8,9 +8,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from qctrain import gguf_adapter
+from qctrain.basemodel.reference import BaseReference
 from qctrain.errors import InputError
-from qctrain.model import BaseReference
+from qctrain.finished import gguf_lora
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 GGUF_NAMES = {"qkv_proj": "attn_qkv", "o_proj": "attn_output", "gate_up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -45,7 +45,7 @@ def written(tiny_model_dir, config, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gguf")
     adapter, deltas = peft_adapter(tiny_model_dir, tmp / "adapter")
     base = BaseReference(str(tiny_model_dir), None, "qctest/tiny-phi3")
-    done = gguf_adapter.export(adapter, tmp / "gguf", base, config, name="tiny-run")
+    done = gguf_lora.export(adapter, tmp / "gguf", base, config, name="tiny-run")
     return done, gguf.GGUFReader(done.adapter), deltas
 
 
@@ -98,7 +98,7 @@ def test_llama_cpp_scaling_reproduces_peft_delta_weights(written):
 def test_rslora_is_folded_into_alpha(tiny_model_dir, config, tmp_path):
     adapter, deltas = peft_adapter(tiny_model_dir, tmp_path / "adapter", use_rslora=True, r=4, lora_alpha=8)
     path = tmp_path / "a.gguf"
-    tensors, alpha = gguf_adapter.write_lora_gguf(adapter, path, config)
+    tensors, alpha = gguf_lora.write_lora_gguf(adapter, path, config)
     assert tensors == 16 and alpha == pytest.approx(8 * math.sqrt(4))
     reader = gguf.GGUFReader(path)
     a = np.array(next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight.lora_a").data)
@@ -110,7 +110,7 @@ def test_rslora_is_folded_into_alpha(tiny_model_dir, config, tmp_path):
 def test_f16_outtype(written, config, tmp_path):
     done, _, _ = written
     path = tmp_path / "half.gguf"
-    gguf_adapter.write_lora_gguf(done.adapter.parent.parent / "adapter", path, config, outtype="f16")
+    gguf_lora.write_lora_gguf(done.adapter.parent.parent / "adapter", path, config, outtype="f16")
     assert {t.tensor_type for t in gguf.GGUFReader(path).tensors} == {gguf.GGMLQuantizationType.F16}
 
 
@@ -122,7 +122,7 @@ def test_f16_outtype(written, config, tmp_path):
 def test_what_llama_cpp_cannot_apply_is_an_input_error(tiny_model_dir, config, tmp_path, lora, complaint):
     adapter, _ = peft_adapter(tiny_model_dir, tmp_path / "adapter", **lora)
     with pytest.raises(InputError, match=complaint):
-        gguf_adapter.write_lora_gguf(adapter, tmp_path / "x.gguf", config)
+        gguf_lora.write_lora_gguf(adapter, tmp_path / "x.gguf", config)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -130,7 +130,7 @@ def test_unsupported_architecture_is_named(written, config, tmp_path):
     done, _, _ = written
     llama = type(config).from_dict({**config.to_dict(), "architectures": ["LlamaForCausalLM"]})
     with pytest.raises(InputError, match="LlamaForCausalLM is not supported .supported: Phi3ForCausalLM"):
-        gguf_adapter.write_lora_gguf(done.adapter.parent.parent / "adapter", tmp_path / "x.gguf", llama)
+        gguf_lora.write_lora_gguf(done.adapter.parent.parent / "adapter", tmp_path / "x.gguf", llama)
 
 
 def test_modelfile_from_the_base_with_the_adapter(written, tiny_model_dir, tmp_path, monkeypatch):
@@ -143,17 +143,17 @@ def test_modelfile_from_the_base_with_the_adapter(written, tiny_model_dir, tmp_p
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
     phi = BaseReference("microsoft/Phi-3.5-mini-instruct", None, "microsoft/Phi-3.5-mini-instruct")
-    assert "FROM phi3.5\n" in gguf_adapter.modelfile_text(phi, "a.gguf")
+    assert "FROM phi3.5\n" in gguf_lora.modelfile_text(phi, "a.gguf")
     other = BaseReference("org/unknown", None, "org/unknown")
-    assert "FROM org/unknown\n" in gguf_adapter.modelfile_text(other, "a.gguf")
-    assert f"FROM {tmp_path / 'base.gguf'}\n" in gguf_adapter.modelfile_text(phi, "a.gguf", str(tmp_path / "base.gguf"))
+    assert "FROM org/unknown\n" in gguf_lora.modelfile_text(other, "a.gguf")
+    assert f"FROM {tmp_path / 'base.gguf'}\n" in gguf_lora.modelfile_text(phi, "a.gguf", str(tmp_path / "base.gguf"))
 
 
 def test_local_base_without_hub_id_has_no_base_model_entry(written, config, tmp_path):
     done, _, _ = written
     path = tmp_path / "local.gguf"
     local = BaseReference("/models/tiny", None, None)
-    gguf_adapter.write_lora_gguf(done.adapter.parent.parent / "adapter", path, config, local)
+    gguf_lora.write_lora_gguf(done.adapter.parent.parent / "adapter", path, config, local)
     assert not [k for k in gguf.GGUFReader(path).fields if k.startswith("general.base_model")]
 
 
@@ -161,9 +161,9 @@ def test_local_base_without_hub_id_has_no_base_model_entry(written, config, tmp_
 
 def test_modelfile_has_no_template_it_cannot_match(tmp_path):
     base = BaseReference("microsoft/Phi-3.5-mini-instruct", None, "microsoft/Phi-3.5-mini-instruct")
-    text = gguf_adapter.modelfile_text(base, "a.gguf", chat_template="{{ messages[0]['content'] }}")
+    text = gguf_lora.modelfile_text(base, "a.gguf", chat_template="{{ messages[0]['content'] }}")
     assert "TEMPLATE" not in text.replace("No TEMPLATE", "") and "# No TEMPLATE: the adapter's chat template" in text
-    assert gguf_adapter.ollama_template(None) is None
+    assert gguf_lora.ollama_template(None) is None
 
 
 @pytest.fixture
@@ -190,15 +190,15 @@ def ollama_render(tmp_path):
 
 
 def test_modelfile_template_gives_ollama_the_training_prompt(tmp_path, tiny_model_dir, ollama_render):
-    from qctrain import data, export
+    from qctrain import data, outputs
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    export.save_tokenizer(tokenizer, data.extend_template(tokenizer.chat_template, "inline"), tmp_path / "adapter")
+    outputs.save_tokenizer(tokenizer, data.extend_template(tokenizer.chat_template, "inline"), tmp_path / "adapter")
     tuned = AutoTokenizer.from_pretrained(tmp_path / "adapter")
     base = BaseReference(str(tiny_model_dir), None, None)
-    modelfile = gguf_adapter.modelfile_text(base, "a.gguf",
-                                            chat_template=gguf_adapter.adapter_chat_template(tmp_path / "adapter"))
+    modelfile = gguf_lora.modelfile_text(base, "a.gguf",
+                                         chat_template=gguf_lora.adapter_chat_template(tmp_path / "adapter"))
     template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert 'PARAMETER stop "<|end|>"' in modelfile and "$m.Thinking" in template
 

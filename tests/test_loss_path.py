@@ -8,7 +8,8 @@ its own collator's: one padding-free row of the packs. Ours: the packs as rows (
 import pytest
 import torch
 from conftest import alpaca_records, write_json
-from qctrain import data, model, train
+from qctrain import data, train
+from qctrain.basemodel.load import load_base_model, load_tokenizer
 from qctrain.errors import InputError
 from qctrain.recipe import Recipe
 from trl import SFTTrainer
@@ -29,9 +30,9 @@ def build(tmp_path, tiny_model_dir, packing: bool = True, loss_on: str = "assist
                  "loss_on": loss_on},
         "train": {"max_steps": 1, "per_device_train_batch_size": BATCH, "logging_steps": 5, **train_section},
         "output": {"dir": str(tmp_path / "out")}})
-    tokenizer = model.load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
     prepared = data.prepare(recipe.data, tokenizer, tmp_path / "out")
-    trainer = train.build_trainer(recipe, model.load_base_model(recipe.model), tokenizer, prepared, tmp_path / "out")
+    trainer = train.build_trainer(recipe, load_base_model(recipe.model), tokenizer, prepared, tmp_path / "out")
     trainer.model.train()
     trainer.state.logging_steps = 5
     # Make the adapter do something: B starts at zero, so a fresh LoRA would leave its gradients untested.

@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from conftest import alpaca_records, run_cli, write_json, write_recipe
-from qctrain import model, modelfiles
+from qctrain.basemodel import files, load
 from qctrain.errors import InputError
 from qctrain.recipe import ModelSection
 
@@ -12,7 +12,7 @@ from qctrain.recipe import ModelSection
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
     cfg = ModelSection(name=str(tiny_model_dir), quantization={"compute_dtype": "float32"})
-    return model.load_base_model(cfg)
+    return load.load_base_model(cfg)
 
 
 def test_base_is_really_4bit_nf4(base):
@@ -26,29 +26,29 @@ def test_base_is_really_4bit_nf4(base):
 
 @pytest.mark.slow
 def test_plain_lora_without_quantization(tiny_model_dir):
-    plain = model.load_base_model(ModelSection(name=str(tiny_model_dir), quantization=None))
+    plain = load.load_base_model(ModelSection(name=str(tiny_model_dir), quantization=None))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
 
 
 def test_linear_names_and_wrong_targets(base):
-    names = model.linear_module_names(base)
+    names = files.linear_module_names(load.linear_weights(base), base.config.to_dict())
     assert names == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    modelfiles.check_lora_targets(["qkv_proj", "o_proj"], names, "Phi3ForCausalLM")
+    files.check_lora_targets(["qkv_proj", "o_proj"], names, "Phi3ForCausalLM")
     with pytest.raises(InputError) as err:
-        modelfiles.check_lora_targets(["q_proj", "v_proj", "o_proj"], names, "Phi3ForCausalLM")
+        files.check_lora_targets(["q_proj", "v_proj", "o_proj"], names, "Phi3ForCausalLM")
     assert str(err.value) == ("lora.target_modules: q_proj, v_proj match no module of Phi3ForCausalLM; "
                               "its Linear modules are: down_proj, gate_up_proj, o_proj, qkv_proj")
 
 
 def test_meta_model_has_the_same_names_without_weights(tiny_model_dir, base):
-    skeleton = model.meta_model(ModelSection(name=str(tiny_model_dir)))
+    skeleton = load.meta_model(ModelSection(name=str(tiny_model_dir)))
     assert all(p.device.type == "meta" for p in skeleton.parameters())
-    assert model.linear_module_names(skeleton) == model.linear_module_names(base)
+    assert load.linear_weights(skeleton) == load.linear_weights(base)
 
 
 def test_missing_model_path_is_an_input_error():
     with pytest.raises(InputError, match="model.name: ./nowhere/model: no such folder"):
-        modelfiles.model_source(ModelSection(name="./nowhere/model"))
+        files.model_source(ModelSection(name="./nowhere/model"))
 
 
 def test_check_command_lists_linear_names_for_wrong_targets(tiny_model_dir, tmp_path):

@@ -94,7 +94,7 @@ def test_prepared_packs_keep_boundaries_and_tokens(tokenizer, tmp_path):
     assert "seq_lengths" in train.column_names
     lengths = sorted(n for row in train["seq_lengths"] for n in row)
     convs, _ = data_lists.load_conversations(cfg.sources, cfg.on_bad_record)
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
     ids, _ = data.tokenize(convs, tokenizer, template, "assistant")
     assert lengths == sorted(map(len, ids))
     assert all(len(row) <= 128 and len(row) == sum(s) for row, s in zip(train["input_ids"], train["seq_lengths"],

@@ -519,7 +519,7 @@ CRASH_POINTS = ["adapter", "tokenizer", "manifest", "plot", "card", "old_aside",
 
 @pytest.mark.parametrize("crash_at", CRASH_POINTS)
 def test_export_crash_never_leaves_a_half_written_adapter(crash_at, recipe_factory, monkeypatch):
-    from qctrain import export
+    from qctrain import outputs
 
     recipe = recipe_factory()
     out = Path(recipe.output.dir)
@@ -537,36 +537,36 @@ def test_export_crash_never_leaves_a_half_written_adapter(crash_at, recipe_facto
     if crash_at == "tokenizer":
         monkeypatch.setattr(tokenizer, "save_pretrained", boom)
     if crash_at == "manifest":
-        monkeypatch.setattr(export, "write_json_atomic", boom)
+        monkeypatch.setattr(outputs, "write_json_atomic", boom)
     if crash_at == "plot":
-        monkeypatch.setattr(export, "plot_loss", boom)
+        monkeypatch.setattr(outputs, "plot_loss", boom)
     if crash_at == "card":
-        monkeypatch.setattr(export, "model_card", boom)
+        monkeypatch.setattr(outputs, "model_card", boom)
     real_replace = os.replace
 
     def replace(src, dst):
-        # publish_atomically: adapter -> .adapter.old ("old_aside"), then staging/adapter -> adapter
+        # rundir.swap_in_outputs: adapter -> .adapter.old ("old_aside"), then staging/adapter -> adapter
         if (crash_at == "old_aside" and Path(src) == good) or (
                 crash_at == "new_into_place" and Path(dst) == good):
             boom()
         return real_replace(src, dst)
-    monkeypatch.setattr(export.os, "replace", replace)
+    monkeypatch.setattr(outputs.os, "replace", replace)
     trainer = SimpleNamespace(model=model, args=SimpleNamespace(per_device_train_batch_size=1,
                                                                 gradient_accumulation_steps=1))
     with pytest.raises(OSError, match="simulated crash"):
-        export.write_outputs(export.FinishedRun(recipe, trainer, tokenizer, "", {}, out / "none.json", {}, [], 0.0, 1.0,
-                                                 []))
+        outputs.write_outputs(outputs.TrainedRun(recipe, trainer, tokenizer, "", {}, out / "none.json", {}, [], 0.0,
+                                                 1.0, []))
     if crash_at != "new_into_place":
         assert tree_digest(good) == before
     else:
-        # Between publish_atomically's two renames the old adapter sits at .adapter.old and adapter/ is
+        # Between swap_in_outputs' two renames the old adapter sits at .adapter.old and adapter/ is
         # absent (two renames cannot swap folders atomically): never half-written, never lost.
         assert not good.exists() or tree_digest(good) == before
         assert good.exists() or tree_digest(out / ".adapter.old") == before
 
 
 def test_export_replaces_the_adapter_whole(recipe_factory):
-    from qctrain import export
+    from qctrain import outputs
 
     recipe = recipe_factory()
     out = Path(recipe.output.dir)
@@ -574,7 +574,7 @@ def test_export_replaces_the_adapter_whole(recipe_factory):
     (out / "adapter" / "stale_file.bin").write_bytes(b"old")
     trainer = SimpleNamespace(model=_FakeModel(), args=SimpleNamespace(per_device_train_batch_size=1,
                                                                        gradient_accumulation_steps=1))
-    export.write_outputs(export.FinishedRun(recipe, trainer, _FakeTokenizer(), "", {}, out / "none.json", {}, [], 0.0,
+    outputs.write_outputs(outputs.TrainedRun(recipe, trainer, _FakeTokenizer(), "", {}, out / "none.json", {}, [], 0.0,
                                              1.0, []))
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png", "tokenizer_config.json"]

@@ -237,16 +237,16 @@ def test_model_card_header_passes_hub_validation(hub):
 
 
 def test_the_card_qctrain_writes_passes_hub_validation(hub, tmp_path):
-    from qctrain import export
-    from qctrain.model import BaseReference
+    from qctrain.basemodel.reference import BaseReference, base_license
+    from qctrain.card import Sample, model_card
     from qctrain.recipe import Recipe
 
     recipe = Recipe.model_validate({"model": {"name": "microsoft/Phi-3.5-mini-instruct"},
                                     "data": {"sources": [{"path": "hub:acme/chats"}]},
                                     "output": {"dir": str(tmp_path / "run")}, "hub": {"repo_id": "alice/adapter"}})
     base = BaseReference("microsoft/Phi-3.5-mini-instruct", None, "microsoft/Phi-3.5-mini-instruct")
-    samples = [export.Sample("Who are you?", "I | am\nthe base", "I am Quill.")]
-    card = export.model_card(recipe, {}, {"eval_loss": 0.5}, samples, base, export.base_license(base))
+    samples = [Sample("Who are you?", "I | am\nthe base", "I am Quill.")]
+    card = model_card(recipe, {}, {"eval_loss": 0.5}, samples, base, base_license(base))
     assert validate_card_metadata(card, endpoint=hub.url) == []
     assert "license: mit" in card and "base_model_relation: adapter" in card and "model-index:" in card
 
@@ -380,8 +380,7 @@ def test_push_honours_private(hub, tmp_path):
 
 
 def test_base_license_is_read_from_the_base_card_on_the_hub(hub):
-    from qctrain.export import base_license
-    from qctrain.model import BaseReference
+    from qctrain.basemodel.reference import BaseReference, base_license
 
     card = b"---\nlicense: other\nlicense_name: acme-community\nlicense_link: LICENSE.md\n---\n# base\n"
     hub.add_repo("acme/base-7b", files={"README.md": card, "config.json": b"{}"})

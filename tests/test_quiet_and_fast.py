@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, alpaca_records, write_json, write_recipe
-from qctrain import data, modelfiles, sft_fields
+from qctrain import data, sft_fields
+from qctrain.basemodel import files as basefiles
 from qctrain.data import template as templates
 from qctrain.recipe import ModelSection, load_recipe
 
@@ -20,8 +21,9 @@ BNB_LINE = "Failed to load CPU gemm_4bit_forward"
 def python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
+    path = os.pathsep.join([str(Path(__file__).parent), str(REPO / "entrypoint")])  # this checkout's qctrain
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent), **(env or {})})
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": path, **(env or {})})
 
 
 # --- no library noise ---
@@ -71,14 +73,15 @@ def test_base_model_on_a_simulated_avx512bf16_cpu_keeps_gradients_after_an_eval_
 import sys, avx512bf16_sim; avx512bf16_sim.install()
 import bitsandbytes as bnb, torch
 from peft import get_peft_model
-from qctrain import model
+from qctrain.basemodel.load import load_base_model
 from qctrain.recipe import LoraSection, ModelSection
+from qctrain.train import lora_config
 cfg = ModelSection(name=sys.argv[1], quantization={"compute_dtype": "float32"})
-base = model.load_base_model(cfg)
+base = load_base_model(cfg)
 layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
 assert layers and bnb.functional.has_avx512bf16()
 assert not any(layer.support_avx512bf16_for_cpu for layer in layers)  # the workaround turned it off
-lora = get_peft_model(base, model.lora_config(LoraSection(r=4, alpha=8, dropout=0.0)))
+lora = get_peft_model(base, lora_config(LoraSection(r=4, alpha=8, dropout=0.0)))
 ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
 lora.eval()
 with torch.no_grad():
@@ -159,11 +162,11 @@ def _tokenizer_with(template: str):
     return tokenizer
 
 
-@pytest.mark.parametrize("name", data.trl_template_names())
+@pytest.mark.parametrize("name", data.template.trl_template_names())
 def test_training_twin_is_trls_answer_for_every_trl_template(name):
     template = (templates.trl_templates_dir() / f"{name}.jinja").read_text(encoding="utf-8")
     try:
-        expected = data.training_template(template, _tokenizer_with(template), "assistant")
+        expected = data.template.training_template(template, _tokenizer_with(template), "assistant")
     except Exception as err:  # noqa: BLE001 - the same refusal is expected from ours
         with pytest.raises(type(err)):
             templates.training_twin(template, "assistant")
@@ -177,33 +180,33 @@ def test_training_twin_is_trls_answer_for_every_trl_template(name):
 def test_module_names_from_safetensors_headers_match_the_module_tree(tmp_path, tiny_model_dir):
     import shutil
 
-    from qctrain import model
+    from qctrain.basemodel.load import linear_weights, load_base_model, meta_model
 
     cfg = ModelSection(name=str(tiny_model_dir))
-    expected = model.linear_module_names(model.meta_model(cfg))
-    config = modelfiles.read_config(cfg)
-    assert modelfiles.linear_module_names(modelfiles.weight_shapes(cfg), config) == expected
+    config = basefiles.read_config(cfg)
+    expected = basefiles.linear_module_names(linear_weights(meta_model(cfg)), config)
+    assert basefiles.linear_module_names(basefiles.weight_shapes(cfg), config) == expected
     # A sharded checkpoint: the index names the files, the headers hold the shapes.
     sharded = tmp_path / "sharded"
-    model.load_base_model(cfg.model_copy(update={"quantization": None})).save_pretrained(
+    load_base_model(cfg.model_copy(update={"quantization": None})).save_pretrained(
         sharded, max_shard_size="200KB")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, sharded / name)
-    assert (sharded / modelfiles.SAFETENSORS_INDEX).is_file()
+    assert (sharded / basefiles.SAFETENSORS_INDEX).is_file()
     shards = ModelSection(name=str(sharded))
-    assert modelfiles.linear_module_names(modelfiles.weight_shapes(shards), config) == expected
+    assert basefiles.linear_module_names(basefiles.weight_shapes(shards), config) == expected
     # No safetensors at all: preflight falls back to the module tree.
     for shard in sharded.glob("*.safetensors*"):
         shard.unlink()
-    assert modelfiles.weight_shapes(shards) is None
+    assert basefiles.weight_shapes(shards) is None
 
 
 def test_tokenizer_files_tokenize_like_the_full_tokenizer(tiny_model_dir, tokenizer):
-    files = modelfiles.load_tokenizer_files(ModelSection(name=str(tiny_model_dir)))
+    files = basefiles.load_tokenizer_files(ModelSection(name=str(tiny_model_dir)))
     assert files.chat_template == tokenizer.chat_template
     assert files.special_tokens_map == tokenizer.special_tokens_map
-    template = data.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
-    conversations = [data.to_conversation(data.Record(f"r[{i}]", r), "alpaca", {})
+    template = data.template.training_template(data.resolve_chat_template("model", tokenizer), tokenizer, "assistant")
+    conversations = [data.formats.to_conversation(data.sources.Record(f"r[{i}]", r), "alpaca", {})
                      for i, r in enumerate(alpaca_records(12))]
     assert data.tokenize(conversations, files, template, "assistant") == \
         data.tokenize(conversations, tokenizer, template, "assistant")
@@ -217,9 +220,9 @@ def test_preflight_reads_a_hub_model_through_huggingface_hub(tmp_path, tiny_mode
         point_client_at(double, monkeypatch, tmp_path / "hf-home")
         double.add_repo("org/tiny", files=files)
         cfg = ModelSection(name="org/tiny")
-        assert modelfiles.read_config(cfg)["model_type"] == "phi3"
-        assert modelfiles.load_tokenizer_files(cfg).chat_template == files["chat_template.jinja"].decode()
-        shapes = modelfiles.weight_shapes(cfg)
-        assert modelfiles.linear_module_names(shapes, modelfiles.read_config(cfg)) == \
+        assert basefiles.read_config(cfg)["model_type"] == "phi3"
+        assert basefiles.load_tokenizer_files(cfg).chat_template == files["chat_template.jinja"].decode()
+        shapes = basefiles.weight_shapes(cfg)
+        assert basefiles.linear_module_names(shapes, basefiles.read_config(cfg)) == \
             ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-        assert modelfiles.fetch(cfg, "no-such-file.json") is None
+        assert basefiles.fetch(cfg, "no-such-file.json") is None

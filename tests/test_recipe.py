@@ -201,7 +201,7 @@ def test_a_variable_holding_text_that_is_not_yaml_stays_that_text(tmp_path):
 @pytest.mark.parametrize("key", ["dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"])
 def test_knobs_that_change_the_weights_are_not_harmless(key):
     """A resume with one of these changed would train on other records, replay the data or change the batch."""
-    from qctrain.recipe import harmless
+    from qctrain.checkpoint import harmless
 
     assert not harmless(f"train.{key}", False, True)
     assert harmless("train.dataloader_num_workers", 0, 2) and harmless("train.save_steps", 10, 20)

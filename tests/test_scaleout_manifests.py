@@ -307,14 +307,14 @@ def test_accelerate_configs_load_as_accelerate_reads_them(name, kind):
 
 def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype(tmp_path, monkeypatch):
     import torch
-    from qctrain import model
+    from qctrain.basemodel.load import bnb_config
     from qctrain.recipe import load_recipe
     from qctrain.train import sft_config
 
     recipe = load_recipe(FSDP_RECIPE)
     quant = recipe.model.quantization
     assert quant.storage_dtype == quant.compute_dtype == "bfloat16"
-    assert model.bnb_config(recipe.model).bnb_4bit_quant_storage == torch.bfloat16
+    assert bnb_config(recipe.model).bnb_4bit_quant_storage == torch.bfloat16
     with monkeypatch.context() as patched:
         patched.setenv("WORLD_SIZE", "2")  # as under torchrun
         distributed.check_fsdp(recipe, env={})  # passes
@@ -325,7 +325,7 @@ def test_fsdp_recipe_stores_4bit_weights_in_the_compute_dtype(tmp_path, monkeypa
     FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)  # the plugin the Trainer would build
     # the same recipe without FSDP keeps bitsandbytes' default storage
     plain = load_recipe(ROOT / "recipes" / "phi-3.5-mini-qlora.yaml")
-    assert model.bnb_config(plain.model).bnb_4bit_quant_storage == torch.uint8
+    assert bnb_config(plain.model).bnb_4bit_quant_storage == torch.uint8
 
 
 def test_fsdp_with_mismatched_storage_or_8bit_or_one_process_is_refused(monkeypatch):

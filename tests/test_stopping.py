@@ -29,17 +29,36 @@ def start(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def workers_of(proc: subprocess.Popen, timeout: float = 300) -> list[int]:
-    """The pids of the process's forked data workers, once there are two."""
+def workers_of(proc: subprocess.Popen) -> list[int] | None:
+    """The pids of the process's forked data workers once there are two; None before."""
+    if proc.poll() is not None:
+        raise AssertionError(f"ended (rc {proc.returncode}) before its workers ran: {proc.communicate()}")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return [child.pid for child in children] if len(children) >= 2 else None
+
+
+def signal_once_workers_run(runs: dict, timeout: float = 300) -> None:
+    """Each run gets its first signal as soon as its own data workers run (neither waits for the other: `prepare`
+    can be through its data before `train` has imported TRL), and any further one 0.3 s after the one before."""
+    waiting = dict(runs)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ended (rc {proc.returncode}) before its workers ran: {proc.communicate()}")
-        children = psutil.Process(proc.pid).children(recursive=True)
-        if len(children) >= 2:
-            return [child.pid for child in children]
+    while waiting:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no data workers within the timeout: {', '.join(waiting)}")
+        for run in runs.values():  # one already stopped is timed now, not once the other is signalled
+            if hasattr(run, "signalled") and not hasattr(run, "seconds") and run.proc.poll() is not None:
+                run.seconds = time.monotonic() - run.signalled
+        for command, run in list(waiting.items()):
+            if not hasattr(run, "signalled"):
+                if (workers := workers_of(run.proc)) is None:
+                    continue
+                run.workers, run.signalled, run.sent = workers, time.monotonic(), 0
+            if run.sent < len(run.signals) and time.monotonic() >= run.signalled + 0.3 * run.sent:
+                run.proc.send_signal(run.signals[run.sent])
+                run.sent += 1
+            if run.sent == len(run.signals):
+                del waiting[command]
         time.sleep(0.05)
-    raise AssertionError("no data workers within the timeout")
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +73,7 @@ def stopped(tmp_path_factory, tiny_model_dir):
         recipe = write_recipe(root / f"{command}.yaml", tiny_model_dir, data, root / command,
                               data={"eval": None, "max_seq_length": 64})
         runs[command] = SimpleNamespace(proc=start(command, str(recipe)), signals=signals, out=root / command)
-    for run in runs.values():
-        run.workers = workers_of(run.proc)
-    for run in runs.values():
-        run.signalled = time.monotonic()
-        run.proc.send_signal(run.signals[0])
-    time.sleep(0.3)
-    runs["prepare"].proc.send_signal(runs["prepare"].signals[1])  # a second signal while the first unwinds
+    signal_once_workers_run(runs)  # prepare: a second signal while the first unwinds
     deadline = time.monotonic() + 120
     while any(run.proc.poll() is None for run in runs.values()) and time.monotonic() < deadline:
         for run in runs.values():
@@ -101,7 +114,7 @@ def test_worker_init_leaves_signals_to_the_parent_and_dies_with_it(tmp_path):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
     script = (
         "import json, time, psutil\n"
-        "from qctrain.data.tokens import worker_pool\n"
+        "from qctrain.data.workers import pool as worker_pool\n"
         "with worker_pool(1) as pool:\n"
         "    pool.apply_async(time.sleep, (60,))\n"
         "    time.sleep(0.5)\n"

@@ -81,6 +81,9 @@ def test_wandb_offline_run_is_in_output_dir(tracked_run):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir()) if (out / "wandb").exists() else "no out/wandb"
     assert list(runs[0].glob("run-*.wandb")) and (runs[0] / "files").is_dir()
+    done = tracked_run[1]
+    assert f"wandb: offline run in {runs[0].resolve()}; upload it with `wandb sync" in done.stdout
+    assert "wandb" not in done.stderr  # its banner and hints are not qctrain's lines (--debug shows them)
 
 
 @pytest.mark.slow

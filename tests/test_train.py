@@ -21,7 +21,8 @@ def test_outputs_are_complete(finished_run):
 
     # the chat template the data stage rendered through (Phi-3.5's, extended for tools and traces), unmasked
     template = (out / "adapter/chat_template.jinja").read_text()
-    assert template.startswith(data.template_extension(True, True)) and not data.has_generation_markers(template)
+    assert template.startswith(data.template.template_extension(True, True))
+    assert not data.template.has_generation_markers(template)
     assert "data: 48 read, 0 duplicates" in finished_run.stdout
     assert ("train: liger-kernel off (its kernels are Triton kernels for CUDA GPUs and there is none here); loss: "
             "cross entropy over the supervised positions; 2 pack(s) per batch as 2 row(s) (sdpa)") \
@@ -64,13 +65,13 @@ def test_model_card_header(finished_run):
 
 def test_adapter_reloads_on_the_base_and_generates(finished_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
-    from qctrain import model
+    from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import ModelSection
 
     out = finished_run.out
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero: trained
-    base = model.load_base_model(ModelSection(name=str(tiny_model_dir), quantization={"compute_dtype": "float32"}))
+    base = load_base_model(ModelSection(name=str(tiny_model_dir), quantization={"compute_dtype": "float32"}))
     ids = torch.tensor([[4, 10, 20, 30]])
     with torch.no_grad():
         before = base(ids).logits

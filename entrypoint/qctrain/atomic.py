@@ -1,7 +1,7 @@
 """JSON files: written atomically (beside the target, fsynced, then renamed over it: readers see old or new),
 with secrets masked, and read leniently where a missing or broken file means "nothing recorded"; small input
 files (a recipe, a token file) read with a bound, regular files only. Folders: written in a staging folder
-beside their place (removed when a write fails), then swapped in whole."""
+beside their place (removed when a write fails), then swapped in whole. Outputs made readable by other users."""
 
 import contextlib
 import json
@@ -88,6 +88,11 @@ def aside_of(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.old"
 
 
+def staging_beside(dest: Path) -> Path:
+    """The staging folder for `dest`, beside it (a dead run's are removed by name: rundir.LEFTOVERS)."""
+    return dest.parent / f".{dest.name}.staging-{os.getpid()}"
+
+
 def restore_interrupted_swap(dest: Path, aside: Path | None = None) -> None:
     """A crash between the two renames of swap_in_folder leaves the good folder aside: put it back."""
     aside = aside or aside_of(dest)
@@ -141,3 +146,19 @@ def fsync_tree(root: Path, files: bool = True) -> None:
         for name in names if files else ():
             _fsync_path(Path(folder) / name)
         _fsync_path(Path(folder), directory=True)
+
+
+def make_shareable(root: Path) -> None:
+    """root (a file, or a folder and everything under it) 0644 for files and 0755 for folders (safetensors writes
+    0600 whatever the umask), so a serving process under another uid on a shared volume can read the outputs.
+    Only ever called on what this run wrote: its staging folders and its own files."""
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        try:
+            mode = path.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                path.chmod(0o755)
+            elif stat.S_ISREG(mode):
+                path.chmod(0o644)
+        except (PermissionError, FileNotFoundError):  # another user's file, or gone meanwhile
+            pass

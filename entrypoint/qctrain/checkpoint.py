@@ -29,7 +29,7 @@ from typing import Any
 
 from qctrain.atomic import fsync_tree, restore_interrupted_swap, swap_in_folder, write_json_atomic
 from qctrain.errors import InputError
-from qctrain.recipe import Recipe, canonical_json, harmless
+from qctrain.recipe import Recipe, canonical_json
 from qctrain.rundir import RunDir
 
 MARKER = "qctrain_checkpoint.json"
@@ -38,6 +38,38 @@ PARTIAL_PREFIX = ".partial-"
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 COMPLETE, INCOMPLETE, UNREADABLE = "complete", "incomplete", "unreadable"  # what a checkpoint's marker says
+
+# The resume policy: train: knobs that decide speed, memory, logging, evaluation, saving or pushing, never
+# the weights; changing them between a preemption and the rerun does not stop the run from resuming
+# (plan_resume).
+HARMLESS_TRAIN_KEYS = frozenset({
+    "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm", "log_level", "log_level_replica",
+    "log_on_each_node", "per_device_eval_batch_size", "use_liger_kernel",
+    "liger_kernel_config", "skip_memory_metrics", "ddp_timeout", "ddp_find_unused_parameters",
+    "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_backend", "use_cpu", "overwrite_output_dir",
+    "resume_from_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "prediction_loss_only", "batch_eval_metrics", "restore_callback_states_from_checkpoint",
+    "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
+})
+HARMLESS_TRAIN_PREFIXES = ("dataloader_", "activation_checkpointing", "gradient_checkpointing", "torch_compile",
+                           "logging_", "eval_", "save_", "hub_", "push_to_hub", "include_", "jit_")
+# Named like harmless knobs, but they change the weights: dataloader_drop_last changes which records each epoch
+# trains on, ignore_data_skip replays the data from the start on resume, auto_find_batch_size changes the
+# batch size (and with it the steps and the schedule).
+WEIGHT_CHANGING_TRAIN_KEYS = frozenset({"dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"})
+# Attention kernels that compute the same attention (up to rounding): switching between them is harmless.
+EQUIVALENT_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+
+
+def harmless(key: str, old: Any, new: Any) -> bool:
+    """Whether changing recipe key `key` (dotted) from old to new leaves the trained weights as they were."""
+    if key == "model.attn_implementation":
+        return old in EQUIVALENT_ATTENTION and new in EQUIVALENT_ATTENTION
+    section, _, name = key.partition(".")
+    name = name.split(".", 1)[0]
+    return section == "train" and name not in WEIGHT_CHANGING_TRAIN_KEYS and (
+        name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
+
 
 def checkpoints_dir(output_dir: Path) -> Path:
     return RunDir(Path(output_dir)).checkpoints
@@ -320,7 +352,7 @@ def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
     Raises InputError when that checkpoint belongs to a different recipe and `restart` is not set, or when no
     complete checkpoint loads.
     """
-    output_dir = Path(recipe.output.dir)
+    output_dir = RunDir.of(recipe).root
     parts = training_recipe(recipe)
     fingerprint = recipe_fingerprint(recipe)
     plan = ResumePlan(output_dir, None, restart, fingerprint, parts)

@@ -39,6 +39,7 @@ def _quiet_libraries(debug: bool) -> None:
     if not sys.stderr.isatty():  # a log file or `kubectl logs`: no "Loading weights" / download bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d/gloo notes under torchrun
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints: qctrain says where the run is
 
 
 def _load(args):
@@ -102,16 +103,17 @@ def cmd_check(args) -> int:
 
 
 def _prepare(recipe, tokenizer=None):
-    from qctrain import data, distributed, model
+    from qctrain import data, distributed
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.rundir import RunDir
 
-    output_dir = Path(recipe.output.dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or model.load_tokenizer(recipe.model)
+    run = RunDir.of(recipe)
+    run.root.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
-        prepared = data.prepare(recipe.data, tokenizer, output_dir)
+        prepared = data.prepare(recipe.data, tokenizer, run.root)
     if distributed.is_main():
-        write_json_atomic(RunDir(output_dir).data_report, prepared.report, shared=True)
+        write_json_atomic(run.data_report, prepared.report, shared=True)
     return tokenizer, prepared
 
 
@@ -120,7 +122,7 @@ def cmd_prepare(args) -> int:
 
     recipe = _load(args)
     args.stop.stage = "while preparing the data; nothing half-written was kept"
-    with rundir.hold(Path(recipe.output.dir)):
+    with rundir.hold(rundir.RunDir.of(recipe).root):
         _, prepared = _prepare(recipe)
     _print_data_summary(prepared.report, prepared.cached)
     print(f"prepared data: {prepared.dir}")
@@ -151,84 +153,127 @@ def _train(args, stop) -> int:
     if problems:
         raise InputError("\n".join(f"preflight: {p}" for p in problems))
     distributed.check_fsdp(recipe)
-    output_dir = Path(recipe.output.dir)
-    with rundir.hold(output_dir, enabled=distributed.is_main()):  # one run per output folder
+    with rundir.hold(rundir.RunDir.of(recipe).root, enabled=distributed.is_main()):  # one run per output folder
         return _train_held(recipe, args, stop)
 
 
 def _train_held(recipe, args, stop) -> int:
-    from qctrain import checkpoint, data, distributed, export, model, modelfiles, publish, trackers, train
+    """The stages of `train` in the held output folder: data, model, training, outputs, push."""
+    from qctrain import checkpoint, distributed, trackers, train
+    from qctrain.basemodel.load import load_tokenizer
     from qctrain.rundir import RunDir
 
-    output_dir = Path(recipe.output.dir)
     plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
     stop.stage = "while preparing the data; nothing half-written was kept"
-    tokenizer = model.load_tokenizer(recipe.model)
-    if not args.restart and (plan.newest is not None or RunDir(output_dir).manifest.is_file()):
-        fingerprint = data.fingerprint(recipe.data, tokenizer)  # a complete run is told before preparing data
-        plan.check_data(fingerprint)
-        if plan.outputs_current(fingerprint):
-            return _complete(recipe, plan, stop)
+    tokenizer = load_tokenizer(recipe.model)
+    if _finished_before(recipe, plan, tokenizer):
+        return _complete(recipe, plan, stop)
     tokenizer, prepared = _prepare(recipe, tokenizer)
     plan.check_data(prepared.fingerprint)
     distributed.check_same_run(prepared.fingerprint, plan.step)
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
+    tracker_env = _trackers(recipe)
+    trainer = _trainer(recipe, tokenizer, prepared, stop)
+    result = train.run(trainer, plan, stop)
+    # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
+    adapter_state = distributed.full_adapter_state(trainer) if not plan.finished else None
+    if not distributed.is_main():
+        return 0  # rank 0 writes the outputs and pushes
+    _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state)
+    for line in trackers.offline_runs(RunDir.of(recipe).root) if tracker_env.get("WANDB_MODE") == "offline" else []:
+        print(line)
+    return _publish(recipe, stop)
 
-    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), output_dir)
+
+def _finished_before(recipe, plan, tokenizer) -> bool:
+    """Whether the outputs in output.dir are those of this recipe and data, written after the newest checkpoint
+    (a rerun of a finished run: told before any data is prepared). A checkpoint of other data is refused here."""
+    from qctrain import data
+    from qctrain.rundir import RunDir
+
+    if plan.restart or (plan.newest is None and not RunDir.of(recipe).manifest.is_file()):
+        return False
+    fingerprint = data.fingerprint(recipe.data, tokenizer)
+    plan.check_data(fingerprint)
+    return plan.outputs_current(fingerprint)
+
+
+def _trackers(recipe) -> dict[str, str]:
+    """Where the experiment trackers write when the environment does not say (trackers.apply), told once."""
+    from qctrain import distributed, trackers
+    from qctrain.rundir import RunDir
+
+    tracker_env = trackers.apply(recipe.sft_kwargs().get("report_to"), RunDir.of(recipe).root)
     if tracker_env and distributed.is_main():
         print("trackers: " + " ".join(f"{name}={value}" for name, value in tracker_env.items()))
+    return tracker_env
+
+
+def _trainer(recipe, tokenizer, prepared, stop):
+    """The base loaded (its Linear layers checked against lora.target_modules) and the trainer built on it,
+    pushing its checkpoints where the recipe says."""
+    from qctrain import distributed, publish, train
+    from qctrain.basemodel import files, load
+    from qctrain.rundir import RunDir
+
+    output_dir = RunDir.of(recipe).root
     stop.stage = "while loading the model; nothing to save"
-    base = model.load_base_model(recipe.model)
-    modelfiles.check_lora_targets(recipe.lora.target_modules, model.linear_module_names(base), recipe.model.name)
+    base = load.load_base_model(recipe.model)
+    files.check_lora_targets(recipe.lora.target_modules,
+                             files.linear_module_names(load.linear_weights(base), base.config.to_dict()),
+                             recipe.model.name)
     trainer = train.build_trainer(recipe, base, tokenizer, prepared, output_dir, stop=stop)
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
         say("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes train "
             "as DDP)\n")
     publisher = publish.publisher_for(recipe)
     if publisher is not None and publisher.checkpoints:
-        trainer.add_callback(train.CheckpointPusher(publisher,
-                                                      stopping=lambda: stop.signum is not None))
-    result = train.run(trainer, plan, stop)
-    # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
-    adapter_state = distributed.full_adapter_state(trainer) if not plan.finished else None
-    if not distributed.is_main():
-        return 0  # rank 0 writes the outputs and pushes
+        trainer.add_callback(train.CheckpointPusher(publisher, stopping=lambda: stop.signum is not None))
+    return trainer
 
+
+def _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state) -> None:
+    """The outputs of a finished training: samples of the trained model beside the base's, then everything the
+    writer puts into output.dir."""
+    from qctrain import checkpoint, data, distributed, outputs
+    from qctrain.finished.generate import before_after_samples
+    from qctrain.rundir import RunDir
+
+    run = RunDir.of(recipe)
     # Sample replies: generating from an FSDP-sharded model would need every rank; skipped there.
     prompts = [] if distributed.fsdp_enabled(trainer) else prepared.report.get("heldout_prompts", [])
     # The template the adapter carries: what training rendered (tools, traces), without the training markers.
     chat_template = data.extend_template(data.resolve_chat_template(recipe.data.chat_template, tokenizer),
                                          recipe.data.reasoning)
-    samples = export.before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
-                                          chat_template=chat_template)
-    newest = checkpoint.complete_checkpoints(checkpoint.checkpoints_dir(output_dir))
-    export.write_outputs(export.FinishedRun(
+    samples = before_after_samples(trainer.model, tokenizer, prompts,  # the base: adapter disabled
+                                   chat_template=chat_template)
+    newest = checkpoint.complete_checkpoints(run.checkpoints)
+    outputs.write_outputs(outputs.TrainedRun(
         recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
         result.log_history, result.started, result.finished, samples, state_dict=adapter_state,
         checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None)))
-    print(f"done: adapter in {output_dir / 'adapter'} "
-          f"(train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
-    return _publish(recipe, stop)
+    print(f"done: adapter in {run.adapter} (train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
 
 
 def _complete(recipe, plan, stop) -> int:
     """A rerun of a run that finished: nothing is trained; the stages that did not finish (the GGUF export, the
     push) are completed, and those that did are left as they are."""
-    from qctrain import distributed, export
+    from qctrain import distributed
     from qctrain.atomic import restore_interrupted_swap
+    from qctrain.finished.gguf_lora import write_gguf
     from qctrain.rundir import RunDir
 
     if not distributed.is_main():
         return 0
-    run = RunDir(Path(recipe.output.dir))
+    run = RunDir.of(recipe)
     restore_interrupted_swap(run.adapter)
     step = f"step {plan.step}, {plan.newest.name}" if plan.newest is not None else "no checkpoint kept"
     print(f"run complete: adapter in {run.adapter} ({step}); nothing to train (rerun with --restart to train "
           "again)", flush=True)
     if recipe.output.gguf and not any(run.gguf.glob("*.gguf")):
         stop.stage = "while writing the GGUF export; the adapter is complete"
-        done = export.write_gguf(run.root)
+        done = write_gguf(run.root)
         print(f"GGUF LoRA adapter: {run.gguf / done.adapter.name}")
     return _publish(recipe, stop)
 
@@ -237,8 +282,9 @@ def _publish(recipe, stop) -> int:
     """Push the finished run where the recipe says. A signal before this point (training, export) made it through
     its stage: no push. One during the push stops it (one process: a rerun completes it)."""
     from qctrain import distributed, publish
+    from qctrain.rundir import RunDir
 
-    output_dir = Path(recipe.output.dir)
+    output_dir = RunDir.of(recipe).root
     stopped_by = stop.name if stop.signum else None
     if stopped_by is None and distributed.world_size() == 1:
         stop.stage = f"during the push; outputs complete in {output_dir}, not pushed"
@@ -255,40 +301,41 @@ def cmd_push(args) -> int:
 def cmd_merge(args) -> int:
     import torch
 
-    from qctrain import export
+    from qctrain.finished.merge import merge_adapter
     from qctrain.rundir import RunDir
 
     output_dir = Path(args.output_dir)
-    dest = export.merge_adapter(output_dir, Path(args.dest) if args.dest else RunDir(output_dir).merged,
-                                getattr(torch, args.dtype))
+    dest = merge_adapter(output_dir, Path(args.dest) if args.dest else RunDir(output_dir).merged,
+                         getattr(torch, args.dtype))
     print(f"merged model written to {dest}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from qctrain import data, export, model
+    from qctrain import data
+    from qctrain.finished.generate import before_after_samples, generate_replies
+    from qctrain.finished.load import FinishedRun
 
     tools = data.read_tools_file(Path(args.tools)) if args.tools else None  # a bad file fails before any loading
-    adapter_model, tokenizer = model.load_adapter_model(Path(args.output_dir))
+    adapter_model, tokenizer = FinishedRun.open(Path(args.output_dir)).load()
     conversation = [[{"role": "user", "content": args.prompt}]]
     if args.compare_base:
-        [sample] = export.before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens,
-                                               tools=tools)
+        [sample] = before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens, tools=tools)
         print(f"prompt: {args.prompt}\nbase:   {sample.base}\nreply:  {sample.tuned}")
         return 0
-    reply = export.generate_replies(adapter_model, tokenizer, conversation, max_new_tokens=args.max_new_tokens,
-                                    tools=tools)[0]
+    reply = generate_replies(adapter_model, tokenizer, conversation, max_new_tokens=args.max_new_tokens,
+                             tools=tools)[0]
     print(f"prompt: {args.prompt}\nreply:  {reply}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from qctrain import export
+    from qctrain.finished.gguf_lora import write_gguf
     from qctrain.rundir import RunDir
 
     output_dir = Path(args.output_dir)
     dest = RunDir(output_dir).gguf
-    done = export.write_gguf(output_dir, args.outtype, args.base_gguf)
+    done = write_gguf(output_dir, args.outtype, args.base_gguf)
     print(f"GGUF LoRA adapter: {dest / done.adapter.name} ({done.tensors} tensors, alpha {done.alpha:g})")
     print(f"Ollama Modelfile:  {dest / done.modelfile.name}")
     return 0
@@ -335,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
         return command
 
+    _recipe_commands(add, with_recipe)
+    _finished_run_commands(add, common)
+    _tool_commands(add, common)
+    return parser
+
+
+def _recipe_commands(add, with_recipe: argparse.ArgumentParser) -> None:
+    """The commands that take a recipe: validate, check, prepare, train."""
     add("validate", cmd_validate, "print the fully resolved recipe, or every problem in it", [with_recipe])
     add("check", cmd_check, "preflight: every check that needs no model weights", [with_recipe])
     add("prepare", cmd_prepare, "prepare (and cache) the training data, write data_report.json", [with_recipe])
@@ -346,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train in N processes on this node (auto: one per visible GPU) under "
                                 "torchrun; PET_* variables (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR...) "
                                 "add nodes")
+
+
+def _finished_run_commands(add, common: argparse.ArgumentParser) -> None:
+    """The commands that take a finished run's folder: push, merge, generate, export."""
     push = add("push", cmd_push, "push a finished run's adapter to the Hub", [common])
     push.add_argument("output_dir")
     merge = add("merge", cmd_merge, "merge a finished run's adapter into its base (standalone model)", [common])
@@ -368,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="GGUF LoRA adapter + Modelfile (the only export format so far)")
     export_cmd.add_argument("--outtype", default="f32", choices=["f32", "f16"], help="tensor type (default f32)")
     export_cmd.add_argument("--base-gguf", metavar="PATH", help="the base model's GGUF file, for the Modelfile's FROM")
+
+
+def _tool_commands(add, common: argparse.ArgumentParser) -> None:
+    """tiny-model and doctor."""
     tiny = add("tiny-model", cmd_tiny_model, "build a tiny random Phi-3 model + tokenizer (tests, demo)", [common])
     tiny.add_argument("dir")
     tiny.add_argument("--hidden-size", type=int, default=64)
@@ -379,7 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe value, as for train")
     doctor.add_argument("--nproc", metavar="N|auto", help="GPU processes per node, as for train (default: auto)")
-    return parser
 
 
 MAX_ERROR_LINES = 50  # problems listed (a recipe with thousands of unknown keys is one mistake, told briefly)

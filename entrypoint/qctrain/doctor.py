@@ -28,6 +28,7 @@ from typing import TextIO
 
 from qctrain import PROVENANCE_VARS, cudacompat
 from qctrain.errors import ExitCode, InputError
+from qctrain.rundir import RunDir
 
 # NF4 round trips of N(0, 1) data lose about 9% (mean |error| / mean |x|); far beyond that the
 # kernels compute garbage.
@@ -178,9 +179,20 @@ def _bnb_library(bnb) -> tuple[str, bool, str | None]:
     lib = cextension.lib
     if type(lib).__name__.startswith("ErrorHandlerMock"):  # bitsandbytes' stand-in after a failed load
         return "none (failed to load)", False, str(getattr(lib, "error_msg", "unknown error"))
-    cdll = lib.__dict__.get("_lib")
-    path = getattr(cdll, "_name", None) or "unknown"
-    return path, bool(getattr(lib, "compiled_with_cuda", False)), None
+    return _mapped_library("libbitsandbytes") or "unknown", bool(getattr(lib, "compiled_with_cuda", False)), None
+
+
+def _mapped_library(prefix: str) -> str | None:
+    """The path of the shared library named prefix* that this process has loaded (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and Path(fields[5].strip()).name.startswith(prefix):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _quant_roundtrip(torch, device: str) -> float:
@@ -368,7 +380,7 @@ def _folders(recipe) -> dict[str, tuple[Path, bool]]:
     from huggingface_hub import constants
 
     home = Path(os.path.expanduser("~"))
-    output = Path(recipe.output.dir) if recipe is not None else Path.cwd()
+    output = RunDir.of(recipe).root if recipe is not None else Path.cwd()
     return {"output.dir" if recipe is not None else "working dir": (output, recipe is not None),
             "HF cache": (Path(constants.HF_HUB_CACHE), recipe is not None and _downloads(recipe)),
             "HOME": (home, False),
@@ -436,12 +448,13 @@ def _model_facts(recipe) -> tuple[dict, int | None, int | None]:
     None when unknown). Only the cache and one short Hub query (size of the weights): doctor takes seconds."""
     import json
 
-    from qctrain import hubcache, modelfiles
+    from qctrain import hubcache
+    from qctrain.basemodel import files
 
     if not hubcache.is_hub_model(recipe.model):
-        folder = Path(modelfiles.model_source(recipe.model))
+        folder = Path(files.model_source(recipe.model))
         weights = sum(p.stat().st_size for p in folder.glob("*.safetensors")) or None
-        return modelfiles.read_config(recipe.model), 0, weights
+        return files.read_config(recipe.model), 0, weights
     status = hubcache.model_status(recipe.model)
     config_path = status.paths.get("config.json")
     config = json.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
@@ -474,7 +487,7 @@ def _free(path: Path) -> tuple[int, int] | None:
 def _about_disk(report: Report, recipe) -> None:
     from huggingface_hub import constants
 
-    output = Path(recipe.output.dir) if recipe is not None else Path.cwd()
+    output = RunDir.of(recipe).root if recipe is not None else Path.cwd()
     cache = Path(constants.HF_HUB_CACHE)
     places = {"output": _free(output), "cache": _free(cache)}
     for name, path in (("disk (output)", output), ("disk (HF cache)", cache)):

@@ -44,7 +44,7 @@ class CacheStatus:
 
 
 def is_hub_model(cfg: ModelSection) -> bool:
-    from qctrain.modelfiles import model_source
+    from qctrain.basemodel.files import model_source
 
     return not Path(model_source(cfg)).is_dir()
 

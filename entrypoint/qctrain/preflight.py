@@ -2,7 +2,7 @@
 
 Each check returns a list of problems; `run_checks` runs them all so the user sees every problem
 at once. Nothing here writes into output.dir. Without a GPU nothing here imports torch, transformers
-or TRL (seconds): the model's facts come from its files (modelfiles), the train: section is checked
+or TRL (seconds): the model's facts come from its files (basemodel.files), the train: section is checked
 against a snapshot of SFTConfig's fields (recipe.check_train_section); `train` also builds the real
 SFTConfig (check_train_args) before any data or weights load.
 """
@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from qctrain import data, distributed, hubcache, modelfiles, rundir
+from qctrain import data, distributed, hubcache, rundir
+from qctrain.basemodel import files
 from qctrain.errors import InputError, QcError
 from qctrain.recipe import Recipe, output_data_overlap
 
@@ -56,7 +57,12 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_output_dir(recipe: Recipe, min_free: int = MIN_FREE_BYTES) -> list[str]:
-    out = Path(recipe.output.dir)
+    """output.dir apart from the data (load_recipe asks it too: here for a Recipe built in code), a folder a run
+    may write into, writable, with room."""
+    return output_data_overlap(recipe.data, recipe.output.dir) + _writable(rundir.RunDir.of(recipe).root, min_free)
+
+
+def _writable(out: Path, min_free: int) -> list[str]:
     if problem := rundir.output_dir_problem(out):  # a system folder, the home folder, someone else's files
         return [problem]
     existing = nearest_existing(out.absolute())
@@ -83,16 +89,16 @@ def check_train_args(recipe: Recipe) -> list[str]:
     has_eval = recipe.data.eval is not None
     with warnings.catch_warnings():  # a probe: the deprecation notes show when training builds it for real
         warnings.simplefilter("ignore", FutureWarning)
-        return _problem_of(lambda: sft_config(recipe, Path(recipe.output.dir), has_eval=has_eval) and None)
+        return _problem_of(lambda: sft_config(recipe, rundir.RunDir.of(recipe).root, has_eval=has_eval) and None)
 
 
 def check_template(recipe: Recipe) -> list[str]:
     try:
-        tokenizer = modelfiles.load_tokenizer_files(recipe.model)
+        tokenizer = files.load_tokenizer_files(recipe.model)
         if tokenizer is None:  # no tokenizer.json: only transformers can build this tokenizer
-            from qctrain import model
+            from qctrain.basemodel.load import load_tokenizer
 
-            tokenizer = model.load_tokenizer(recipe.model)
+            tokenizer = load_tokenizer(recipe.model)
         template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
         template = data.training_twin(template, recipe.data.loss_on, recipe.data.reasoning)
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
@@ -104,25 +110,25 @@ def check_template(recipe: Recipe) -> list[str]:
     return []
 
 
-def check_lora_targets(recipe: Recipe) -> list[str]:
+def check_lora(recipe: Recipe) -> list[str]:
+    """lora.target_modules against the base's Linear layers, named from its safetensors headers (or, where it has
+    none, from its module tree without weights)."""
     def check() -> None:
-        config = modelfiles.read_config(recipe.model)
-        shapes = modelfiles.weight_shapes(recipe.model)
-        if shapes is not None:
-            names = modelfiles.linear_module_names(shapes, config)
-        else:  # no safetensors header to read: build the module tree without weights
-            from qctrain import model
+        config = files.read_config(recipe.model)
+        shapes = files.weight_shapes(recipe.model)
+        if shapes is None:  # no safetensors header to read: build the module tree without weights
+            from qctrain.basemodel.load import linear_weights, meta_model
 
-            names = model.linear_module_names(model.meta_model(recipe.model))
+            shapes = linear_weights(meta_model(recipe.model))
         architecture = (config.get("architectures") or [config.get("model_type") or recipe.model.name])[0]
-        modelfiles.check_lora_targets(recipe.lora.target_modules, names, architecture)
+        files.check_lora_targets(recipe.lora.target_modules, files.linear_module_names(shapes, config), architecture)
     return _problem_of(check)
 
 
 def check_sequence_length(recipe: Recipe) -> list[str]:
     """data.max_seq_length within the positions the model has (config.json's max_position_embeddings)."""
     def check() -> None:
-        config = modelfiles.read_config(recipe.model)
+        config = files.read_config(recipe.model)
         limit = config.get("max_position_embeddings", (config.get("text_config") or {}).get("max_position_embeddings"))
         if isinstance(limit, int) and not isinstance(limit, bool) and recipe.data.max_seq_length > limit:
             raise InputError(f"data.max_seq_length: {recipe.data.max_seq_length:,} tokens is beyond what "
@@ -158,13 +164,13 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
     setting = env.get(MIN_FREE_ENV, "").strip()
     if setting and not setting.isdigit():
         return [f"{MIN_FREE_ENV}={setting!r}: expected a number of bytes"]
-    problems = output_data_overlap(recipe.data, recipe.output.dir) + check_sources(recipe)
+    problems = check_sources(recipe)
     problems += check_output_dir(recipe, int(setting) if setting else MIN_FREE_BYTES)
     problems += check_packages(recipe)
-    model_problems = (_problem_of(lambda: modelfiles.model_source(recipe.model) and None)
+    model_problems = (_problem_of(lambda: files.model_source(recipe.model) and None)
                       or hubcache.check_offline(recipe.model, env))  # offline: a missing cached file, named
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
-    problems += model_problems or (check_template(recipe) + check_lora_targets(recipe) + check_sequence_length(recipe)
+    problems += model_problems or (check_template(recipe) + check_lora(recipe) + check_sequence_length(recipe)
                                    + check_gpu_memory(recipe, env))
     if hub:
         problems += check_publisher(recipe, env)
@@ -219,11 +225,11 @@ def check_gpu_memory(recipe: Recipe, env: Mapping[str, str] | None = None) -> li
         return []
     import torch
 
-    from qctrain import model
+    from qctrain.basemodel.load import meta_model
 
     if not torch.cuda.is_available():
         return []
-    estimate = estimate_peak_memory(recipe, model.meta_model(recipe.model))
+    estimate = estimate_peak_memory(recipe, meta_model(recipe.model))
     card = torch.cuda.get_device_properties(0).total_memory / 2**30
     print("preflight: estimated peak GPU memory (GiB): "
           + ", ".join(f"{k} {v}" for k, v in estimate.items()) + f"; card {card:.1f}", flush=True)

@@ -156,14 +156,14 @@ def output_files(output_dir: Path) -> dict[str, Path]:
     """What a run publishes, path in repo -> local file: the adapter folder's files at the repo root
     (so PeftModel.from_pretrained(repo_id) works), then the run files and GGUF adapters; no
     checkpoints, no caches."""
-    adapter = output_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise InputError(f"{adapter} holds no trained adapter (no adapter_config.json): nothing to push")
-    files = dict(_files_under(adapter))
+    run = RunDir(output_dir)
+    if not (run.adapter / "adapter_config.json").is_file():
+        raise InputError(f"{run.adapter} holds no trained adapter (no adapter_config.json): nothing to push")
+    files = dict(_files_under(run.adapter))
     for name in RunDir.PUSHED_FILES:  # the run's README.md replaces the stub card PEFT writes next to the adapter
-        if (output_dir / name).is_file():
-            files[name] = output_dir / name
-    for path in sorted(RunDir(output_dir).gguf.glob("*.gguf")):  # not the Modelfile: its FROM is a local path
+        if (run.root / name).is_file():
+            files[name] = run.root / name
+    for path in sorted(run.gguf.glob("*.gguf")):  # not the Modelfile: its FROM is a local path
         files[f"gguf/{path.name}"] = path
     return files
 
@@ -397,7 +397,7 @@ class HubPublisher:
         return check_hub_access(self.hub.repo_id, self.hub.private, token, endpoint=self.endpoint)
 
     def push_run(self, output_dir: Path) -> None:
-        from qctrain import export
+        from qctrain.finished.merge import merge_adapter
 
         token = resolve_token()
         if not token:
@@ -406,7 +406,7 @@ class HubPublisher:
                              revision=self.hub.revision, endpoint=self.endpoint)
         print(f"pushed: {result.url}" if result.pushed else f"push: {result.skipped_reason}")
         if self.hub.push_merged:
-            merged = export.merge_adapter(output_dir, RunDir(output_dir).merged)
+            merged = merge_adapter(output_dir, RunDir(output_dir).merged)
             repo_id = self.hub.merged_repo_id or f"{self.hub.repo_id}-merged"
             result = push_folder(merged, repo_id, token, private=self.hub.private, endpoint=self.endpoint,
                                  commit_message=f"qctrain: {self.hub.repo_id} merged into its base")

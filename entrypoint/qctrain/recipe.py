@@ -217,42 +217,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "save_steps": 200,
     "save_total_limit": 3,
     "eval_strategy": "epoch",
-    "activation_checkpointing": True,  # on CPU off unless the recipe names it (Recipe.sft_config_kwargs)
+    "activation_checkpointing": True,  # on CPU off unless the recipe names it (train.sft_config_kwargs)
     "activation_checkpointing_kwargs": {"use_reentrant": False},
     "report_to": "none",
 }
-
-
-# The resume policy: train: knobs that decide speed, memory, logging, evaluation, saving or pushing, never
-# the weights; changing them between a preemption and the rerun does not stop the run from resuming
-# (checkpoint.plan_resume).
-HARMLESS_TRAIN_KEYS = frozenset({
-    "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm", "log_level", "log_level_replica",
-    "log_on_each_node", "per_device_eval_batch_size", "use_liger_kernel",
-    "liger_kernel_config", "skip_memory_metrics", "ddp_timeout", "ddp_find_unused_parameters",
-    "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_backend", "use_cpu", "overwrite_output_dir",
-    "resume_from_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
-    "prediction_loss_only", "batch_eval_metrics", "restore_callback_states_from_checkpoint",
-    "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
-})
-HARMLESS_TRAIN_PREFIXES = ("dataloader_", "activation_checkpointing", "gradient_checkpointing", "torch_compile",
-                           "logging_", "eval_", "save_", "hub_", "push_to_hub", "include_", "jit_")
-# Named like harmless knobs, but they change the weights: dataloader_drop_last changes which records each epoch
-# trains on, ignore_data_skip replays the data from the start on resume, auto_find_batch_size changes the
-# batch size (and with it the steps and the schedule).
-WEIGHT_CHANGING_TRAIN_KEYS = frozenset({"dataloader_drop_last", "ignore_data_skip", "auto_find_batch_size"})
-# Attention kernels that compute the same attention (up to rounding): switching between them is harmless.
-EQUIVALENT_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
-
-
-def harmless(key: str, old: Any, new: Any) -> bool:
-    """Whether changing recipe key `key` (dotted) from old to new leaves the trained weights as they were."""
-    if key == "model.attn_implementation":
-        return old in EQUIVALENT_ATTENTION and new in EQUIVALENT_ATTENTION
-    section, _, name = key.partition(".")
-    name = name.split(".", 1)[0]
-    return section == "train" and name not in WEIGHT_CHANGING_TRAIN_KEYS and (
-        name in HARMLESS_TRAIN_KEYS or name.startswith(HARMLESS_TRAIN_PREFIXES))
 
 
 class Recipe(_Strict):
@@ -275,33 +243,6 @@ class Recipe(_Strict):
         """TRAIN_DEFAULTS overlaid with the recipe's train: section (what SFTConfig receives)."""
         kwargs = {**TRAIN_DEFAULTS, **{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in self.train.items()}}
         kwargs.setdefault("seed", self.data.seed)
-        return kwargs
-
-    def sft_config_kwargs(self, checkpoints_dir: Path, has_eval: bool, cuda: bool) -> dict[str, Any]:
-        """What TRL's SFTConfig gets (train.sft_config builds it): sft_kwargs plus what the other sections
-        decide, with the settings that differ on a machine without CUDA."""
-        kwargs = self.sft_kwargs()
-        # Liger is applied by train.build_trainer (TRL's switch would leave out its fused linear cross entropy).
-        kwargs.pop("use_liger_kernel", None)
-        kwargs.pop("liger_kernel_config", None)
-        kwargs.update(
-            output_dir=str(checkpoints_dir),
-            max_length=self.data.max_seq_length,
-            packing=self.data.packing,
-            packing_strategy="bfd",
-            # The data stage already tokenized, masked, truncated and packed: the trainer takes it as is.
-            dataset_kwargs={"skip_prepare_dataset": True},
-            assistant_only_loss=False,
-        )
-        if not has_eval:
-            kwargs["eval_strategy"] = "no"
-        if not cuda:
-            if not {"activation_checkpointing", "gradient_checkpointing"} & set(self.train):
-                kwargs["activation_checkpointing"] = False  # recomputing costs a third of the forward; RAM is not short
-            kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
-            kwargs.setdefault("fp16", False)
-            kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
-            kwargs.setdefault("use_cpu", True)  # without it, ranks under torchrun on CPUs each train alone
         return kwargs
 
 

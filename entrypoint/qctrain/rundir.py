@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from qctrain import __version__
-from qctrain.atomic import read_json_object, write_json_atomic
+from qctrain.atomic import read_json_object, swap_in_folder, write_json_atomic
 from qctrain.console import say
 from qctrain.errors import InputError, disk_errno
 from qctrain.recipe import Recipe
@@ -45,9 +45,15 @@ class RunDir:
     """Every name under an output.dir (or a staging folder laid out like one)."""
 
     root: Path
-    # Written by export at the end, beside adapter/, and pushed with it (metrics.jsonl grows during training).
+    # Written by the outputs writer at the end, beside adapter/, and pushed with it (metrics.jsonl grows during
+    # training).
     FINAL_FILES: ClassVar[tuple[str, ...]] = ("README.md", "run_manifest.json", "loss.png", "data_report.json")
     PUSHED_FILES: ClassVar[tuple[str, ...]] = (*FINAL_FILES, "metrics.jsonl")
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "RunDir":
+        """The run folder a recipe names (output.dir)."""
+        return cls(Path(recipe.output.dir))
 
     @property
     def adapter(self) -> Path:
@@ -97,6 +103,11 @@ class RunDir:
     def marker(self) -> Path:
         return self.root / MARKER_NAME
 
+    @property
+    def staging(self) -> Path:
+        """Where this process writes the final outputs before they move into place (swap_in_outputs)."""
+        return self.root / f".staging-{os.getpid()}"
+
     def read_manifest(self, strict: bool = True) -> dict[str, Any]:
         """run_manifest.json of a finished run, with the recipe in it (InputError if there is none); with
         strict=False whatever it holds, {} when it is missing or broken."""
@@ -118,6 +129,19 @@ class RunDir:
                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
+
+def swap_in_outputs(staged: RunDir, final: RunDir) -> None:
+    """Move the outputs written into `staged` into place; a good old adapter is only replaced by a whole new one."""
+    swap_in_folder(staged.adapter, final.adapter)
+    if staged.gguf.is_dir():
+        swap_in_folder(staged.gguf, final.gguf)
+    # run_manifest.json last: its presence says the outputs beside it are complete (checkpoint.ResumePlan)
+    for name in sorted(RunDir.FINAL_FILES, key=lambda name: name == "run_manifest.json"):
+        if (staged.root / name).exists():
+            os.replace(staged.root / name, final.root / name)
+    shutil.rmtree(staged.root, ignore_errors=True)
+
+
 # --- which folders a run may write into ---
 
 # Refused with everything under them (the operating system's own trees), and refused as themselves (folders that
@@ -127,8 +151,9 @@ SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/l
 SYSTEM_EXCEPT = ("/var/tmp",)  # scratch space inside a system tree
 SYSTEM_FOLDERS = ("/", "/home", "/root", "/tmp", "/mnt", "/media", "/opt", "/srv")
 NOT_FOREIGN = ("lost+found",)  # a fresh filesystem's own folder (a new volume mounted at output.dir)
-# The temporary names our writers use (atomic.write_json_atomic, export/merge staging, checkpoint.trim_metrics,
-# the data cache): the only leftovers the start of a run removes, and only in these folders of a run folder.
+# The temporary names our writers use (atomic.write_json_atomic, the outputs', merge's and GGUF's staging folders,
+# checkpoint.trim_metrics, the data cache): the only leftovers the start of a run removes, and only in these folders
+# of a run folder.
 ROOT_FILES = (*RunDir.PUSHED_FILES, "push.json")
 LEFTOVERS = {
     ".": re.compile(r"\.staging-\d+|\.(merged|gguf)\.staging-\d+|\.metrics\.jsonl\.tmp"

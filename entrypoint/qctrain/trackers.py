@@ -62,3 +62,9 @@ def apply(report_to, output_dir: Path, env: MutableMapping[str, str] | None = No
     defaults = offline_defaults(requested(report_to), output_dir, env)
     env.update(defaults)
     return defaults
+
+
+def offline_runs(output_dir: Path) -> list[str]:
+    """One line per tracker run kept in output_dir for a later upload (wandb's offline runs), with how to."""
+    runs = sorted((output_dir / "wandb").glob("offline-run-*"))
+    return [f"wandb: offline run in {run}; upload it with `wandb sync {run}`" for run in runs[-1:]]

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -37,8 +38,7 @@ from qctrain.checkpoint import checkpoints_dir
 from qctrain.data import IGNORE, PreparedData
 from qctrain.errors import InputError, Preempted, writing
 from qctrain.hubtoken import redact
-from qctrain.model import lora_config
-from qctrain.recipe import Recipe
+from qctrain.recipe import LoraSection, Recipe
 from qctrain.rundir import RunDir
 from qctrain.signals import StopOnSignal
 
@@ -55,12 +55,52 @@ class TrainResult:
     finished: float
 
 
+def sft_config_kwargs(recipe: Recipe, checkpoints: Path, has_eval: bool, cuda: bool) -> dict[str, Any]:
+    """What TRL's SFTConfig gets: the recipe's train: section with its defaults (Recipe.sft_kwargs) plus what the
+    other sections decide, with the settings that differ on a machine without CUDA."""
+    kwargs = recipe.sft_kwargs()
+    # Liger is applied by build_trainer (TRL's switch would leave out its fused linear cross entropy).
+    kwargs.pop("use_liger_kernel", None)
+    kwargs.pop("liger_kernel_config", None)
+    kwargs.update(
+        output_dir=str(checkpoints),
+        max_length=recipe.data.max_seq_length,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        # The data stage already tokenized, masked, truncated and packed: the trainer takes it as is.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        assistant_only_loss=False,
+    )
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+    if not cuda:
+        if not {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.train):
+            kwargs["activation_checkpointing"] = False  # recomputing costs a third of the forward; RAM is not short
+        kwargs.setdefault("bf16", False)  # bf16 autocast on CPU is slow and gains nothing here
+        kwargs.setdefault("fp16", False)
+        kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
+        kwargs.setdefault("use_cpu", True)  # without it, ranks under torchrun on CPUs each train alone
+    return kwargs
+
+
 def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool) -> SFTConfig:
-    kwargs = recipe.sft_config_kwargs(checkpoints_dir(output_dir), has_eval, cuda=torch.cuda.is_available())
+    kwargs = sft_config_kwargs(recipe, checkpoints_dir(output_dir), has_eval, cuda=torch.cuda.is_available())
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as err:
         raise InputError(f"train: {str(err).splitlines()[0]}") from None
+
+
+def lora_config(cfg: LoraSection) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias=cfg.bias,
+        use_rslora=cfg.use_rslora,
+        task_type="CAUSAL_LM",
+    )
 
 
 class MetricsLog(TrainerCallback):
@@ -178,8 +218,7 @@ class AtomicCheckpoints:
     No public hook serves (a callback's on_save runs after the Trainer has already rotated the old
     checkpoints away, and nothing lets it choose where a checkpoint is written), so this adapter overrides
     two private Trainer methods, and only these: `_save_checkpoint(model, trial)`, and `_get_output_dir(trial)`,
-    which `_save_checkpoint` calls for the folder it writes `checkpoint-N` into.
-    tests/test_trainer_private_api.py pins them to the locked transformers and fails when they move.
+    which `_save_checkpoint` calls for the folder it writes `checkpoint-N` into (private_api.TRAINER_CHECKPOINTS).
     """
 
     checkpoint_meta: dict[str, Any] = {}
@@ -249,7 +288,8 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The same loss as SFTTrainer.compute_loss (the sum of the supervised tokens' negative
-        log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass."""
+        log-likelihoods over num_items_in_batch), without its per-step entropy and accuracy pass. It keeps
+        SFTTrainer's metrics as SFTTrainer does, in its private state (private_api.SFT_TRAINER_METRICS)."""
         if return_outputs or self.loss_path == "trl" or not self._plain_nll():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
@@ -301,7 +341,7 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
             tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
         else:  # packs as rows, right-padded: a padding token is the pad token with no label (an eos has one)
             tokens = ((inputs["input_ids"] != self.processing_class.pad_token_id) | (inputs["labels"] != IGNORE)).sum()
-        return self.accelerator.gather_for_metrics(tokens).sum().item() // self._tp_size
+        return self.accelerator.gather_for_metrics(tokens).sum().item() // self.get_tp_size()
 
 
 # --- Liger ---

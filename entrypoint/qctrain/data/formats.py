@@ -483,10 +483,6 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str], ignore: f
     return conversation
 
 
-def conversation_messages(conversation: dict[str, Any] | list[dict]) -> list[dict]:
-    return conversation["messages"] if isinstance(conversation, dict) else conversation
-
-
 def conversation_digest(conversation: dict[str, Any] | list[dict]) -> int:
     """A 64-bit content hash; a conversation without tools hashes as its messages (the ids of PREP_VERSION 2)."""
     key = conversation["messages"] if isinstance(conversation, dict) and not conversation["tools"] else conversation

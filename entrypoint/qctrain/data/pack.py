@@ -1,70 +1,41 @@
-"""Length fitting, token statistics and packing (TRL's best-fit-decreasing) on flat arrays."""
+"""The length fit, token statistics and packing (TRL's best-fit-decreasing), on per-record arrays."""
 
 import math
 from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import xxhash
 
 from qctrain.data.tokens import IGNORE, Tokenized
 
-if TYPE_CHECKING:
-    from datasets import Dataset
+KEPT, TRUNCATED, OVERLONG, UNSUPERVISED = 0, 1, 2, 3  # what becomes of a record in the length fit
 
 
-def _any_per_record(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """For each record, whether flags[starts[i]:ends[i]] has a True (ends[i] <= starts[i + 1])."""
-    out = np.zeros(len(starts), dtype=bool)
-    nonempty = ends > starts
-    if not len(flags) or not nonempty.any():
-        return out
-    cuts = np.empty(2 * int(nonempty.sum()), dtype=np.int64)
-    cuts[0::2], cuts[1::2] = starts[nonempty], ends[nonempty]
-    # logical_or.reduceat over [start, end) at the even cuts; the odd ones cover the gaps between records.
-    out[nonempty] = np.logical_or.reduceat(flags, np.minimum(cuts, len(flags) - 1))[0::2]
-    return out
-
-
-def fit_length_flat(tok: Tokenized, max_len: int, policy: str) -> tuple[Tokenized, dict[str, int]]:
-    """Drop or truncate records longer than max_len, then drop records with no supervised token."""
-    fitted, counts, _ = fit_length_outcomes(tok, max_len, policy)
-    return fitted, counts
-
-
-def fit_length_outcomes(tok: Tokenized, max_len: int, policy: str) -> tuple[Tokenized, dict[str, int], np.ndarray]:
-    """fit_length_flat, and per input record what became of it: KEPT, TRUNCATED (kept), OVERLONG (dropped) or
-    UNSUPERVISED (dropped: no supervised token left)."""
-    lengths = tok.lengths
-    overlong = lengths > max_len
-    keep = ~overlong if policy == "drop" else np.ones(len(tok), dtype=bool)
-    kept_lengths = np.minimum(lengths, max_len)
+def supervised_within(tok: Tokenized, max_len: int) -> np.ndarray:
+    """Per record, its supervised tokens among its first max_len (what is left after truncation)."""
+    running = np.zeros(len(tok.labels) + 1, dtype=np.int64)
+    np.cumsum(tok.labels != IGNORE, out=running[1:])
     starts = tok.bounds[:-1]
-    unsupervised = keep & ~_any_per_record(tok.labels != IGNORE, starts, starts + kept_lengths)
+    return running[starts + np.minimum(tok.lengths, max_len)] - running[starts]
+
+
+def fit_lengths(lengths: np.ndarray, supervised: np.ndarray, max_len: int, policy: str
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]:
+    """The length fit of records with these lengths and these supervised tokens among their first max_len
+    (supervised_within): records longer than max_len dropped or truncated (policy: data.on_overlong), then those
+    with no supervised token left dropped. Returns which records are kept, their lengths after truncation, the
+    counts, and each record's outcome (KEPT, TRUNCATED: kept; OVERLONG, UNSUPERVISED: dropped)."""
+    overlong = lengths > max_len
+    keep = ~overlong if policy == "drop" else np.ones(len(lengths), dtype=bool)
+    unsupervised = keep & (supervised == 0)
     counts = {"overlong_dropped": int(np.count_nonzero(overlong)) if policy == "drop" else 0,
               "overlong_truncated": int(np.count_nonzero(overlong)) if policy != "drop" else 0,
               "unsupervised_dropped": int(np.count_nonzero(unsupervised))}
     keep &= ~unsupervised
-    outcomes = np.select([unsupervised, ~keep, overlong], [UNSUPERVISED, OVERLONG, TRUNCATED], KEPT).astype(np.int8)
-    if keep.all() and not overlong.any():
-        return tok, counts, outcomes
-    token_keep = np.repeat(keep, lengths)
-    truncated = keep & overlong
-    for start, length in zip(starts[truncated].tolist(), lengths[truncated].tolist(), strict=True):
-        token_keep[start + max_len:start + length] = False  # a truncated record loses its tail
-    bounds = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
-    np.cumsum(kept_lengths[keep], out=bounds[1:])
-    return Tokenized(tok.ids[token_keep], tok.labels[token_keep], bounds), counts, outcomes
-
-
-KEPT, TRUNCATED, OVERLONG, UNSUPERVISED = 0, 1, 2, 3  # record outcomes of fit_length_outcomes
-
-
-def token_stats_flat(tok: Tokenized) -> dict[str, Any]:
-    return token_stats_of(tok.lengths, int(np.count_nonzero(tok.labels != IGNORE)))
+    outcomes = np.select([unsupervised, ~keep, overlong], [UNSUPERVISED, OVERLONG, TRUNCATED], KEPT)
+    return keep, np.minimum(lengths, max_len)[keep], counts, outcomes
 
 
 def token_stats_of(lengths: np.ndarray, supervised: int) -> dict[str, Any]:
@@ -109,23 +80,6 @@ def render_marked(ids: list[int], labels: list[int], tokenizer, start: str = "âŸ
         text = tokenizer.decode(run)
         pieces.append(f"{start}{text}{end}" if run_supervised else text)
     return "".join(pieces)
-
-
-def _list_array(values: np.ndarray, bounds: np.ndarray, dtype) -> pa.Array:
-    values = pa.array(values.astype(dtype, copy=False))
-    if bounds[-1] < 2**31:
-        return pa.ListArray.from_arrays(pa.array(bounds.astype(np.int32)), values)
-    return pa.LargeListArray.from_arrays(pa.array(bounds), values)
-
-
-def _gather(tok: Tokenized, order: np.ndarray, lengths: np.ndarray) -> Tokenized:
-    """Records `order` (the first `lengths` tokens of each), in that order."""
-    bounds = np.zeros(len(order) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=bounds[1:])
-    index = np.int32 if max(int(bounds[-1]), int(tok.bounds[-1])) < 2**31 else np.int64  # half the memory
-    positions = np.arange(int(bounds[-1]), dtype=index)
-    positions += np.repeat((tok.bounds[:-1][order] - bounds[:-1]).astype(index), lengths)
-    return Tokenized(tok.ids[positions], tok.labels[positions], bounds)
 
 
 BFD_BLOCK = 1 << 16  # records whose lengths are Python ints at a time
@@ -176,35 +130,3 @@ def pack_rows(lengths: np.ndarray, max_len: int, seed: int) -> tuple[np.ndarray,
     records_per_row = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=records_per_row[1:])
     return shuffled[order], fitted[order], records_per_row
-
-
-def to_dataset_flat(tok: Tokenized, packing: bool, max_len: int, seed: int) -> "Dataset":
-    """The training data set: records as they are, or (packing) shuffled then packed into rows of at most
-    max_len tokens with seq_lengths, exactly what TRL's pack_dataset(dataset.shuffle(seed), max_len, "bfd")
-    gives when it packs all records in one batch."""
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
-
-    # The value types Dataset.from_dict gives these columns: int32 token ids (datasets narrows a column
-    # named input_ids), int64 labels; seq_lengths as pack_dataset writes them.
-    if packing:
-        order, lengths, records_per_row = pack_rows(tok.lengths, max_len, seed)
-        tok = _gather(tok, order, lengths)
-        bounds = tok.bounds[records_per_row]
-        columns = {"input_ids": _list_array(tok.ids, bounds, np.int32),
-                   "labels": _list_array(tok.labels, bounds, np.int64),
-                   "seq_lengths": _list_array(lengths, records_per_row, np.int32)}
-    else:
-        bounds = tok.bounds
-        columns = {"input_ids": _list_array(tok.ids, bounds, np.int32),
-                   "labels": _list_array(tok.labels, bounds, np.int64)}
-    # A content fingerprint given up front: left to datasets, it would pickle the whole table to make one.
-    digest = xxhash.xxh3_128()
-    for array in (tok.ids, tok.labels, bounds):
-        digest.update(np.ascontiguousarray(array).data)
-    return Dataset(InMemoryTable(pa.table(columns)), fingerprint=digest.hexdigest())
-
-
-def to_dataset(input_ids: list[list[int]], labels: list[list[int]], packing: bool, max_len: int,
-               seed: int) -> "Dataset":
-    return to_dataset_flat(Tokenized.from_lists(input_ids, labels), packing, max_len, seed)

@@ -7,8 +7,6 @@ The result is cached under `<output.dir>/prepared/<fingerprint>/`, keyed by the 
 the chat template and every setting that changes the result.
 """
 
-import fcntl
-import gc
 import hashlib
 import json
 import os
@@ -27,8 +25,19 @@ import numpy as np
 import pyarrow as pa
 
 from qctrain.atomic import fsync_tree, staging_folder, swap_in_folder, write_json_atomic
-from qctrain.data.formats import ASSISTANT, BadRecord, conversation_digest, conversation_id, to_conversation
-from qctrain.data.pack import pack_rows, render_marked, token_stats_of
+from qctrain.data import workers
+from qctrain.data.formats import ASSISTANT, BadRecord, conversation_digest, to_conversation
+from qctrain.data.pack import (
+    KEPT,
+    OVERLONG,
+    TRUNCATED,
+    UNSUPERVISED,
+    fit_lengths,
+    pack_rows,
+    render_marked,
+    supervised_within,
+    token_stats_of,
+)
 from qctrain.data.sources import Record, read_source, source_fingerprint
 from qctrain.data.template import (
     Rendering,
@@ -38,15 +47,8 @@ from qctrain.data.template import (
     template_inputs,
     training_template,
 )
-from qctrain.data.tokens import (
-    CHUNK_RECORDS,
-    IGNORE,
-    Tokenized,
-    encode_chunk,
-    prep_workers,
-    rust_backend,
-    worker_pool,
-)
+from qctrain.data.tokens import IGNORE, Tokenized, encode_chunk, rust_backend
+from qctrain.data.workers import CHUNK_RECORDS, prep_workers
 from qctrain.errors import InputError
 from qctrain.recipe import DataSection, DataSource, canonical_json, output_data_overlap
 from qctrain.rundir import RunDir
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
 PREP_VERSION = "6"  # bump when the preparation logic changes what it writes
 ROW_BATCH_TOKENS = 1 << 20  # tokens per Arrow record batch written (a writer holds ~25 bytes a token)
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
-PIPE_BYTES = 1 << 20  # the workers' pipes (Linux's pipe-max-size by default)
 FORK_AFTER_CHUNKS = 4  # more chunks than the first and these: worth forking workers (below: in this process)
 IN_FLIGHT = 4  # chunks queued per worker: enough that none waits while the reader is off the CPU
 PROGRESS_AFTER = (3.0, 16384)  # seconds and records read before any progress shows: short runs stay quiet
@@ -75,25 +76,8 @@ class PreparedData:
 
 # --- dedup and split, on 64-bit conversation digests (the ids of conversation_id) ---
 
-def unique_indices(ids: list[str]) -> list[int]:
-    """Positions of the first occurrence of each id."""
-    seen: set[str] = set()
-    first = []
-    for index, cid in enumerate(ids):
-        if cid not in seen:
-            seen.add(cid)
-            first.append(index)
-    return first
-
-
-def dedup(conversations: list) -> tuple[list, list[str], int]:
-    ids = [conversation_id(c) for c in conversations]
-    keep = unique_indices(ids)
-    return [conversations[i] for i in keep], [ids[i] for i in keep], len(conversations) - len(keep)
-
-
 def first_indices(digests: np.ndarray) -> np.ndarray:
-    """Positions of the first occurrence of each digest, in input order (unique_indices on arrays)."""
+    """Positions of the first occurrence of each digest, in input order."""
     _, first = np.unique(digests, return_index=True)
     return np.sort(first)
 
@@ -130,7 +114,8 @@ def split_mask(digests: np.ndarray, seed: int, fraction: float | None, count: in
 
 @dataclass
 class _Job:
-    """What the workers need (forked, they inherit it: only the records are pickled on the way in)."""
+    """What the scan needs; the forked workers inherit it (workers.job()): only the records are pickled on the way
+    in."""
 
     sources: list[DataSource]
     tokenizer: Any
@@ -141,9 +126,6 @@ class _Job:
     on_bad: str
     split_seed: int | None = None  # the seed of a fraction or count split: the workers hash the ranks too
     reasoning: str = "inline"  # data.reasoning
-
-
-_JOB: _Job | None = None
 
 
 @dataclass
@@ -175,17 +157,8 @@ def turn_counts(conversations: list[dict]) -> tuple[int, int, int]:
     return supervised, context, traces
 
 
-def supervised_within(tok: Tokenized, max_len: int) -> np.ndarray:
-    """Per record, its supervised tokens among its first max_len (what is left after truncation)."""
-    running = np.zeros(len(tok.labels) + 1, dtype=np.int64)
-    np.cumsum(tok.labels != IGNORE, out=running[1:])
-    starts = tok.bounds[:-1]
-    return running[starts + np.minimum(tok.lengths, max_len)] - running[starts]
-
-
-def scan_chunk(task: tuple[int, list[Record]]) -> Chunk:
+def scan_chunk(job: _Job, task: tuple[int, list[Record]]) -> Chunk:
     index, records = task
-    job = _JOB
     src = job.sources[index]
     conversations, bad = [], []
     unread: dict[str, int] | None = None if job.on_bad == "error" else {}  # under error an unread key is bad
@@ -205,46 +178,34 @@ def scan_chunk(task: tuple[int, list[Record]]) -> Chunk:
                  unread or {}, turn_counts(conversations))
 
 
-def _tasks(indices: range) -> Iterator[tuple[int, list[Record]]]:
+def _scan_forked(task: tuple[int, list[Record]]) -> Chunk:
+    return scan_chunk(workers.job(), task)
+
+
+def _tasks(job: _Job, indices: range) -> Iterator[tuple[int, list[Record]]]:
     for index in indices:
-        records = read_source(_JOB.sources[index])
+        records = read_source(job.sources[index])
         while batch := list(islice(records, CHUNK_RECORDS)):
             yield index, batch
 
 
-def _widen_pipes(pool) -> None:
-    """The pool's pipes at 1 MiB instead of 64 KiB (Linux; where refused, left as they are): a chunk's records
-    and its tokens then pass in one write, not in a dozen handoffs between the main process's threads, which
-    left the workers idle some 7 ms a chunk (measured: their idle time 0.75 -> 0.42 s per 100k records)."""
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    for queue in (getattr(pool, "_inqueue", None), getattr(pool, "_outqueue", None)):
-        writer = getattr(queue, "_writer", None)
-        if set_size is None or writer is None:
-            continue
-        try:
-            fcntl.fcntl(writer.fileno(), set_size, PIPE_BYTES)
-        except (OSError, ValueError):
-            pass
-
-
-def _run(tasks: Iterator) -> Iterator[Chunk]:
+def _run(job: _Job, tasks: Iterator) -> Iterator[Chunk]:
     """scan_chunk over the tasks, in order: in this process for small inputs, else on forked workers with a few
     chunks in flight per worker (the reader waits for them: memory stays bounded)."""
     first = next(tasks, None)
     if first is None:
         return
-    yield scan_chunk(first)  # in this process: a bad first record (a wrong format) stops the run before any fork
+    yield scan_chunk(job, first)  # in this process: a bad first record (a wrong format) stops the run before any fork
     head = list(islice(tasks, FORK_AFTER_CHUNKS))
-    workers = prep_workers(len(head) * CHUNK_RECORDS if len(head) < FORK_AFTER_CHUNKS else 1 << 40)
-    if workers <= 1:
-        yield from map(scan_chunk, chain(head, tasks))
+    count = prep_workers(len(head) * CHUNK_RECORDS if len(head) < FORK_AFTER_CHUNKS else 1 << 40, CHUNK_RECORDS)
+    if count <= 1:
+        yield from (scan_chunk(job, task) for task in chain(head, tasks))
         return
-    with worker_pool(workers) as pool:
-        _widen_pipes(pool)
+    with workers.pool(count, job) as pool:
         pending: deque = deque()
         for task in chain(head, tasks):
-            pending.append(pool.apply_async(scan_chunk, (task,)))
-            if len(pending) >= IN_FLIGHT * workers:
+            pending.append(pool.apply_async(_scan_forked, (task,)))
+            if len(pending) >= IN_FLIGHT * count:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -362,19 +323,19 @@ def _new_counts() -> dict[str, Any]:
             "supervised_turns": 0, "context_turns": 0, "reasoning_traces": 0}
 
 
-def scan(indices: range, keys: list[str], counts: dict[str, dict], store: TokenStore,
+def scan(job: _Job, indices: range, keys: list[str], counts: dict[str, dict], store: TokenStore,
          progress: Progress) -> Scanned:
     """Read, normalise and tokenise the job's sources `indices`; bad records are counted under keys[i] (i: the
     place in `indices`), or with data.on_bad_record: error the first one stops everything."""
     for key in keys:
         counts.setdefault(key, _new_counts())
     columns: list[list[np.ndarray]] = [[] for _ in range(6)]  # Scanned's fields, a part per chunk
-    for chunk in _run(_tasks(indices)):
+    for chunk in _run(job, _tasks(job, indices)):
         local = chunk.source - indices.start
         tally = counts[keys[local]]
         tally["read"] += chunk.read
         for reason, message in chunk.bad:
-            if _JOB.on_bad == "error":
+            if job.on_bad == "error":
                 raise InputError(f"{message} (set data.on_bad_record: skip to skip such records)")
             tally["bad"] += 1
             tally["bad_by_reason"][reason] = tally["bad_by_reason"].get(reason, 0) + 1
@@ -414,23 +375,12 @@ def dedup_scanned(scanned: Scanned, keys: list[str], counts: dict[str, dict], en
     return keep
 
 
-KEPT, TRUNCATED, OVERLONG, UNSUPERVISED = 0, 1, 2, 3  # what becomes of a record in the length fit
-
-
 def fit_part(scanned: Scanned, part: np.ndarray, max_len: int, policy: str
              ) -> tuple[np.ndarray, np.ndarray, dict[str, int], np.ndarray]:
-    """The length fit of the records `part` (indices into scanned), as pack.fit_length_outcomes decides it: the
-    records kept, their lengths after truncation, the counts, and each record's outcome."""
-    lengths, supervised = scanned.lengths[part], scanned.supervised[part]
-    overlong = lengths > max_len
-    keep = ~overlong if policy == "drop" else np.ones(len(part), dtype=bool)
-    unsupervised = keep & (supervised == 0)
-    counts = {"overlong_dropped": int(np.count_nonzero(overlong)) if policy == "drop" else 0,
-              "overlong_truncated": int(np.count_nonzero(overlong)) if policy != "drop" else 0,
-              "unsupervised_dropped": int(np.count_nonzero(unsupervised))}
-    keep &= ~unsupervised
-    outcomes = np.select([unsupervised, ~keep, overlong], [UNSUPERVISED, OVERLONG, TRUNCATED], KEPT)
-    return part[keep], np.minimum(lengths, max_len)[keep], counts, outcomes
+    """The length fit (pack.fit_lengths) of the records `part` (indices into scanned): the records kept, their
+    lengths after truncation, the counts, and each record's outcome."""
+    keep, lengths, counts, outcomes = fit_lengths(scanned.lengths[part], scanned.supervised[part], max_len, policy)
+    return part[keep], lengths, counts, outcomes
 
 
 def write_rows(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray | None,
@@ -465,11 +415,9 @@ def write_rows(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, rows:
     return n_rows
 
 
-_WRITE: tuple | None = None  # what forked shard writers read: (store, starts, lengths, rows, packed, ranges, paths)
-
-
 def _write_shard(index: int) -> int:
-    store, starts, lengths, rows, packed, ranges, paths = _WRITE
+    """In a forked worker (workers.job(): store, starts, lengths, rows, packed, ranges, paths): shard `index`."""
+    store, starts, lengths, rows, packed, ranges, paths = workers.job()
     lo, hi = ranges[index]
     first, last = int(rows[lo]), int(rows[hi])
     return write_rows(store, starts[first:last], lengths[first:last], rows[lo:hi + 1] - first if packed else None,
@@ -480,45 +428,40 @@ def write_shards(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, row
                  folder: Path, name: str) -> int:
     """write_rows on forked workers, a shard each of about the same number of tokens, in row order:
     folder/name-00000-of-0000N.arrow... (load_prepared reads them back as one set). Returns the number of rows."""
-    global _WRITE
     packed = rows is not None
     rows = np.arange(len(starts) + 1, dtype=np.int64) if rows is None else rows
     n_rows = len(rows) - 1
     record_tokens = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=record_tokens[1:])
     row_tokens = record_tokens[rows]
-    shards = max(1, min(prep_workers(len(starts)), n_rows))
+    shards = max(1, min(prep_workers(len(starts), CHUNK_RECORDS), n_rows))
     cuts = sorted({0, n_rows, *np.searchsorted(row_tokens, [row_tokens[-1] * k // shards
                                                             for k in range(1, shards)]).tolist()})
     ranges = list(pairwise(cuts))
     paths = [folder / f"{name}-{k:05d}-of-{len(ranges):05d}.arrow" for k in range(len(ranges))]
-    _WRITE = (store, starts, lengths, rows, packed, ranges, paths)
-    try:
-        if len(ranges) == 1:
-            return _write_shard(0)
-        with worker_pool(len(ranges)) as pool:
-            return sum(pool.map(_write_shard, range(len(ranges)), chunksize=1))
-    finally:
-        _WRITE = None
+    if len(ranges) == 1:
+        return write_rows(store, starts, lengths, rows if packed else None, paths[0])
+    with workers.pool(len(ranges), (store, starts, lengths, rows, packed, ranges, paths)) as pool:
+        return sum(pool.map(_write_shard, range(len(ranges)), chunksize=1))
 
 
-def heldout_prompts(indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
+def heldout_prompts(job: _Job, indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
     """The prompts (all but the last turn, as the template gets them; with their tools as {"messages", "tools"})
     of the good records at positions `wanted` of the job's sources `indices` (a few, early in the read order):
     read again, only as far as the last of them."""
     wanted_set, prompts, good = set(wanted.tolist()), {}, 0
     last = max(wanted_set, default=-1)
     for index in indices:
-        src = _JOB.sources[index]
+        src = job.sources[index]
         for record in read_source(src):
             if good > last:
                 return [prompts[i] for i in wanted.tolist()]
             try:
-                conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=_JOB.loss_on)
+                conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=job.loss_on)
             except BadRecord:
                 continue
             if good in wanted_set:
-                [messages], [tools], _ = template_inputs([conversation], _JOB.reasoning != "drop")
+                [messages], [tools], _ = template_inputs([conversation], job.reasoning != "drop")
                 prompts[good] = {"messages": messages[:-1], "tools": tools} if tools else messages[:-1]
             good += 1
     return [prompts[i] for i in wanted.tolist()]
@@ -567,60 +510,63 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path, how: Rendering
     """Everything that is cached: writes work/train.arrow (and work/eval.arrow); returns the report and the
     recorded split. template: the training template (extended); how: how the template it extends renders tools
     and traces (for the report)."""
-    global _JOB
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    # Forked workers each tokenize on one thread; the variable keeps tokenizers quiet about the fork.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     eval_sources = list(cfg.eval.sources) if cfg.eval and cfg.eval.sources else []
     split_seed = cfg.seed if cfg.eval and not cfg.eval.sources and (cfg.eval.fraction or cfg.eval.count) else None
-    _JOB = _Job([*cfg.sources, *eval_sources], tokenizer, rust_backend(tokenizer), template, cfg.loss_on,
-                cfg.max_seq_length, cfg.on_bad_record, split_seed, cfg.reasoning)
+    job = _Job([*cfg.sources, *eval_sources], tokenizer, rust_backend(tokenizer), template, cfg.loss_on,
+               cfg.max_seq_length, cfg.on_bad_record, split_seed, cfg.reasoning)
     store = TokenStore(work / "tokens")
-    # The objects alive now (the libraries, the tokenizer: millions) leave the garbage collector's view: its full
-    # collections walked them all again, some 15 us a record in the workers, and forked workers stop copying
-    # their pages when it touches them.
-    gc.freeze()
+    how = how or rendering(template, cfg.reasoning)
     try:
-        return _build(cfg, tokenizer, template, work, store, how or rendering(template, cfg.reasoning))
+        with workers.forking():  # for the whole stage: the scan's and the shard writers' workers fork from it
+            counts: dict[str, dict] = {}
+            parts, split = _scan_and_split(job, cfg, store, counts)
+            eval_part = parts["eval"]
+            report: dict[str, Any] = {"sources": counts, "records_read": 0, "duplicates": 0,
+                                      "tools_rendered_by": how.tools,
+                                      "heldout_prompts": heldout_prompts(job, eval_part.indices, eval_part.records[:3])}
+            for name, part in parts.items():
+                if len(part.records):
+                    _write_part(name, part, cfg, store, tokenizer, work, counts, report)
     finally:
-        gc.unfreeze()
-        _JOB = None
         store.close()
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return _totals(report, counts, cfg, how), split
 
 
-def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenStore,
-           how: Rendering) -> tuple[dict, dict]:
-    counts: dict[str, dict] = {}
+@dataclass
+class _Part:
+    """The records of one part (train or eval): which scan they are in, their indices in it, and that scan's keys
+    (its sources' names in the report) and source indices."""
+
+    scanned: Scanned
+    records: np.ndarray
+    keys: list[str]
+    indices: range
+
+
+def _scan_and_split(job: _Job, cfg: DataSection, store: TokenStore,
+                    counts: dict[str, dict]) -> tuple[dict[str, _Part], dict[str, Any]]:
+    """Read, deduplicate and split: the train and eval parts, and the split as split.json records it."""
     progress = Progress("data")
     train_indices = range(len(cfg.sources))
     keys = [s.path for s in cfg.sources]
-    train = scan(train_indices, keys, counts, store, progress)
+    train = scan(job, train_indices, keys, counts, store, progress)
     kept = dedup_scanned(train, keys, counts, cfg.dedup)
-    read = sum(c["read"] for c in counts.values())
-    duplicates = sum(c["duplicates"] for c in counts.values())
+    read, duplicates = (sum(c[key] for c in counts.values()) for key in ("read", "duplicates"))
     if not len(kept):
         progress.done()
-        bad = sum(c["bad"] for c in counts.values())
         examples = [e for c in counts.values() for e in c["examples"]]
-        raise InputError(f"data: no usable records ({read} read, {bad} bad and skipped, {duplicates} duplicates); "
-                         f"sources: {', '.join(s.path for s in cfg.sources)}"
+        raise InputError(f"data: no usable records ({read} read, {sum(c['bad'] for c in counts.values())} bad and "
+                         f"skipped, {duplicates} duplicates); sources: {', '.join(s.path for s in cfg.sources)}"
                          + (f"; first bad record: {examples[0]}" if examples else ""))
-
     split: dict[str, Any] = {"seed": cfg.seed}
     eval_cfg = cfg.eval
-    # name -> (the scan, the records of this part in it, the scan's keys, the scan's source indices)
-    parts: dict[str, tuple[Scanned, np.ndarray, list[str], range]]
     if eval_cfg and eval_cfg.sources:
         eval_indices = range(len(cfg.sources), len(cfg.sources) + len(eval_cfg.sources))
         eval_keys = ["eval:" + s.path for s in eval_cfg.sources]
-        evaluation = scan(eval_indices, eval_keys, counts, store, progress)
+        evaluation = scan(job, eval_indices, eval_keys, counts, store, progress)
         eval_kept = dedup_scanned(evaluation, eval_keys, counts, cfg.dedup)
-        parts = {"train": (train, kept, keys, train_indices),
-                 "eval": (evaluation, eval_kept, eval_keys, eval_indices)}
+        parts = {"train": _Part(train, kept, keys, train_indices),
+                 "eval": _Part(evaluation, eval_kept, eval_keys, eval_indices)}
         split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
     elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
         try:
@@ -629,57 +575,60 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
         except InputError as err:
             progress.done()
             raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
-        parts = {"train": (train, kept[~in_eval], keys, train_indices),
-                 "eval": (train, kept[in_eval], keys, train_indices)}
+        parts = {"train": _Part(train, kept[~in_eval], keys, train_indices),
+                 "eval": _Part(train, kept[in_eval], keys, train_indices)}
         split.update(method="fraction" if eval_cfg.fraction else "count",
                      fraction=eval_cfg.fraction, count=eval_cfg.count,
                      eval_ids=[f"{d:016x}" for d in train.digests[kept[in_eval]].tolist()])
     else:
-        parts = {"train": (train, kept, keys, train_indices), "eval": (train, kept[:0], keys, train_indices)}
+        parts = {"train": _Part(train, kept, keys, train_indices), "eval": _Part(train, kept[:0], keys, train_indices)}
         split.update(method="none")
     progress.done()
     store.close()
-    del kept  # the parts hold what is kept; the digests and ranks have done their work (dedup, split)
-    for scanned, *_ in parts.values():
-        scanned.digests = scanned.ranks = np.zeros(0, np.uint64)
+    for part in parts.values():  # the digests and ranks have done their work (dedup, split)
+        part.scanned.digests = part.scanned.ranks = np.zeros(0, np.uint64)
+    return parts, split
 
-    _, eval_part, _, eval_indices = parts["eval"]
-    report: dict[str, Any] = {"sources": counts, "records_read": 0, "duplicates": 0, "tools_rendered_by": how.tools,
-                              "heldout_prompts": heldout_prompts(eval_indices, eval_part[:3])}
-    for name, (scanned, part, part_keys, _) in parts.items():
-        if not len(part):
-            continue
-        records, lengths, fit_counts, outcomes = fit_part(scanned, part, cfg.max_seq_length, cfg.on_overlong)
-        source = scanned.source[part]
-        kept_here = (outcomes == KEPT) | (outcomes == TRUNCATED)
-        for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == TRUNCATED),
-                            ("overlong", outcomes == OVERLONG), ("unsupervised", outcomes == UNSUPERVISED)):
-            _per_source(part_keys, source[chosen], counts, key)
-        del source, kept_here, outcomes
-        supervised = int(scanned.supervised[records].sum())
-        report[name] = {"conversations": len(part), **fit_counts, **token_stats_of(lengths, supervised)}
-        starts = scanned.starts[records]
-        if name == "train":
-            if not len(records):
-                raise InputError(
-                    "data: no training record left after filtering "
-                    f"({fit_counts['overlong_dropped']} longer than "
-                    f"data.max_seq_length={cfg.max_seq_length}, {fit_counts['unsupervised_dropped']} with no "
-                    "supervised token); raise max_seq_length or set data.on_overlong: truncate")
-            ids, labels = store.gather(starts[:1], lengths[:1])
-            report["sample"] = render_marked(ids.tolist(), labels.tolist(), tokenizer)
+
+def _write_part(name: str, part: _Part, cfg: DataSection, store: TokenStore, tokenizer, work: Path,
+                counts: dict[str, dict], report: dict[str, Any]) -> None:
+    """Fit the part's records to max_seq_length, count what became of them, and write its shards (packed or
+    not); report[name]: its statistics (and, for train, report["sample"])."""
+    scanned = part.scanned
+    records, lengths, fit_counts, outcomes = fit_part(scanned, part.records, cfg.max_seq_length, cfg.on_overlong)
+    source = scanned.source[part.records]
+    kept_here = (outcomes == KEPT) | (outcomes == TRUNCATED)
+    for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == TRUNCATED),
+                        ("overlong", outcomes == OVERLONG), ("unsupervised", outcomes == UNSUPERVISED)):
+        _per_source(part.keys, source[chosen], counts, key)
+    del source, kept_here, outcomes
+    supervised = int(scanned.supervised[records].sum())
+    report[name] = {"conversations": len(part.records), **fit_counts, **token_stats_of(lengths, supervised)}
+    starts = scanned.starts[records]
+    if name == "train":
         if not len(records):
-            continue
-        del records
-        if cfg.packing:
-            order, packed_lengths, rows = pack_rows(lengths, cfg.max_seq_length, cfg.seed)
-            starts, lengths = starts[order], None
-            del order
-            report[name]["sequences"] = write_shards(store, starts, packed_lengths, rows, work, name)
-            report[name]["packing_efficiency"] = round(
-                report[name]["tokens"] / (report[name]["sequences"] * cfg.max_seq_length), 4)
-        else:
-            report[name]["sequences"] = write_shards(store, starts, lengths, None, work, name)
+            raise InputError(
+                "data: no training record left after filtering "
+                f"({fit_counts['overlong_dropped']} longer than "
+                f"data.max_seq_length={cfg.max_seq_length}, {fit_counts['unsupervised_dropped']} with no "
+                "supervised token); raise max_seq_length or set data.on_overlong: truncate")
+        ids, labels = store.gather(starts[:1], lengths[:1])
+        report["sample"] = render_marked(ids.tolist(), labels.tolist(), tokenizer)
+    if not len(records):
+        return
+    del records
+    if not cfg.packing:
+        report[name]["sequences"] = write_shards(store, starts, lengths, None, work, name)
+        return
+    order, packed_lengths, rows = pack_rows(lengths, cfg.max_seq_length, cfg.seed)
+    starts, lengths = starts[order], None
+    del order
+    sequences = report[name]["sequences"] = write_shards(store, starts, packed_lengths, rows, work, name)
+    report[name]["packing_efficiency"] = round(report[name]["tokens"] / (sequences * cfg.max_seq_length), 4)
+
+
+def _totals(report: dict[str, Any], counts: dict[str, dict], cfg: DataSection, how: Rendering) -> dict[str, Any]:
+    """The report's totals over all sources: counts, turns, reasoning traces."""
     if report["train"]["supervised_tokens"] == 0:
         raise InputError("data: no token is supervised; check data.loss_on and the chat template")
     report["counts"] = count_totals(counts)
@@ -689,7 +638,7 @@ def _build(cfg: DataSection, tokenizer, template: str, work: Path, store: TokenS
     traces = report["counts"]["reasoning_traces"]
     report["reasoning"] = {"setting": cfg.reasoning, "rendered_by": how.reasoning, "traces": traces,
                            "dropped": traces if how.reasoning == "dropped" else 0}
-    return report, split
+    return report
 
 
 def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:

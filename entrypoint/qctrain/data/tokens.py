@@ -1,12 +1,8 @@
-"""Tokenizing: the fast path (jinja render, one batched Rust encode, labels from offsets) and the reference
-(apply_chat_template with the assistant mask)."""
+"""Tokenizing: the fast path (jinja render, one batched Rust encode, labels from offsets) and the library's way
+(apply_chat_template with the assistant mask: the definition the fast path matches, and the path for tokenizers
+without a Rust backend)."""
 
-import contextlib
-import multiprocessing
-import multiprocessing.pool
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -14,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from qctrain.data.template import passes_through, supervised_spans, template_inputs, unextended
-from qctrain.errors import InputError
+from qctrain.data.workers import CHUNK_RECORDS
 
 IGNORE = -100
 
@@ -23,13 +19,9 @@ IGNORE = -100
 # The fast path renders the chat template with transformers' own jinja machinery (the function that
 # `apply_chat_template` calls, so the text and the {% generation %} spans are the same), encodes the texts
 # with one batched call to the Rust tokenizer, and turns spans into labels with array operations on the
-# token offsets, reproducing `apply_chat_template(..., return_assistant_tokens_mask=True)` exactly. Large
-# inputs are split into chunks that worker processes (forked, one per core) render and encode in parallel.
+# token offsets, reproducing `apply_chat_template(..., return_assistant_tokens_mask=True)` exactly, a chunk
+# (CHUNK_RECORDS) at a time: the data stage's forked workers each encode a chunk (encode_chunk).
 # Records travel as flat arrays (`Tokenized`), never as one Python list per record.
-
-PREP_WORKERS_ENV = "QCTRAIN_PREP_WORKERS"  # worker processes for tokenizing; default: one per usable core
-CHUNK_RECORDS = 512  # records rendered and encoded per task: small, so no worker idles long at the end
-MIN_RECORDS_PER_WORKER = 4096  # below this, forking costs more than it saves
 
 
 @dataclass
@@ -46,10 +38,6 @@ class Tokenized:
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.bounds)
-
-    def record(self, i: int) -> tuple[list[int], list[int]]:
-        lo, hi = self.bounds[i], self.bounds[i + 1]
-        return self.ids[lo:hi].tolist(), self.labels[lo:hi].tolist()
 
     def to_lists(self) -> tuple[list[list[int]], list[list[int]]]:
         cuts = self.bounds[1:-1]
@@ -409,16 +397,17 @@ def _render_direct(messages: list[list[dict]], template: str, special_tokens: di
                    tools: list[list[dict] | None] | None = None) -> tuple[list, list] | None:
     """render_jinja_template(..., return_assistant_tokens_mask=True) for conversations of _plain_strings (or
     _plain_data, with their tools), without its per-conversation copy (a fifth of the render time): the same
-    compiled template and span tracker, called as it calls them. None where this transformers lacks those
-    functions."""
+    compiled template and span tracker, called as it calls them (private functions: private_api.CHAT_TEMPLATE).
+    None where this transformers lacks them."""
     from transformers.utils import chat_template_utils
 
     compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
     render = getattr(chat_template_utils, "_render_with_assistant_indices", None)
-    if compile_template is None or render is None:
+    plain = getattr(chat_template_utils, "_plain_template_data", None)
+    if compile_template is None or render is None or plain is None:
         return None
     compiled = compile_template(template)
-    special_tokens = chat_template_utils._plain_template_data(special_tokens)
+    special_tokens = plain(special_tokens)
     texts, spans = [], []
     for conversation, record_tools in zip(messages, tools or [None] * len(messages), strict=True):
         text, indices = render(compiled, conversation, record_tools, None, False, **special_tokens)
@@ -518,15 +507,6 @@ def _encode(messages: list[list[dict]], tools: list[list[dict] | None], contexts
     return Tokenized(ids, labels, bounds)
 
 
-_JOB: tuple | None = None  # what forked workers read: (messages, tools, contexts, tokenizer, backend, template, masked)
-
-
-def _encode_range(bounds: tuple[int, int]) -> Tokenized:
-    messages, tools, contexts, tokenizer, backend, template, masked = _JOB
-    lo, hi = bounds
-    return _encode(messages[lo:hi], tools[lo:hi], contexts[lo:hi], tokenizer, backend, template, masked)
-
-
 def encode_chunk(conversations: list, tokenizer, backend, template: str, loss_on: str,
                  reasoning: str = "inline") -> Tokenized:
     """One chunk in this process: the fast path, or the reference where the tokenizer has no Rust backend."""
@@ -537,71 +517,15 @@ def encode_chunk(conversations: list, tokenizer, backend, template: str, loss_on
     return _encode(messages, tools, contexts, tokenizer, backend, template, loss_on == "assistant")
 
 
-def prep_workers(records: int) -> int:
-    """Worker processes for tokenizing `records`: QCTRAIN_PREP_WORKERS, else one per usable core, and
-    none (in process) for small inputs or where fork is not available."""
-    setting = os.environ.get(PREP_WORKERS_ENV, "").strip()
-    if setting:
-        try:
-            wanted = int(setting)
-        except ValueError:
-            raise InputError(f"{PREP_WORKERS_ENV}={setting!r}: expected a whole number") from None
-    else:
-        wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        wanted = min(wanted, records // MIN_RECORDS_PER_WORKER)
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return 1
-    return max(1, min(wanted, -(-records // CHUNK_RECORDS)))
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int) -> Iterator[multiprocessing.pool.Pool]:
-    """A pool of forked workers that leave SIGTERM/SIGINT to this process and die with it (signals.worker_init),
-    started and stopped where no stop signal interrupts (signals.critical): a signal ends the command at once, with
-    no worker left behind and no traceback from one."""
-    from qctrain.signals import critical, worker_init
-
-    with critical():
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=worker_init, initargs=(os.getpid(),))
-    try:
-        yield pool
-    finally:
-        with critical():
-            pool.terminate()
-
-
-def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str,
-                  workers: int | None = None, chunk: int = CHUNK_RECORDS, reasoning: str = "inline") -> Tokenized:
+def tokenize_flat(conversations: list, tokenizer, template: str, loss_on: str, chunk: int = CHUNK_RECORDS,
+                  reasoning: str = "inline") -> Tokenized:
     """Token ids and labels (IGNORE outside the supervised assistant turns when loss_on is 'assistant') of every
-    conversation (canonical, or a plain list of messages), the same as `tokenize_reference`, fast. reasoning:
-    data.reasoning ("drop" renders the conversations without their traces)."""
-    global _JOB
-    masked = loss_on == "assistant"
+    conversation (canonical, or a plain list of messages), the same as `tokenize_reference`, fast, in this process
+    (the data stage forks workers for large inputs), `chunk` records at a time. reasoning: data.reasoning ("drop"
+    renders the conversations without their traces)."""
     backend = rust_backend(tokenizer)
-    if backend is None:
-        return Tokenized.from_lists(*tokenize_reference(conversations, tokenizer, template, loss_on,
-                                                        reasoning=reasoning))
-    workers = prep_workers(len(conversations)) if workers is None else workers
-    messages, tools, contexts = template_inputs(conversations, reasoning != "drop")
-    n = len(conversations)
-    ranges = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
-    if workers <= 1 or len(ranges) <= 1:
-        return Tokenized.concat([_encode(messages[lo:hi], tools[lo:hi], contexts[lo:hi], tokenizer, backend,
-                                         template, masked) for lo, hi in ranges])
-    # Forked workers inherit the job (nothing is pickled on the way in) and each tokenizes on one thread;
-    # the variable keeps tokenizers quiet about the fork and out of its thread pool in the children.
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _JOB = (messages, tools, contexts, tokenizer, backend, template, masked)
-    try:
-        with worker_pool(workers) as pool:
-            return Tokenized.concat(pool.map(_encode_range, ranges, chunksize=1))
-    finally:
-        _JOB = None
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return Tokenized.concat([encode_chunk(conversations[start:start + chunk], tokenizer, backend, template, loss_on,
+                                          reasoning) for start in range(0, len(conversations), chunk)])
 
 
 def tokenize(conversations: list, tokenizer, template: str, loss_on: str,

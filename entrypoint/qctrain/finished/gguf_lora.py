@@ -1,4 +1,6 @@
-"""GGUF export: the LoRA adapter as a GGUF LoRA file for llama.cpp (`--lora`) and Ollama (`ADAPTER`).
+"""GGUF export: the LoRA adapter as a GGUF LoRA file for llama.cpp (`--lora`) and Ollama (`ADAPTER`), with an
+Ollama Modelfile; `qctrain export --gguf` (write_gguf) and `output.gguf` at the end of training (the writer calls
+export on its staging folder).
 
 Written with the `gguf` package the way llama.cpp's convert_lora_to_gguf.py writes it, so llama.cpp's
 loader (llama-adapter.cpp) accepts it: general.type = adapter, adapter.type = lora,
@@ -18,9 +20,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qctrain.atomic import make_shareable, staging_beside, staging_folder, swap_in_folder
+from qctrain.basemodel.reference import BaseReference
 from qctrain.data.template import TOOLS_HEADER
 from qctrain.errors import InputError
-from qctrain.model import BaseReference
+from qctrain.finished.load import FinishedRun
 from qctrain.secretmask import mask
 
 # transformers architecture -> llama.cpp architecture, for bases whose tensors convert_hf_to_gguf.py
@@ -39,6 +43,20 @@ class GgufExport:
     modelfile: Path
     tensors: int
     alpha: float
+
+
+def write_gguf(output_dir: Path, outtype: str = "f32", base_gguf: str | None = None) -> GgufExport:
+    """`qctrain export --gguf`: the finished run's adapter as a GGUF LoRA and Modelfile in output_dir/gguf."""
+    from qctrain.basemodel.load import load_config
+
+    finished = FinishedRun.open(output_dir)
+    dest = finished.run.gguf
+    with staging_folder(staging_beside(dest)) as staging:
+        done = export(finished.run.adapter, staging, finished.reference, load_config(finished.base), outtype,
+                      base_gguf, name=output_dir.resolve().name)
+    make_shareable(staging)
+    swap_in_folder(staging, dest)
+    return done
 
 
 def export(adapter_dir: Path, dest: Path, base: BaseReference, base_config, outtype: str = "f32",

@@ -1,7 +1,7 @@
-"""What preflight needs to know about the base model, read from its small files without importing torch:
-config.json, the tokenizer files, the safetensors headers (module names). A local folder or the Hub.
+"""The base model read from its small files, without importing torch: config.json, the tokenizer files, the
+safetensors headers (module names and shapes), and the LoRA targets they allow. A local folder or the Hub.
 
-`model.py` loads the real thing for training; this module answers in a fraction of a second, so that
+`load.py` loads the real thing for training; this module answers in a fraction of a second, so that
 `qctrain check` stays fast.
 """
 
@@ -125,8 +125,9 @@ def _hub_weight_shapes(cfg: ModelSection, repo_id: str) -> dict[str, list[int]] 
 
 
 def linear_module_names(shapes: dict[str, list[int]], config: dict[str, Any]) -> list[str]:
-    """Short names of the layers LoRA can target, as model.linear_module_names finds them on the module
-    tree: modules with a 2-D weight, less lm_head and the embedding tables (first dimension = vocab)."""
+    """Short names of the layers LoRA can target: modules with a 2-D weight, less lm_head and the embedding
+    tables (first dimension = vocab). shapes: from the safetensors headers (weight_shapes), or a model's
+    Linear layers (load.linear_weights)."""
     vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     names = set()
     for tensor, shape in shapes.items():
