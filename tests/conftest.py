@@ -2,9 +2,9 @@
 
 Tiers: `make test` runs everything but the image tests (pytest-xdist, one worker per core); `make test-fast`
 (`-m "not slow and not docker"`) is the unit tier: no training run, no model loaded beyond its tokenizer, no
-subprocess that imports the training stack. A test is `slow` when it is marked so (`@pytest.mark.slow`, or
-`pytestmark` for a whole module) or when it requests a fixture named in SLOW_FIXTURES (below): mark a new
-expensive test, or add its fixture's name there.
+subprocess that imports the training stack. tests/tiers.py decides what is `slow` (a marker, a fixture of
+SLOW_FIXTURES, a training command in the test's code) and fails a test outside the slow tier that trains or
+loads a model all the same, naming what it did.
 
 Shared runs (session fixtures, built once per `make test` even across xdist workers, under a file lock in a
 folder all workers share; see `built_once`). Read them; never write into them: a test that changes a run (train,
@@ -43,6 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tiers
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub
@@ -54,9 +55,6 @@ if XDIST_WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
-# Fixtures that train, load a model or start the training stack: a test that requests one is `slow`.
-SLOW_FIXTURES = {"finished_run", "merged_run", "hub_cached_run", "runs", "pushed_run", "tracked_run", "stopped",
-                 "real_runs", "written", "base", "tiny_model", "packed", "packed_all_tokens"}
 # Modules with module-scoped fixtures (their trained runs, a loaded model): under xdist all their tests go to one
 # worker, so that the fixture is built once. The tests of every other module are handed out one by one.
 GROUPED_MODULES = {"test_distributed.py", "test_docker_image.py", "test_fast_tokenize.py", "test_gguf.py",
@@ -71,19 +69,36 @@ MODULE_SECONDS = {"test_bench_smoke.py": 90, "test_distributed.py": 60, "test_pr
                   "test_offline.py": 10}
 
 
+tiers.install_guard()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with tiers.watching(item):
+        result = yield
+    if why := tiers.verdict():
+        pytest.fail(why, pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with tiers.watching(item):
+        result = yield
+    if why := tiers.verdict():
+        pytest.fail(why, pytrace=False)
+    return result
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.slow)
+        tiers.classify(item)
         scoped = [name for name, defs in item._fixtureinfo.name2fixturedefs.items()
                   if defs[-1].scope in ("module", "class", "package")]
         if scoped and item.path.name not in GROUPED_MODULES:
             raise pytest.UsageError(f"{item.nodeid} uses the module-scoped fixture(s) {', '.join(scoped)}: add "
                                     f"{item.path.name} to GROUPED_MODULES in tests/conftest.py")
-        if item.get_closest_marker("timing") and item.path.name in GROUPED_MODULES:
-            raise pytest.UsageError(f"{item.nodeid} is marked timing: under xdist it must be a unit of its own, "
-                                    "so not in a module of GROUPED_MODULES")
     if XDIST_WORKER:  # every worker sorts alike, and the controller hands out work in this order
         def order(item):
             return (1 if item.get_closest_marker("timing") else 0), -MODULE_SECONDS.get(item.path.name, 0)
@@ -153,7 +168,8 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
         if not done.exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            build(folder)
+            with tiers.unwatched():
+                build(folder)
             done.touch()
     return folder
 

@@ -101,6 +101,7 @@ def test_packs_become_rows_with_positions_restarting_per_record(packed):
     assert trainer._tokens_in(batch) == flat["input_ids"].numel()
 
 
+@pytest.mark.slow  # its trainer comes from request.getfixturevalue, which tests/tiers.py cannot see at collection
 @pytest.mark.parametrize("setup", ["packed", "packed_all_tokens"])
 def test_rows_and_lean_loss_equal_trl_loss_and_gradients(setup, request):
     trainer, examples, tokenizer = request.getfixturevalue(setup)
