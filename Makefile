@@ -1,4 +1,4 @@
-# Two commands a newcomer needs: `make demo` and `make test`.
+# Two commands a newcomer needs: `make demo` and `make test` (`make test-fast`: the unit tier, for the inner loop).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,10 @@ TINY_MODEL := models/tiny-phi3
 TINY_RECIPE := recipes/examples/tiny-cpu.yaml
 IMAGE ?= qc-train-phi:dev
 
-.PHONY: setup tiny-model demo demo-dpo test lint lock image smoke bench clean
+# One pytest-xdist worker per core (at most 4: each holds a model); tests/conftest.py schedules them.
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4
+
+.PHONY: setup tiny-model demo demo-dpo test test-fast lint lock image smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -50,8 +53,11 @@ demo-dpo: setup tiny-model
 	$(BIN)/qctrain generate out/tiny-style-dpo --compare-parent --prompt "What do bees make?"
 	$(BIN)/qctrain generate out/tiny-style-dpo --compare-base --prompt "What do bees make?"
 
-test: setup
-	$(BIN)/python -m pytest -q -m "not docker"  # the image tests run in docker/ci.sh, after the build
+test: setup  # the whole suite; the image tests run in docker/ci.sh, after the build
+	$(PYTEST) -m "not docker"
+
+test-fast: setup  # the unit tier: no training run, no model loaded, nothing that starts the training stack
+	$(PYTEST) -m "not slow and not docker"
 
 lint: setup
 	$(BIN)/ruff check entrypoint tests bench

@@ -103,6 +103,7 @@ def test_packs_become_rows_with_positions_restarting_per_record(packed):
     assert trainer._tokens_in(batch) == flat["input_ids"].numel()
 
 
+@pytest.mark.slow  # its trainer comes from request.getfixturevalue, which tests/tiers.py cannot see at collection
 @pytest.mark.parametrize("setup", ["packed", "packed_all_tokens"])
 def test_rows_and_lean_loss_equal_trl_loss_and_gradients(setup, request):
     trainer, examples, tokenizer = request.getfixturevalue(setup)
@@ -124,6 +125,7 @@ def test_the_rows_check_has_teeth(packed):
     assert abs(apart.item() - mixed.item()) > 1e-4
 
 
+@pytest.mark.slow
 def test_padded_records_lean_loss_equals_trl_loss(tmp_path, tiny_model_dir):
     trainer, examples, tokenizer = build(tmp_path, tiny_model_dir, packing=False)
     batch = trainer.data_collator(examples)
@@ -187,6 +189,7 @@ def test_loss_path_by_device_and_liger():
     assert train.loss_path("cuda", {**train.LIGER_KERNELS, "fused_linear_cross_entropy": False}) == "trl"
 
 
+@pytest.mark.slow
 def test_flash_attention_keeps_the_padding_free_row(tmp_path, tiny_model_dir):
     """Flash-attention kernels take variable-length sequences: TRL's padding-free row (with cu_seq_lens)."""
     recipe = Recipe.model_validate({"model": {"name": "x", "attn_implementation": "flash_attention_2"},
