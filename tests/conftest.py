@@ -60,7 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPED_MODULES = {"test_distributed.py", "test_docker_image.py", "test_fast_tokenize.py", "test_gguf.py",
                    "test_hostile_inputs.py", "test_hub_flow.py", "test_loss_path.py", "test_model.py",
                    "test_packing.py", "test_preemption.py", "test_scaleout_manifests.py", "test_sky_task.py",
-                   "test_stopping.py", "test_trackers.py"}
+                   "test_stopping.py", "test_trackers.py", "test_evaluate.py", "test_evaluate_flow.py",
+                   "test_preference_run.py", "test_preference_train.py"}
 # Rough seconds of the heavy modules on 2 idle cores: under xdist the longest start first (scheduling only).
 MODULE_SECONDS = {"test_bench_smoke.py": 90, "test_distributed.py": 60, "test_preemption.py": 50,
                   "test_hub_flow.py": 40, "test_portable.py": 35, "test_rundir.py": 35, "test_secrets.py": 30,

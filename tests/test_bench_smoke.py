@@ -114,6 +114,7 @@ def test_extension(tiny_model_dir, tmp_path):
     assert "plain (40)" in text and "tools (20)" in text and "extended, us/record" in text
 
 
+@pytest.mark.slow  # loads the 4-bit model and generates
 def test_eval_samples(tiny_model_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert bench_module("eval_samples").main(["--prompts", "2", "--rounds", "1", "--max-new-tokens", "4", "--model",

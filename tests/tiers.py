@@ -25,7 +25,8 @@ import pytest
 
 # Fixtures that train, load a model or start the training stack: a test that requests one is `slow`.
 SLOW_FIXTURES = {"finished_run", "merged_run", "hub_cached_run", "runs", "pushed_run", "tracked_run", "stopped",
-                 "real_runs", "written", "base", "tiny_model", "packed", "packed_all_tokens"}
+                 "real_runs", "written", "base", "tiny_model", "packed", "packed_all_tokens", "exact_vocab",
+                 "gated_run", "chain", "sft_adapter"}
 # qctrain commands whose process imports the training stack (torch, transformers, PEFT, TRL, bitsandbytes) and
 # loads a model; validate, check, prepare, doctor and tiny-model do not.
 TRAINING_COMMANDS = ("train", "merge", "generate", "export", "push")
