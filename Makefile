@@ -1,4 +1,4 @@
-# Two commands a newcomer needs: `make demo` and `make test`.
+# Two commands a newcomer needs: `make demo` and `make test` (`make test-fast`: the unit tier, for the inner loop).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,10 @@ TINY_MODEL := models/tiny-phi3
 TINY_RECIPE := recipes/examples/tiny-cpu.yaml
 IMAGE ?= qc-train-phi:dev
 
-.PHONY: setup tiny-model demo test lint lock image smoke bench clean
+# One process: tests/conftest.py can schedule pytest-xdist workers (-n 2), but such runs hung at their end here.
+PYTEST := $(BIN)/python -m pytest -q
+
+.PHONY: setup tiny-model demo demo-dpo test test-fast lint lock image smoke bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,8 +41,23 @@ demo: setup tiny-model
 	@echo "GGUF LoRA:   out/tiny-cpu/gguf/tiny-cpu-lora-f32.gguf (llama.cpp: --lora)"
 	@echo "Modelfile:   out/tiny-cpu/gguf/Modelfile (ollama create tiny-cpu -f out/tiny-cpu/gguf/Modelfile)"
 
-test: setup
-	$(BIN)/python -m pytest -q -m "not docker"  # the image tests run in docker/ci.sh, after the build
+# Preference tuning, SFT -> DPO: both styles learnt by SFT, the polite one preferred after DPO.
+demo-dpo: setup tiny-model
+	$(BIN)/qctrain train --restart recipes/examples/tiny-style-sft.yaml
+	$(BIN)/qctrain train --restart recipes/examples/tiny-style-dpo.yaml
+	@$(BIN)/python -c "import json; rows = [json.loads(l) for l in open('out/tiny-style-dpo/metrics.jsonl')]; \
+	  ev = [r for r in rows if 'eval_rewards/accuracies' in r]; \
+	  print(f\"held-out reward accuracy {ev[0]['eval_rewards/accuracies']:.2f} (step {ev[0]['step']}) -> \
+	  {ev[-1]['eval_rewards/accuracies']:.2f} (step {ev[-1]['step']}), margin {ev[0]['eval_rewards/margins']:.2f} -> \
+	  {ev[-1]['eval_rewards/margins']:.2f} (plot: out/tiny-style-dpo/loss.png)\")"
+	$(BIN)/qctrain generate out/tiny-style-dpo --compare-parent --prompt "What do bees make?"
+	$(BIN)/qctrain generate out/tiny-style-dpo --compare-base --prompt "What do bees make?"
+
+test: setup  # the whole suite; the image tests run in docker/ci.sh, after the build
+	$(PYTEST) -m "not docker"
+
+test-fast: setup  # the unit tier: no training run, no model loaded, nothing that starts the training stack
+	$(PYTEST) -m "not slow and not docker"
 
 lint: setup
 	$(BIN)/ruff check entrypoint tests bench

@@ -28,6 +28,7 @@ def rows_of(results: Path, bench: str) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_prep(tiny_model_dir, tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
     assert bench_module("prep").main(["--sizes", "300,600", "--trl-records", "200", "--rounds", "1",
@@ -48,6 +49,7 @@ def test_packing(tiny_model_dir, tmp_path):
     assert "packed (BFD)" in text and "padded to the longest" in text and "Packing fill" in text
 
 
+@pytest.mark.slow
 def test_train_cpu_ours_against_plain_trl(tiny_model_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert bench_module("train_cpu").main([
@@ -61,6 +63,7 @@ def test_train_cpu_ours_against_plain_trl(tiny_model_dir, tmp_path):
     assert "loss at step 3: ours-on " in text and "target <= 1%: " in text
 
 
+@pytest.mark.slow
 def test_gpu_qlora_logic_on_a_tiny_model_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     results = tmp_path / "RESULTS.md"
@@ -89,6 +92,7 @@ def test_gpu_benchmark_skips_without_a_gpu_and_run_all_goes_on(tmp_path, capfd):
     assert not (tmp_path / "R.md").exists()
 
 
+@pytest.mark.slow
 def test_check_timing_against_an_earlier_commit(tiny_model_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert bench_module("check").main(["--rounds", "1", "--model", str(tiny_model_dir),
@@ -110,6 +114,7 @@ def test_extension(tiny_model_dir, tmp_path):
     assert "plain (40)" in text and "tools (20)" in text and "extended, us/record" in text
 
 
+@pytest.mark.slow  # loads the 4-bit model and generates
 def test_eval_samples(tiny_model_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     assert bench_module("eval_samples").main(["--prompts", "2", "--rounds", "1", "--max-new-tokens", "4", "--model",

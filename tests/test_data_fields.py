@@ -295,6 +295,7 @@ def test_generation_renders_the_tools_through_the_adapter_template(tuned_tokeniz
                       + "<|end|><|user|>Weather in Oslo?<|end|><|assistant|>")
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_bad_tools_file_before_loading_anything(tmp_path):
     bad = write_json(tmp_path / "tools.json", [{"description": "no name"}])
     result = run_cli("generate", str(tmp_path / "no-run"), "--prompt", "hi", "--tools", str(bad))

@@ -224,6 +224,7 @@ def test_the_recipe_offers_exactly_the_formats_there_are_normalisers_for():
     import typing
 
     from qctrain.data.formats import NORMALISERS
+    from qctrain.data.preference import PAIR_NORMALISERS
     from qctrain.recipe import DataSource
 
-    assert typing.get_args(DataSource.model_fields["format"].annotation) == ("auto", *NORMALISERS)
+    assert typing.get_args(DataSource.model_fields["format"].annotation) == ("auto", *NORMALISERS, *PAIR_NORMALISERS)

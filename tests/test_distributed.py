@@ -48,36 +48,8 @@ ADAPTER_ATOL = 1e-4  # LoRA tensors after 6 steps, DDP vs one process (measured:
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(REPO / "entrypoint")}
 
-# Test-only: slows every optimizer step of every rank (imported by each process via sitecustomize).
-SLOW_STEPS = '''
-import importlib.abc, importlib.util, os, sys, time
-
-_DELAY = float(os.environ.get("QCTRAIN_TEST_STEP_DELAY") or 0)
-
-
-class _SlowSteps(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "qctrain.train":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            step_end = module.PreemptionCallback.on_step_end
-
-            def slow_step_end(self, *args, **kwargs):
-                time.sleep(_DELAY)
-                return step_end(self, *args, **kwargs)
-            module.PreemptionCallback.on_step_end = slow_step_end
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if _DELAY:
-    sys.meta_path.insert(0, _SlowSteps())
-'''
+# Test-only: slows every optimizer step of every rank (tests/slowsteps/sitecustomize.py, imported by each process).
+SLOW_STEPS = Path(__file__).resolve().parent / "slowsteps"
 
 
 # --- helpers ---
@@ -145,10 +117,7 @@ def runs(tmp_path_factory):
                             train={"max_steps": MAX_STEPS, "per_device_train_batch_size": per_device,
                                    "save_steps": 100}, **sections)
 
-    hooks = root / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_STEPS, encoding="utf-8")
-    slow = {**ENV, "PYTHONPATH": f"{hooks}{os.pathsep}{ENV['PYTHONPATH']}", "QCTRAIN_TEST_STEP_DELAY": "0.3"}
+    slow = {**ENV, "PYTHONPATH": f"{SLOW_STEPS}{os.pathsep}{ENV['PYTHONPATH']}", "QCTRAIN_TEST_STEP_DELAY": "0.3"}
     ddp_recipe, out = recipe("ddp", 2), root / "ddp"
     timings: dict[str, float] = {}
 
@@ -467,6 +436,7 @@ except Exception as err:
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["lost", "stopping"])
 def test_a_dead_rank_is_named_not_an_internal_error(case, tmp_path):
     port = str(free_port())

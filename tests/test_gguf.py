@@ -94,6 +94,7 @@ def test_llama_cpp_scaling_reproduces_peft_delta_weights(written):
         np.testing.assert_allclose(ours, delta.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rslora_is_folded_into_alpha(tiny_model_dir, config, tmp_path):
     adapter, deltas = peft_adapter(tiny_model_dir, tmp_path / "adapter", use_rslora=True, r=4, lora_alpha=8)
     path = tmp_path / "a.gguf"
@@ -117,6 +118,7 @@ def test_f16_outtype(written, config, tmp_path):
     ({"use_dora": True}, "use_dora is set"),
     ({"modules_to_save": ["lm_head"]}, "is not a LoRA A/B weight"),
 ])
+@pytest.mark.slow
 def test_what_llama_cpp_cannot_apply_is_an_input_error(tiny_model_dir, config, tmp_path, lora, complaint):
     adapter, _ = peft_adapter(tiny_model_dir, tmp_path / "adapter", **lora)
     with pytest.raises(InputError, match=complaint):

@@ -79,16 +79,15 @@ def test_token_never_written_or_printed(pushed_run):
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_merged_logits_match_base_plus_adapter(pushed_run, tiny_model_dir, tmp_path):
+def test_merged_logits_match_base_plus_adapter(merged_run, finished_run, tiny_model_dir):
+    """conftest's merged_run: `qctrain merge` of the shared finished_run, float32."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = pushed_run[0]
-    result = run_cli("merge", str(out), "--dest", str(tmp_path / "merged"), "--dtype", "float32")
-    assert result.returncode == 0, result.stderr[-2000:]
+    out = finished_run.out
     ids = torch.tensor([[4, 50, 60, 70, 80, 90]])
     with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_run.dest, dtype=torch.float32)(ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         with_adapter = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(ids).logits
@@ -96,6 +95,7 @@ def test_merged_logits_match_base_plus_adapter(pushed_run, tiny_model_dir, tmp_p
     assert not torch.allclose(merged, plain, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_failed_push_exits_4_and_push_later_finishes(double, tiny_model_dir, tmp_path):
     data_path = write_json(tmp_path / "d.json", alpaca_records(12))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, data_path, tmp_path / "out",

@@ -5,6 +5,8 @@ LM head, entropy and accuracy every call) on exactly the weights our compute_los
 its own collator's: one padding-free row of the packs. Ours: the packs as rows (sdpa).
 """
 
+import contextlib
+
 import pytest
 import torch
 from conftest import alpaca_records, write_json
@@ -101,6 +103,7 @@ def test_packs_become_rows_with_positions_restarting_per_record(packed):
     assert trainer._tokens_in(batch) == flat["input_ids"].numel()
 
 
+@pytest.mark.slow  # its trainer comes from request.getfixturevalue, which tests/tiers.py cannot see at collection
 @pytest.mark.parametrize("setup", ["packed", "packed_all_tokens"])
 def test_rows_and_lean_loss_equal_trl_loss_and_gradients(setup, request):
     trainer, examples, tokenizer = request.getfixturevalue(setup)
@@ -122,6 +125,7 @@ def test_the_rows_check_has_teeth(packed):
     assert abs(apart.item() - mixed.item()) > 1e-4
 
 
+@pytest.mark.slow
 def test_padded_records_lean_loss_equals_trl_loss(tmp_path, tiny_model_dir):
     trainer, examples, tokenizer = build(tmp_path, tiny_model_dir, packing=False)
     batch = trainer.data_collator(examples)
@@ -185,6 +189,7 @@ def test_loss_path_by_device_and_liger():
     assert train.loss_path("cuda", {**train.LIGER_KERNELS, "fused_linear_cross_entropy": False}) == "trl"
 
 
+@pytest.mark.slow
 def test_flash_attention_keeps_the_padding_free_row(tmp_path, tiny_model_dir):
     """Flash-attention kernels take variable-length sequences: TRL's padding-free row (with cu_seq_lens)."""
     recipe = Recipe.model_validate({"model": {"name": "x", "attn_implementation": "flash_attention_2"},
@@ -253,6 +258,31 @@ def test_activation_checkpointing_off_on_cpu_unless_named(tmp_path):
     assert train.sft_config(_recipe(gradient_checkpointing=True), tmp_path, False).activation_checkpointing
 
 
+@contextlib.contextmanager
+def liger_slicing():
+    """Phi-3's forward slicing logits_to_keep as Liger's fused-loss forward (lce_forward) does on CUDA:
+    hidden_states[:, keep, :], which a boolean [batch, length] mask cannot index (seen on an H200)."""
+    from transformers.models.phi3 import modeling_phi3
+
+    def positions_only(hidden_states, logits_to_keep):
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+    original = modeling_phi3.slice_logits_to_keep
+    modeling_phi3.slice_logits_to_keep = positions_only
+    try:
+        yield
+    finally:
+        modeling_phi3.slice_logits_to_keep = original
+
+
+def test_liger_slicing_refuses_a_boolean_mask(packed):
+    trainer, examples, tokenizer = packed
+    rows = trainer.data_collator(examples)
+    with torch.no_grad(), liger_slicing(), pytest.raises(IndexError, match="too many indices"):
+        train.supervised_logits(trainer.model, dict(rows))
+
+
 @pytest.mark.parametrize("training_path", ["model", "trl"])
 def test_evaluation_takes_the_lean_path_whatever_training_takes(packed, training_path):
     """With Liger's fused loss (loss path "model", CUDA) or TRL's chunked head (CUDA) an evaluation computes the
@@ -267,7 +297,8 @@ def test_evaluation_takes_the_lean_path_whatever_training_takes(packed, training
         with torch.no_grad():
             lean = trainer.compute_loss(trainer.model, dict(rows))
             trainer.loss_path = training_path
-            other = trainer.compute_loss(trainer.model, dict(rows))
+            with liger_slicing() if training_path == "model" else contextlib.nullcontext():
+                other = trainer.compute_loss(trainer.model, dict(rows))
         assert other.item() == lean.item()
         assert len(metrics["mean_token_accuracy"]) == 2 and len(metrics["entropy"]) == 2
     finally:

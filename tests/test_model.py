@@ -24,6 +24,7 @@ def test_base_is_really_4bit_nf4(base):
     assert not isinstance(base.lm_head, bnb.nn.Linear4bit)
 
 
+@pytest.mark.slow
 def test_plain_lora_without_quantization(tiny_model_dir):
     plain = load.load_base_model(ModelSection(name=str(tiny_model_dir), quantization=None))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())

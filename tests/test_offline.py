@@ -1,26 +1,20 @@
 """Provably offline: with HF_HUB_OFFLINE=1 and a pre-filled HF cache (the tiny model as a cached Hub repo), a whole
 `train` + `export --gguf` opens no network connection (tests/isolation.py: a socket guard in every Python
-process, and a network namespace when root); a file missing from the cache is named in one line at `check`."""
+process, and a network namespace when root); a file missing from the cache is named in one line at `check`.
+The training run is conftest's shared `hub_cached_run`, trained under the same guard."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, fill_hub_cache, write_json, write_recipe
+from conftest import HUB_ID, fill_hub_cache, offline_env, write_json, write_recipe
 from isolation import attempts, can_unshare, isolated
 
 REPO_ID = "acme/tiny-phi3"
-
-
-def offline_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "WANDB_", "MLFLOW_", "TRACKIO_", "DO_NOT_TRACK"))}
-    # telemetry left at its defaults on purpose: HF_HUB_OFFLINE alone must keep everything local
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HOME=str(tmp_path / "home"),
-               PYTHONPATH=str(REPO / "entrypoint"), QCTRAIN_MIN_FREE_BYTES="0")
-    return env
 
 
 def qctrain(tmp_path: Path, *args: str, env: dict[str, str], name: str):
@@ -64,21 +58,19 @@ def test_the_namespace_stops_code_the_guard_cannot_see(tmp_path):
     assert subprocess.run(command, capture_output=True, text=True, env=env, timeout=60).stdout.strip() == "loopback ok"
 
 
-@pytest.mark.slow
-def test_train_and_export_from_the_hf_cache_open_no_connection(tmp_path, tiny_model_dir):
-    fill_hub_cache(tmp_path / "hf" / "hub", REPO_ID, tiny_model_dir)
-    recipe = recipe_for_cached_model(tmp_path, tiny_model_dir)
-    env = offline_env(tmp_path)
-    train, tried = qctrain(tmp_path, "train", str(recipe), env=env, name="train")
+def test_train_and_export_from_the_hf_cache_open_no_connection(hub_cached_run, tmp_path):
+    train, tried = hub_cached_run.result, hub_cached_run.attempts
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     assert tried == [], tried
-    out = tmp_path / "out"
+    out = hub_cached_run.out
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "run_manifest.json").is_file()
-    assert REPO_ID in (out / "adapter" / "adapter_config.json").read_text()  # the base is the cached Hub repo
-    export, tried = qctrain(tmp_path, "export", str(out), "--gguf", env=env, name="export")
+    assert HUB_ID in (out / "adapter" / "adapter_config.json").read_text()  # the base is the cached Hub repo
+    copy = tmp_path / "run"  # the export writes into the run: a copy, without the GGUF files training wrote
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("gguf"))
+    export, tried = qctrain(tmp_path, "export", str(copy), "--gguf", env=hub_cached_run.env, name="export")
     assert export.returncode == 0, export.stderr[-2000:]
     assert tried == [], tried
-    assert list((out / "gguf").glob("*.gguf")) and (out / "gguf" / "Modelfile").is_file()
+    assert list((copy / "gguf").glob("*.gguf")) and (copy / "gguf" / "Modelfile").is_file()
 
 
 @pytest.mark.parametrize("missing, named", [
@@ -86,9 +78,13 @@ def test_train_and_export_from_the_hf_cache_open_no_connection(tmp_path, tiny_mo
     ("tokenizer_config.json", "tokenizer_config.json"),
 ])
 def test_check_names_the_file_missing_from_the_offline_cache(tmp_path, tiny_model_dir, missing, named):
-    fill_hub_cache(tmp_path / "hf" / "hub", REPO_ID, tiny_model_dir, skip=(missing,))
-    recipe = recipe_for_cached_model(tmp_path, tiny_model_dir)
-    done, tried = qctrain(tmp_path, "check", str(recipe), env=offline_env(tmp_path), name="check")
+    # The line quotes the cache's path and is cut at 300 characters: a short HF_HOME keeps the hint at its end
+    # in view wherever pytest puts tmp_path (under xdist: one folder deeper).
+    with tempfile.TemporaryDirectory(prefix="hf-") as hf_home:
+        fill_hub_cache(Path(hf_home) / "hub", REPO_ID, tiny_model_dir, skip=(missing,))
+        recipe = recipe_for_cached_model(tmp_path, tiny_model_dir)
+        done, tried = qctrain(tmp_path, "check", str(recipe), env={**offline_env(tmp_path), "HF_HOME": hf_home},
+                              name="check")
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

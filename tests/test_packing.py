@@ -104,6 +104,7 @@ def test_prepared_packs_keep_boundaries_and_tokens(tokenizer, tmp_path):
     assert len(train) == -(-sum(lengths) // 128) or report["train"]["packing_efficiency"] > 0.7
 
 
+@pytest.mark.slow
 def test_trainer_gets_packs_as_rows(tiny_model_dir, tokenizer, tmp_path):
     """With sdpa our trainer collates a batch of packs as rows (padding-free would be one row of every pack,
     whose block-diagonal mask sdpa computes densely): positions restart per record, no attention mask."""
@@ -146,6 +147,7 @@ def test_trainer_gets_packs_as_rows(tiny_model_dir, tokenizer, tmp_path):
     assert rows_loss == pytest.approx(total / count, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_liger_switch_goes_through_the_recipe(tiny_model_dir, tokenizer, tmp_path):
     """train.use_liger_kernel: we apply Liger ourselves (its fused linear cross entropy included), so TRL's
     switch, which leaves that out, is never passed on. Liger's kernels are Triton (CUDA only): asking for them

@@ -1,6 +1,9 @@
 """Outputs that travel (end to end on CPU): trained in one folder with relative paths, then used from
 another, offline, by PEFT's own AutoPeftModelForCausalLM and by `qctrain merge/generate/export`; for a
-local base and for a Hub-id base (a populated HF_HOME cache standing in for the Hub)."""
+local base and for a Hub-id base (a populated HF_HOME cache standing in for the Hub).
+
+The runs are conftest's shared `finished_run` (local base, trained under umask 077, tensorboard, output.gguf)
+and `hub_run` (the Hub-id base from the cache); `elsewhere` is each test's own folder."""
 
 import json
 import os
@@ -12,77 +15,33 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import alpaca_records, write_json
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-HUB_ID = "qctest/tiny-phi3"
+from conftest import HUB_ID, copy_run
+from conftest import qctrain_in as qctrain
 
 
-def qctrain(*args: str, cwd: Path, env: dict | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
-    def preexec():
-        if umask is not None:
-            os.umask(umask)
-    return subprocess.run([sys.executable, "-m", "qctrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, preexec_fn=preexec)
+@pytest.fixture
+def local_run(finished_run, tmp_path):
+    """The shared run trained from its work folder (out, work) and a folder of this test's own to use it from."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return finished_run.out, elsewhere, finished_run.work
+
+
+@pytest.fixture
+def hub_run(hub_cached_run, tmp_path):
+    elsewhere = tmp_path / "elsewhere-hub"
+    elsewhere.mkdir()
+    return hub_cached_run.out, elsewhere
+
+
+@pytest.fixture
+def hf_home(hub_cached_run):
+    return hub_cached_run.hf_home
 
 
 def python(code: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-
-
-def write_run(workdir: Path, model: dict, out: str, **train) -> Path:
-    """A recipe with paths relative to workdir, as a user writes them."""
-    write_json(workdir / "data" / "train.json", alpaca_records(24))
-    recipe = {
-        "model": {**model, "quantization": {"compute_dtype": "float32"}},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"sources": [{"path": "data/train.json"}], "eval": {"count": 2}, "max_seq_length": 256},
-        "train": {"max_steps": 6, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-                  "learning_rate": 1.0e-2, "logging_steps": 1, "save_steps": 100,
-                  "gradient_checkpointing": False, **train},
-        "output": {"dir": out, "gguf": True},
-    }
-    path = workdir / f"{Path(out).name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def local_run(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("portable")
-    work = root / "work"
-    shutil.copytree(tiny_model_dir, work / "models" / "tiny")
-    recipe = write_run(work, {"name": "models/tiny"}, "out/local", report_to="tensorboard")
-    result = qctrain("train", recipe.name, cwd=work, umask=0o077)  # a strict umask: we make the files readable
-    assert result.returncode == 0, result.stderr[-3000:]
-    elsewhere = root / "elsewhere"
-    elsewhere.mkdir()
-    return work / "out" / "local", elsewhere, work
-
-
-@pytest.fixture(scope="module")
-def hf_home(tiny_model_dir, tmp_path_factory):
-    """A Hugging Face cache holding qctest/tiny-phi3 as hf_hub_download leaves it (refs/main -> snapshot)."""
-    home = tmp_path_factory.mktemp("hf-home")
-    repo = home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / COMMIT)
-    (repo / "snapshots" / COMMIT / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return home
-
-
-@pytest.fixture(scope="module")
-def hub_run(hf_home, tmp_path_factory):
-    root = tmp_path_factory.mktemp("portable-hub")
-    work = root / "work"
-    recipe = write_run(work, {"name": HUB_ID}, "out/hub")
-    result = qctrain("train", recipe.name, cwd=work, env={"HF_HOME": str(hf_home)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    elsewhere = root / "elsewhere"
-    elsewhere.mkdir()
-    return work / "out" / "hub", elsewhere
 
 
 AUTO_PEFT = """
@@ -152,7 +111,8 @@ def test_card_shows_base_and_tuned_replies(local_run):
     out, _, _ = local_run
     text = (out / "README.md").read_text()
     samples = text.split("## Sample generations (held-out prompts)")[1].split("## Recipe")[0]
-    assert samples.count("| base model (adapter off) | with this adapter |") == 2  # eval: {count: 2}
+    # 5 held out (eval fraction 0.1 of 48): the card shows the first 3
+    assert samples.count("| base model (adapter off) | with this adapter |") == 3
     assert "_not generated_" not in samples
 
 
@@ -181,38 +141,39 @@ def test_tensorboard_logs_under_output_dir(local_run):
     [events] = list(out.rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events.parent))
     accumulator.Reload()
-    assert len(accumulator.Scalars("train/loss")) == 6
+    assert len(accumulator.Scalars("train/loss")) == 16  # max_steps, logged every step
 
 
-def test_generate_and_merge_work_from_anywhere(local_run):
+def test_generate_and_merge_work_from_anywhere(local_run, merged_run):
     out, elsewhere, _ = local_run
     result = qctrain("generate", os.path.relpath(out, elsewhere), "--prompt", "Explain item 3 briefly.",
                      "--max-new-tokens", "6", "--compare-base", cwd=elsewhere)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("prompt: Explain item 3 briefly.\nbase:   ") and "\nreply:  " in result.stdout
-    result = qctrain("merge", str(out), "--dest", "merged", "--dtype", "float32", cwd=elsewhere)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (elsewhere / "merged" / "config.json").is_file()
-    assert stat.S_IMODE((elsewhere / "merged" / "model.safetensors").stat().st_mode) == 0o644
+    # conftest's merged_run: `qctrain merge OUT --dest merged --dtype float32` from a folder of its own
+    assert merged_run.result.returncode == 0, merged_run.result.stderr[-2000:]
+    assert merged_run.dest == merged_run.elsewhere / "merged" and (merged_run.dest / "config.json").is_file()
+    assert stat.S_IMODE((merged_run.dest / "model.safetensors").stat().st_mode) == 0o644
 
 
-def test_export_gguf_from_anywhere(local_run, hub_run, hf_home):
+def test_export_gguf_from_anywhere(local_run, finished_run, hub_run, hub_cached_run, tmp_path):
     import gguf
 
-    out, elsewhere, _ = local_run
-    trained = sorted(p.name for p in (out / "gguf").iterdir())
-    assert trained == ["Modelfile", "local-lora-f32.gguf"]  # output.gguf: true wrote them at the end
+    _, elsewhere, _ = local_run
+    trained = sorted(p.name for p in (finished_run.out / "gguf").iterdir())
+    assert trained == ["Modelfile", "run-lora-f32.gguf"]  # output.gguf: true wrote them at the end
+    out = copy_run(finished_run, tmp_path / "copy").out  # the export writes into the run: a copy
     result = qctrain("export", str(out), "--gguf", "--outtype", "f16", cwd=elsewhere)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"{out / 'gguf' / 'local-lora-f16.gguf'}" in result.stdout
-    reader = gguf.GGUFReader(out / "gguf" / "local-lora-f16.gguf")
+    assert f"{out / 'gguf' / 'run-lora-f16.gguf'}" in result.stdout
+    reader = gguf.GGUFReader(out / "gguf" / "run-lora-f16.gguf")
     assert reader.fields["general.architecture"].contents() == "phi3"
     assert not [k for k in reader.fields if k.startswith("general.base_model")]
     hub_out, hub_elsewhere = hub_run
     reader = gguf.GGUFReader(hub_out / "gguf" / "hub-lora-f32.gguf")
     assert reader.fields["general.base_model.0.repo_url"].contents() == f"https://huggingface.co/{HUB_ID}"
     modelfile = (hub_out / "gguf" / "Modelfile").read_text()
-    assert f"FROM {hf_home / 'hub' / 'models--qctest--tiny-phi3' / 'snapshots' / COMMIT}\n" in modelfile
+    assert f"FROM {hub_cached_run.snapshot}\n" in modelfile
 
 
 def test_missing_base_is_exit_2_with_the_cause(local_run, tmp_path):

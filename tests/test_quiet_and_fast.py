@@ -28,6 +28,7 @@ def python(code: str, *args: str, env: dict | None = None) -> subprocess.Complet
 
 # --- no library noise ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("debug", [False, True])
 def test_bitsandbytes_avx512bf16_import_is_quiet_unless_debug(debug):
     code = ("import sys, avx512bf16_sim; avx512bf16_sim.install()\n"
@@ -66,6 +67,7 @@ def test_train_on_a_simulated_avx512bf16_cpu_prints_no_library_line(tmp_path, ti
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_base_model_on_a_simulated_avx512bf16_cpu_keeps_gradients_after_an_eval_forward(tiny_model_dir):
     code = """
 import sys, avx512bf16_sim; avx512bf16_sim.install()
@@ -174,6 +176,7 @@ def test_training_twin_is_trls_answer_for_every_trl_template(name):
     assert templates.training_twin(template, "all", "drop") == data.extend_template(template, "drop")
 
 
+@pytest.mark.slow
 def test_module_names_from_safetensors_headers_match_the_module_tree(tmp_path, tiny_model_dir):
     import shutil
 

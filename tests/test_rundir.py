@@ -97,7 +97,10 @@ def test_second_train_on_a_busy_output_dir_exits_2_and_leaves_the_first_alone(tm
                           train={"max_steps": 100000, "logging_steps": 1, "save_steps": 100000,
                                  "gradient_checkpointing": False, "disable_tqdm": True})
     env = {**os.environ, "PYTHONPATH": str(REPO / "entrypoint")}
-    first = subprocess.Popen([sys.executable, "-m", "qctrain", "train", str(recipe)], cwd=tmp_path, env=env,
+    # the first run sleeps 0.5 s a step (tests/slowsteps): it trains on while leaving the cores to the second
+    slow = {**env, "PYTHONPATH": f"{REPO / 'tests' / 'slowsteps'}{os.pathsep}{env['PYTHONPATH']}",
+            "QCTRAIN_TEST_STEP_DELAY": "0.5"}
+    first = subprocess.Popen([sys.executable, "-m", "qctrain", "train", str(recipe)], cwd=tmp_path, env=slow,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = tmp_path / "out" / "metrics.jsonl"

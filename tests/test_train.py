@@ -1,29 +1,17 @@
-"""End to end on CPU: a recipe trains a real 4-bit LoRA adapter, writes every output, and reloads."""
+"""End to end on CPU: a recipe trains a real 4-bit LoRA adapter, writes every output, and reloads.
+
+The run is conftest's shared `finished_run` (48 records, 16 steps, evaluated every 8)."""
 
 import json
 
-import pytest
 import torch
 import yaml
-from conftest import alpaca_records, run_cli, write_json, write_recipe
+from conftest import copy_run, run_cli, write_json
 from safetensors.torch import load_file
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("run")
-    data_path = write_json(tmp / "train.json", alpaca_records(48))
-    recipe = write_recipe(tmp / "recipe.yaml", tiny_model_dir, data_path, tmp / "out",
-                          train={"max_steps": 16, "per_device_train_batch_size": 2, "learning_rate": 1.0e-2,
-                                 "logging_steps": 1, "save_steps": 100, "gradient_checkpointing": False,
-                                 "eval_strategy": "steps", "eval_steps": 8})
-    result = run_cli("train", str(recipe))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp / "out", recipe, result
-
-
-def test_outputs_are_complete(trained):
-    out, _, result = trained
+def test_outputs_are_complete(finished_run):
+    out = finished_run.out
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
                  "adapter/chat_template.jinja", "README.md", "run_manifest.json", "metrics.jsonl",
                  "loss.png", "data_report.json"):
@@ -35,22 +23,23 @@ def test_outputs_are_complete(trained):
     template = (out / "adapter/chat_template.jinja").read_text()
     assert template.startswith(data.template.template_extension(True, True))
     assert not data.template.has_generation_markers(template)
-    assert "data: 48 read, 0 duplicates" in result.stdout
+    assert "data: 48 read, 0 duplicates" in finished_run.stdout
     assert ("train: liger-kernel off (its kernels are Triton kernels for CUDA GPUs and there is none here); loss: "
-            "cross entropy over the supervised positions; 2 pack(s) per batch as 2 row(s) (sdpa)") in result.stdout
+            "cross entropy over the supervised positions; 2 pack(s) per batch as 2 row(s) (sdpa)") \
+        in finished_run.stdout
     assert not list(out.glob(".staging-*"))
 
 
-def test_loss_decreases(trained):
-    rows = [json.loads(line) for line in (trained[0] / "metrics.jsonl").read_text().splitlines()]
+def test_loss_decreases(finished_run):
+    rows = [json.loads(line) for line in (finished_run.out / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
     assert any("eval_loss" in row for row in rows)
 
 
-def test_manifest_records_the_run(trained):
-    out, recipe_path, _ = trained
+def test_manifest_records_the_run(finished_run):
+    out, recipe_path = finished_run.out, finished_run.recipe
     manifest = json.loads((out / "run_manifest.json").read_text())
     from qctrain.recipe import load_recipe
 
@@ -64,8 +53,8 @@ def test_manifest_records_the_run(trained):
     assert manifest["started"] <= manifest["finished"]
 
 
-def test_model_card_header(trained):
-    text = (trained[0] / "README.md").read_text()
+def test_model_card_header(finished_run):
+    text = (finished_run.out / "README.md").read_text()
     header = yaml.safe_load(text.split("---")[1])
     # A local base with no Hub id and no license in its files: neither is made up (never a path).
     assert header["library_name"] == "peft" and "base_model" not in header and "license" not in header
@@ -74,12 +63,12 @@ def test_model_card_header(trained):
     assert "| base model (adapter off) | with this adapter |" in text
 
 
-def test_adapter_reloads_on_the_base_and_generates(trained, tiny_model_dir):
+def test_adapter_reloads_on_the_base_and_generates(finished_run, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from qctrain.basemodel.load import load_base_model
     from qctrain.recipe import ModelSection
 
-    out = trained[0]
+    out = finished_run.out
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # B starts at zero: trained
     base = load_base_model(ModelSection(name=str(tiny_model_dir), quantization={"compute_dtype": "float32"}))
@@ -93,15 +82,15 @@ def test_adapter_reloads_on_the_base_and_generates(trained, tiny_model_dir):
     result = run_cli("generate", str(out), "--prompt", "Explain item 3 briefly.", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("prompt: Explain item 3 briefly.\nreply:")
-    tools = write_json(out.parent / "tools.json", [{"type": "function", "function": {
+    tools = write_json(tmp_path / "tools.json", [{"type": "function", "function": {
         "name": "lookup", "description": "Look an item up", "parameters": {"type": "object", "properties": {}}}}])
     result = run_cli("generate", str(out), "--prompt", "Look up item 3.", "--tools", str(tools),
                      "--max-new-tokens", "4")
     assert result.returncode == 0 and result.stdout.startswith("prompt: Look up item 3.\nreply:"), result.stderr
 
 
-def test_prepare_prints_marked_sample_and_hits_cache(trained):
-    _, recipe, _ = trained
-    result = run_cli("prepare", str(recipe))
+def test_prepare_prints_marked_sample_and_hits_cache(finished_run, tmp_path):
+    copy = copy_run(finished_run, tmp_path / "work")  # prepare holds the run folder: not the shared one
+    result = run_cli("prepare", copy.recipe.name, cwd=copy.work)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(cached)" in result.stdout and "⟦" in result.stdout and "<|assistant|>" in result.stdout

@@ -51,6 +51,25 @@ def test_only_the_adapter_overrides_private_trainer_methods():
     assert not {name for name in vars(QcTrainer) if name in private}
 
 
+def test_the_preference_trainers_override_only_the_pinned_private_methods():
+    """DPO/KTO (qctrain.preference): besides the checkpoint adapter, `_prepare_dataset` alone, which TRL 1.16 calls
+    on every data set it is given (there is no switch to skip its tokenizing) and which the prepared rows pass
+    through unchanged."""
+    from qctrain.preference import QcDPOTrainer, QcKTOTrainer
+    from trl import DPOTrainer, KTOTrainer
+
+    for ours, theirs in ((QcDPOTrainer, DPOTrainer), (QcKTOTrainer, KTOTrainer)):
+        private = {name for name in dir(theirs) if name.startswith("_") and not name.startswith("__")}
+        assert {name for name in vars(ours) if name in private} == set(private_api.PREFERENCE_PREPARE.names)
+        assert list(inspect.signature(theirs._prepare_dataset).parameters) == [
+            "self", "dataset", "processing_class", "args", "dataset_name"]
+        source = inspect.getsource(theirs.__init__)
+        assert 'train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")' in source
+        assert 'eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")' in source
+        # TRL's checkpoint writes its card, then the Trainer's, which writes into _get_output_dir (our staging)
+        assert "super()._save_checkpoint(model, trial)" in inspect.getsource(theirs._save_checkpoint)
+
+
 def test_sft_trainer_keeps_its_metrics_where_compute_loss_writes_them():
     """QcTrainer.compute_loss keeps num_tokens, entropy and mean_token_accuracy as SFTTrainer.compute_loss does:
     in _metrics[mode] (which SFTTrainer.log averages and logs) and _total_train_tokens; it reads aux_loss_enabled."""
@@ -162,3 +181,16 @@ def test_every_private_name_used_is_listed():
                 for name, line in _private_names_used(tree).items()
                 if name not in ours and name not in private_api.NAMES and name not in DOCUMENTED]
     assert not unlisted, "private library names not in qctrain.private_api: " + "; ".join(unlisted)
+
+
+def test_the_fused_head_asks_use_triton_whether_to_score_only_the_completions():
+    """preference.compact_head_on_cpu: TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) reads the module's
+    _use_triton at call time to choose the compact path (only the completion positions) or every position."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    [name] = private_api.TRL_FUSED_HEAD.names
+    assert callable(getattr(trl_utils, name)) and getattr(chunked_logprob, name) is not None
+    source = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert "compact = _use_triton(hidden_states.device)" in source
+    assert "hidden_states[mask] if compact else" in source

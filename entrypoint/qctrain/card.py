@@ -14,7 +14,8 @@ from qctrain.secretmask import mask
 
 CARD_METRICS = ("train_loss", "eval_loss", "eval_mean_token_accuracy", "train_runtime", "train_samples_per_second",
                 "epoch")
-TAGS = ["qlora", "lora", "peft", "trl", "sft", "qc-train-phi"]
+TAGS = ["qlora", "lora", "peft", "trl", "qc-train-phi"]  # and the recipe's method: sft, dpo, kto
+TASKS = {"sft": "Supervised fine-tuning", "dpo": "Preference tuning (DPO)", "kto": "Preference tuning (KTO)"}
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 
 
@@ -56,7 +57,7 @@ def card_data(recipe: Recipe, base: BaseReference, metrics: dict, license_info: 
     if not eval_results and isinstance(metrics.get("eval_loss"), int | float):
         where = _hub_datasets(recipe.data.eval.sources if recipe.data.eval else []) or datasets
         eval_results = [EvalResult(
-            task_type="text-generation", task_name="Supervised fine-tuning",
+            task_type="text-generation", task_name=TASKS[recipe.method],
             dataset_type=where[0] if where else "local", dataset_name="held-out evaluation split",
             metric_type="loss", metric_name="eval loss", metric_value=round(float(metrics["eval_loss"]), 4))]
     return ModelCardData(
@@ -65,7 +66,7 @@ def card_data(recipe: Recipe, base: BaseReference, metrics: dict, license_info: 
         base_model_relation="adapter" if base.hub_id else None,
         library_name="peft",
         **license_info,
-        tags=TAGS,
+        tags=[*TAGS, recipe.method],
         datasets=datasets or None,
         pipeline_tag="text-generation",
         eval_results=eval_results,
@@ -79,7 +80,8 @@ def _facts(recipe: Recipe, data_report: dict, metrics: dict, base: BaseReference
     train = data_report.get("train", {})
     return {
         "base_name": base.hub_id or f"a local model ({Path(base.source).name})",
-        "method": f"QLoRA ({quant.bits}-bit {quant.quant_type})" if quant else "LoRA",
+        "method": (f"QLoRA ({quant.bits}-bit {quant.quant_type})" if quant else "LoRA")
+                  + ("" if recipe.method == "sft" else f", {recipe.method.upper()}"),
         "license": (f"License: `{license_info['license']}`, the base model's." if license_info.get("license")
                     else "License: that of the base model (not stated in its files)."),
         "where_base": (f"the base loads from the Hub (`{base.hub_id}`)" if not base.local else
@@ -127,7 +129,7 @@ The folder is complete (weights, tokenizer, chat template, this card); {where_ba
 | metric | value |
 |---|---|
 {metrics}
-
+{preference}
 ![loss](loss.png)
 {evaluation}
 ## Sample generations (held-out prompts)
@@ -145,7 +147,9 @@ Greedy, at most {max_new_tokens} new tokens, {samples_when}.
 
 def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[Sample],
                base: BaseReference | None = None, license_info: dict[str, str] | None = None,
-               evaluation: dict | None = None) -> str:
+               evaluation: dict | None = None, preference: str = "") -> str:
+    """The adapter's card; evaluation: the evaluate stage's report; preference: a dpo/kto run's section
+    (preference_section)."""
     from huggingface_hub import ModelCard
 
     base = base or base_reference(recipe.model)
@@ -153,9 +157,44 @@ def model_card(recipe: Recipe, data_report: dict, metrics: dict, samples: list[S
     content = CARD.format(metadata=card_data(recipe, base, metrics, license_info, evaluation).to_yaml(),
                           version=__version__, rank=recipe.lora.r, alpha=recipe.lora.alpha,
                           targets=recipe.lora.target_modules, samples=samples_markdown(samples),
-                          recipe=dump_recipe(recipe), **_facts(recipe, data_report, metrics, base, license_info),
-                          **_evaluation_facts(evaluation))
+                          recipe=dump_recipe(recipe), preference=f"\n{preference}\n" if preference else "",
+                          **_facts(recipe, data_report, metrics, base, license_info), **_evaluation_facts(evaluation))
     return mask(ModelCard(content).content)  # samples and data counts quote the data: no secret in a card
+
+
+PREFERENCE_ROWS = {"rewards/accuracies": "reward accuracy", "rewards/margins": "reward margin",
+                   "loss": "{method} loss", "kl": "KL (policy vs reference)"}
+CONTINUED = {"run": "the qctrain run", "adapter": "the adapter", "hub": "the Hub adapter"}
+
+
+def preference_section(recipe: Recipe, data_report: dict, heldout: dict | None, parent: dict | None) -> str:
+    """A dpo/kto run's words on where it started (the adapter it continued, by its hashes, or the bare base) and
+    its held-out preference metrics at step 0 and at the end ("" for SFT)."""
+    if recipe.method == "sft":
+        return ""
+    lines = ["## Preference tuning", ""]
+    if parent:
+        lines.append(f"Continues {CONTINUED[parent['kind']]} `{parent['adapter']}`"
+                     + (f" ({parent['method'].upper()})" if parent.get("method") else "")
+                     + f": adapter sha256 `{parent['adapter_sha256']}`"
+                     + (f", run manifest sha256 `{parent['manifest_sha256']}`" if parent.get("manifest_sha256") else "")
+                     + (f", revision `{parent['revision']}`" if parent.get("revision") else "")
+                     + ". That adapter, frozen, was the reference.")
+    else:
+        lines.append("A new adapter on the base model; the reference was the base model itself.")
+    if heldout:
+        first = next(iter(heldout.values()))
+        rows = data_report.get("eval", {}).get("rows")
+        lines += ["", f"Held-out {'pairs' if recipe.method == 'dpo' else 'completions'}"
+                  + (f" ({rows})" if rows else "") + ":", "",
+                  f"| | step {first['start_step']} | step {first['end_step']} |", "|---|---|---|"]
+        lines += [f"| {PREFERENCE_ROWS[key].format(method=recipe.method.upper())} | {value['start']:.3f} | "
+                  f"{value['end']:.3f} |" for key, value in heldout.items()]
+        if first["start_step"] == 0:
+            lines += ["", "At step 0 the policy is the reference: every reward is 0"
+                      + (" and the accuracy 0.000 (ties count as wrong; chance is 0.5)" if recipe.method == "dpo"
+                         else "") + "."]
+    return "\n".join(lines)
 
 
 def merged_card(base: BaseReference, license_info: dict[str, str], run_name: str, dtype: str) -> str:

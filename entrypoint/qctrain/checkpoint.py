@@ -50,6 +50,8 @@ HARMLESS_TRAIN_KEYS = frozenset({
     "resume_from_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
     "prediction_loss_only", "batch_eval_metrics", "restore_callback_states_from_checkpoint",
     "tf32", "torch_empty_cache_steps", "enable_jit_checkpoint",
+    # dpo/kto: the reference's log-probabilities computed up front, or memory moved to the CPU: the same weights
+    "precompute_ref_log_probs", "precompute_ref_batch_size", "activation_offloading",
 })
 HARMLESS_TRAIN_PREFIXES = ("dataloader_", "activation_checkpointing", "gradient_checkpointing", "torch_compile",
                            "logging_", "eval_", "save_", "hub_", "push_to_hub", "include_", "jit_")
@@ -75,16 +77,20 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return RunDir(Path(output_dir)).checkpoints
 
 
-def training_recipe(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as training sees it: everything but hub:, output: and evaluate:, with train: as SFTConfig gets it."""
+def training_recipe(recipe: Recipe, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe as training sees it: everything but hub:, output: and evaluate:, with train: as the method's TRL
+    config gets it; for a dpo/kto run that continues an adapter, that adapter's identity (`parent`: its sha256
+    above all, so a changed SFT adapter under the same path does not resume)."""
     parts = recipe.model_dump(mode="json", exclude={"hub", "output", "evaluate"})
     parts["train"] = recipe.sft_kwargs()
+    if parent is not None:
+        parts["parent"] = parent
     return parts
 
 
-def recipe_fingerprint(recipe: Recipe) -> str:
+def recipe_fingerprint(recipe: Recipe, parent: dict[str, Any] | None = None) -> str:
     """sha256 of the training recipe without its harmless knobs: equal for recipes that train alike."""
-    parts = training_recipe(recipe)
+    parts = training_recipe(recipe, parent)
     weighty = {section: {k: v for k, v in values.items() if not harmless(f"{section}.{k}", v, v)}
                if isinstance(values, dict) else values for section, values in parts.items()}
     return hashlib.sha256(canonical_json(weighty).encode()).hexdigest()
@@ -345,16 +351,17 @@ def _changed_recipe(checkpoint: Path, parts: dict[str, Any]) -> list[tuple[str, 
     return changed
 
 
-def plan_resume(recipe: Recipe, restart: bool = False) -> ResumePlan:
+def plan_resume(recipe: Recipe, restart: bool = False, parent: dict[str, Any] | None = None) -> ResumePlan:
     """Decide (changing nothing but putting back a checkpoint a crash left aside) whether `train` resumes, and
-    from which checkpoint: the newest complete one whose files load, else the one before it.
+    from which checkpoint: the newest complete one whose files load, else the one before it. `parent`: the
+    identity of the adapter a dpo/kto run continues (training_recipe).
 
     Raises InputError when that checkpoint belongs to a different recipe and `restart` is not set, or when no
     complete checkpoint loads.
     """
     output_dir = RunDir.of(recipe).root
-    parts = training_recipe(recipe)
-    fingerprint = recipe_fingerprint(recipe)
+    parts = training_recipe(recipe, parent)
+    fingerprint = recipe_fingerprint(recipe, parent)
     plan = ResumePlan(output_dir, None, restart, fingerprint, parts)
     if restart:
         return plan

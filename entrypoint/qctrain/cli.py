@@ -53,9 +53,10 @@ def _print_data_summary(report: dict, cached: bool) -> None:
     left with no supervised token), in total, by reason and per source (the same counts as data_report.json)."""
     train, counts = report["train"], report["counts"]
     unsupervised = f", {counts['unsupervised']} unsupervised" if counts["unsupervised"] else ""
+    unit = {"dpo": "pairs", "kto": "rows"}.get(report.get("method", "sft"), "records")
     print(f"data: {counts['read']} read, {counts['duplicates']} duplicates, {counts['bad']} bad, "
           f"{counts['overlong']} overlong{unsupervised} -> {counts['kept']} kept: {counts['train']} train / "
-          f"{counts['eval']} eval records; {train['tokens']} train tokens, {train['supervised_fraction']:.1%} "
+          f"{counts['eval']} eval {unit}; {train['tokens']} train tokens, {train['supervised_fraction']:.1%} "
           f"supervised, {train['sequences']} sequences{' (cached)' if cached else ''}")
     if counts["bad_by_reason"]:
         print("data: bad records by reason: "
@@ -67,6 +68,13 @@ def _print_data_summary(report: dict, cached: bool) -> None:
     if counts["context_turns"]:
         print(f"data: assistant turns: {counts['supervised_turns']} supervised, {counts['context_turns']} left in "
               "the context (weight 0 / train or loss false)")
+    balance = report.get("kto", {})
+    if "desirable_weight_range" in balance:  # TRL's KTOTrainer logs this as a warning, hidden here without --debug
+        low, high = balance["desirable_weight_range"]
+        u_low, u_high = balance["undesirable_weight_range"]
+        print(f"data: KTO rows: {balance['desirable']} desirable, {balance['undesirable']} undesirable; for the "
+              f"imbalance the KTO paper suggests train.desirable_weight in [{low}, {high}] or "
+              f"train.undesirable_weight in [{u_low}, {u_high}] (not both)")
     reasoning = report.get("reasoning", {})
     if reasoning.get("traces"):
         how = {"template": "rendered by the chat template", "think_block": "written as think blocks, trained on",
@@ -111,7 +119,7 @@ def _prepare(recipe, tokenizer=None):
     run.root.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
     with distributed.main_process_first():  # several processes: rank 0 prepares, the others read the cache
-        prepared = data.prepare(recipe.data, tokenizer, run.root)
+        prepared = data.prepare(recipe.data, tokenizer, run.root, method=recipe.method)
     if distributed.is_main():
         write_json_atomic(run.data_report, prepared.report, shared=True)
     return tokenizer, prepared
@@ -163,7 +171,9 @@ def _train_held(recipe, args, stop) -> int:
     from qctrain.basemodel.load import load_tokenizer
     from qctrain.rundir import RunDir
 
-    plan = checkpoint.plan_resume(recipe, restart=args.restart)  # a changed recipe fails here, fast
+    parent = _parent(recipe)
+    identity = parent.identity() if parent else None
+    plan = checkpoint.plan_resume(recipe, args.restart, identity)  # a changed recipe (or adapter) fails here, fast
     stop.stage = "while preparing the data; nothing half-written was kept"
     tokenizer = load_tokenizer(recipe.model)
     if _finished_before(recipe, plan, tokenizer):
@@ -174,17 +184,28 @@ def _train_held(recipe, args, stop) -> int:
     if distributed.is_main() or not prepared.cached:  # every process that tokenized says so
         _print_data_summary(prepared.report, prepared.cached)
     tracker_env = _trackers(recipe)
-    trainer = _trainer(recipe, tokenizer, prepared, stop)
+    trainer = _trainer(recipe, tokenizer, prepared, stop, parent)
     result = train.run(trainer, plan, stop)
     # FSDP: gathered by every rank, else None (not after finish_from_checkpoint: nothing was sharded)
     adapter_state = distributed.full_adapter_state(trainer) if not plan.finished else None
     held = _heldout(recipe, trainer, result, prepared, stop)
     if not distributed.is_main():
         return 0  # rank 0 writes the outputs and pushes
-    _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop)
+    _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop, identity)
     for line in trackers.offline_runs(RunDir.of(recipe).root) if tracker_env.get("WANDB_MODE") == "offline" else []:
         print(line)
     return _publish(recipe, stop)
+
+
+def _parent(recipe):
+    """The adapter a dpo/kto run continues (model.adapter), resolved once per machine (a Hub one is fetched by
+    the first process), or None."""
+    from qctrain import distributed, parent
+
+    if recipe.model.adapter is None:
+        return None
+    with distributed.main_process_first():
+        return parent.resolve(recipe.model.adapter)
 
 
 def _finished_before(recipe, plan, tokenizer) -> bool:
@@ -195,7 +216,7 @@ def _finished_before(recipe, plan, tokenizer) -> bool:
 
     if plan.restart or (plan.newest is None and not RunDir.of(recipe).manifest.is_file()):
         return False
-    fingerprint = data.fingerprint(recipe.data, tokenizer)
+    fingerprint = data.fingerprint(recipe.data, tokenizer, recipe.method)
     plan.check_data(fingerprint)
     return plan.outputs_current(fingerprint)
 
@@ -211,20 +232,29 @@ def _trackers(recipe) -> dict[str, str]:
     return tracker_env
 
 
-def _trainer(recipe, tokenizer, prepared, stop):
-    """The base loaded (its Linear layers checked against lora.target_modules) and the trainer built on it,
-    pushing its checkpoints where the recipe says."""
+def _trainer(recipe, tokenizer, prepared, stop, parent=None):
+    """The base loaded (its Linear layers checked against lora.target_modules) and the method's trainer built on it
+    (dpo/kto: continuing `parent`, the adapter model.adapter names), pushing its checkpoints where the recipe
+    says."""
     from qctrain import distributed, publish, train
     from qctrain.basemodel import files, load
     from qctrain.rundir import RunDir
 
-    output_dir = RunDir.of(recipe).root
+    run = RunDir.of(recipe)
     stop.stage = "while loading the model; nothing to save"
     base = load.load_base_model(recipe.model)
-    files.check_lora_targets(recipe.lora.target_modules,
-                             files.linear_module_names(load.linear_weights(base), base.config.to_dict()),
-                             recipe.model.name)
-    trainer = train.build_trainer(recipe, base, tokenizer, prepared, output_dir, stop=stop)
+    if parent is None:  # a continued adapter keeps the targets it was trained with
+        files.check_lora_targets(recipe.lora.target_modules,
+                                 files.linear_module_names(load.linear_weights(base), base.config.to_dict()),
+                                 recipe.model.name)
+    if recipe.method == "sft":
+        trainer = train.build_trainer(recipe, base, tokenizer, prepared, run.root, stop=stop)
+    else:
+        from qctrain import preference
+
+        trainer = preference.build_preference_trainer(recipe, base, tokenizer, prepared, run.checkpoints, run.root,
+                                                      stop, parent.adapter_dir if parent else None,
+                                                      parent.identity() if parent else None)
     if distributed.fsdp_requested(recipe) and not distributed.fsdp_enabled(trainer) and distributed.is_main():
         say("qctrain: warning: FSDP was asked for but accelerate did not enable it here (CPU processes train "
             "as DDP)\n")
@@ -246,9 +276,10 @@ def _heldout(recipe, trainer, result, prepared, stop) -> dict | None:
     return evaluate.heldout(trainer, result.metrics, prepared.report.get("eval", {}).get("records"))
 
 
-def _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop) -> None:
+def _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, held, stop, parent=None) -> None:
     """The outputs of a finished training: the evaluation (with an evaluate: section) or samples of the trained
-    model beside the base's, then everything the writer puts into output.dir."""
+    model beside the base's, then everything the writer puts into output.dir (parent: the adapter a dpo/kto
+    run continued)."""
     from qctrain import checkpoint, data, distributed, evaluate, outputs
     from qctrain.card import Sample
     from qctrain.finished.generate import before_after_samples
@@ -273,7 +304,8 @@ def _write_outputs(recipe, trainer, tokenizer, prepared, result, adapter_state, 
     outputs.write_outputs(outputs.TrainedRun(
         recipe, trainer, tokenizer, chat_template, prepared.report, prepared.dir / "split.json", result.metrics,
         result.log_history, result.started, result.finished, samples, state_dict=adapter_state,
-        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None), evaluation=evaluation))
+        checkpoint=checkpoint.checkpoint_record(newest[-1] if newest else None), evaluation=evaluation,
+        parent=parent))
     print(f"done: adapter in {run.adapter} (train_loss {result.metrics.get('train_loss', float('nan')):.4f})")
 
 
@@ -389,8 +421,16 @@ def cmd_generate(args) -> int:
     from qctrain.finished.load import FinishedRun
 
     tools = data.read_tools_file(Path(args.tools)) if args.tools else None  # a bad file fails before any loading
-    adapter_model, tokenizer = FinishedRun.open(Path(args.output_dir)).load()
+    finished = FinishedRun.open(Path(args.output_dir))
+    parent_dir = finished.parent_adapter() if args.compare_parent else None  # told before any loading
+    adapter_model, tokenizer = finished.load()
     conversation = [[{"role": "user", "content": args.prompt}]]
+    if parent_dir is not None:
+        from qctrain.finished.generate import parent_samples
+
+        [sample] = parent_samples(adapter_model, tokenizer, conversation, parent_dir, args.max_new_tokens, tools)
+        print(f"prompt: {args.prompt}\nparent: {sample.base}\nreply:  {sample.tuned}")
+        return 0
     if args.compare_base:
         [sample] = before_after_samples(adapter_model, tokenizer, conversation, args.max_new_tokens, tools=tools)
         print(f"prompt: {args.prompt}\nbase:   {sample.base}\nreply:  {sample.tuned}")
@@ -503,6 +543,8 @@ def _finished_run_commands(add, common: argparse.ArgumentParser) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--compare-base", action="store_true",
                           help="also print the base model's reply (the adapter disabled)")
+    generate.add_argument("--compare-parent", action="store_true",
+                          help="dpo/kto runs: also print the reply of the adapter the run continued (model.adapter)")
     generate.add_argument("--tools", metavar="FILE",
                           help="a JSON list of tool (function) schemas the model may call, rendered by the "
                                "adapter's chat template as in training")

@@ -87,9 +87,14 @@ def check_train_args(recipe: Recipe) -> list[str]:
     from qctrain.train import sft_config
 
     has_eval = recipe.data.eval is not None
+    run = rundir.RunDir.of(recipe)
     with warnings.catch_warnings():  # a probe: the deprecation notes show when training builds it for real
         warnings.simplefilter("ignore", FutureWarning)
-        return _problem_of(lambda: sft_config(recipe, rundir.RunDir.of(recipe).root, has_eval=has_eval) and None)
+        if recipe.method != "sft":  # DPOConfig's, KTOConfig's
+            from qctrain.preference import preference_config
+
+            return _problem_of(lambda: preference_config(recipe, run.checkpoints, has_eval) and None)
+        return _problem_of(lambda: sft_config(recipe, run.root, has_eval=has_eval) and None)
 
 
 def check_template(recipe: Recipe) -> list[str]:
@@ -100,6 +105,8 @@ def check_template(recipe: Recipe) -> list[str]:
 
             tokenizer = load_tokenizer(recipe.model)
         template = data.resolve_chat_template(recipe.data.chat_template, tokenizer)
+        if recipe.method != "sft":
+            return _check_pair_template(recipe, tokenizer, template)
         template = data.training_twin(template, recipe.data.loss_on, recipe.data.reasoning)
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
         ids, labels = data.tokenize([probe], tokenizer, template, recipe.data.loss_on)
@@ -110,9 +117,41 @@ def check_template(recipe: Recipe) -> list[str]:
     return []
 
 
+def _check_pair_template(recipe: Recipe, tokenizer, template: str) -> list[str]:
+    """dpo/kto: the template (as the adapter carries it) renders a probe pair into a prompt and a reply of their
+    own, as the data stage will split them."""
+    from qctrain.data import pairs
+    from qctrain.data.tokens import rust_backend
+
+    probe = {"prompt": [{"role": "user", "content": "ping"}], "chosen": [{"role": "assistant", "content": "pong"}],
+             "rejected": [{"role": "assistant", "content": "pang"}], "tools": []}
+    template = data.extend_template(template, recipe.data.reasoning)
+    parts = pairs.encode_rows([probe], "dpo", tokenizer, rust_backend(tokenizer), template).parts[0]
+    if parts[0] == 0 or parts[1] == 0 or parts[2] == 0:
+        return ["data.chat_template: does not render a one-turn pair as a prompt and a reply (prompt, chosen, rejected "
+                f"tokens: {', '.join(map(str, parts.tolist()))})"]
+    return []
+
+
+def check_parent(recipe: Recipe) -> list[str]:
+    """model.adapter (dpo/kto): there (a finished run, an adapter folder, a Hub adapter) and trained on this
+    base, quantized the same way, with the LoRA settings the recipe names."""
+    from qctrain import parent
+
+    if recipe.model.adapter is None:
+        return []
+    try:
+        return parent.problems(recipe, parent.resolve(recipe.model.adapter))
+    except QcError as err:
+        return [str(err)]
+
+
 def check_lora(recipe: Recipe) -> list[str]:
     """lora.target_modules against the base's Linear layers, named from its safetensors headers (or, where it has
     none, from its module tree without weights)."""
+    if recipe.model.adapter is not None:  # the adapter continued keeps its own targets (check_parent)
+        return []
+
     def check() -> None:
         config = files.read_config(recipe.model)
         shapes = files.weight_shapes(recipe.model)
@@ -182,7 +221,7 @@ def run_checks(recipe: Recipe, env: Mapping[str, str] | None = None, hub: bool =
                       or hubcache.check_offline(recipe.model, env))  # offline: a missing cached file, named
     # The template and LoRA checks read the model's tokenizer and config (small files, no weights).
     problems += model_problems or (check_template(recipe) + check_lora(recipe) + check_sequence_length(recipe)
-                                   + check_gpu_memory(recipe, env))
+                                   + check_gpu_memory(recipe, env) + check_parent(recipe))
     problems += check_evaluation(recipe, env)
     if hub:
         problems += check_publisher(recipe, env)

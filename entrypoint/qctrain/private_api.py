@@ -43,6 +43,10 @@ BNB_LIBRARY = Private(
 TRL_PREPARE = Private(
     "trl.SFTTrainer", ("_prepare_dataset",), "bench/prep.py",
     "the benchmark's baseline: TRL's own preparation of the same records, timed")
+PREFERENCE_PREPARE = Private(
+    "trl.DPOTrainer, trl.KTOTrainer", ("_prepare_dataset",), "preference.QcDPOTrainer, preference.QcKTOTrainer",
+    "overridden: TRL 1.16 tokenizes every data set it is given again and has no switch to skip it (SFTConfig's "
+    "skip_prepare_dataset has no DPO/KTO counterpart); the data stage's rows, equal to its processing, pass through")
 
 LM_EVAL_TASK_FILE = Private(
     "lm_eval.tasks._yaml_loader", ("load_yaml",), "evaluate.read_task_file",
@@ -54,6 +58,11 @@ LM_EVAL_QUIETED = Private(
     "a git repository' to fd 2) and torch's collect_env (subprocesses) for a report qctrain does not keep; no "
     "argument turns them off")
 
+TRL_FUSED_HEAD = Private(
+    "trl.trainer.utils", ("_use_triton",), "preference.compact_head_on_cpu",
+    "the fused LM head of DPO/KTO scores only the completion positions where this says the device runs Triton; no "
+    "public switch makes it do so on CPU, where it scores every position of the padded batch instead")
+
 PRIVATE = (TRAINER_CHECKPOINTS, SFT_TRAINER_METRICS, CHAT_TEMPLATE, POOL_PIPES, BNB_LIBRARY, TRL_PREPARE,
-           LM_EVAL_TASK_FILE, LM_EVAL_QUIETED)
+           PREFERENCE_PREPARE, TRL_FUSED_HEAD, LM_EVAL_TASK_FILE, LM_EVAL_QUIETED)
 NAMES = frozenset(name for entry in PRIVATE for name in entry.names)

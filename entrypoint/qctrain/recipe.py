@@ -1,8 +1,8 @@
 """The recipe: one YAML file (plus overlays, overrides and ${ENV}) -> one validated `Recipe`.
 
 Strict by design: every section forbids unknown keys, and an unknown key is reported with its
-dotted path and the closest valid name. `train:` is checked against TRL's SFTConfig fields, so
-every TRL/TrainingArguments knob works without being re-typed here.
+dotted path and the closest valid name. `train:` is checked against the fields of the TRL config of the recipe's
+`method` (SFTConfig, DPOConfig, KTOConfig), so every TRL/TrainingArguments knob works without being re-typed here.
 """
 
 import difflib
@@ -82,13 +82,18 @@ class ModelSection(_Strict):
     # For a local folder: the Hub id it is a copy of. Only the model card and GGUF metadata use it
     # (base_model); the adapter itself points at the folder's absolute path.
     hub_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    # method dpo/kto: the LoRA adapter to continue, a finished qctrain run folder (its adapter/ and manifest) or a
+    # Hub adapter repo id; the same adapter, frozen, is the reference. None: a new adapter on the bare base, whose
+    # reference is the base itself (the adapter disabled).
+    adapter: str | None = Field(None, min_length=1)
 
     @model_serializer(mode="wrap")
-    def _omit_unset_hub_id(self, handler):
-        # Unset, it stays out of dumps, so recipes written before the field keep their fingerprints.
+    def _omit_unset_optional(self, handler):
+        # Unset, they stay out of dumps, so recipes written before the fields keep their fingerprints.
         data = handler(self)
-        if self.hub_id is None:
-            data.pop("hub_id", None)
+        for key in ("hub_id", "adapter"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -106,11 +111,16 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # The record formats data.formats has a normaliser for (NORMALISERS is keyed by this tuple).
 DATA_FORMATS = ("alpaca", "sharegpt", "messages")
+# The preference record formats data.preference has a normaliser for (method dpo and kto; PAIR_NORMALISERS).
+PREFERENCE_FORMATS = ("preference", "sharegpt_ranking", "kto")
+METHODS = ("sft", "dpo", "kto")
+# The formats each method reads: kto also reads paired data, each pair as a desirable and an undesirable row.
+METHOD_FORMATS = {"sft": DATA_FORMATS, "dpo": ("preference", "sharegpt_ranking"), "kto": PREFERENCE_FORMATS}
 
 
 class DataSource(_Strict):
     path: str = Field(min_length=1)  # file, folder, or hub:org/name
-    format: Literal["auto", *DATA_FORMATS] = "auto"
+    format: Literal["auto", *DATA_FORMATS, *PREFERENCE_FORMATS] = "auto"
     # our field name -> the column that holds it in this source, e.g. {instruction: prompt}
     columns: dict[str, str] = {}
     # keys of this source's records (or turns) that are not read and not to be reported: its own metadata
@@ -151,11 +161,11 @@ class DataSection(_Strict):
     seed: int = Field(42, ge=0, le=MAX_SEED)
     chat_template: str = "model"  # "model", a TRL template name (phi3_5), or a .jinja file
     max_seq_length: int = Field(2048, gt=0, le=MAX_SEQ_LENGTH)
-    packing: bool = True
+    packing: bool = True  # method dpo/kto: false (TRL trains preference pairs padded)
     loss_on: Literal["assistant", "all"] = "assistant"
     dedup: bool = True
     on_bad_record: Literal["error", "skip"] = "error"
-    on_overlong: Literal["drop", "truncate"] = "drop"
+    on_overlong: Literal["drop", "truncate"] = "drop"  # dpo/kto: truncate cuts the prompt from the left
     # An assistant turn's reasoning trace: rendered and trained on (inline: by the chat template, or as a think
     # block before the answer where the template has no place for it), or left out and counted (drop).
     reasoning: Literal["inline", "drop"] = "inline"
@@ -266,6 +276,15 @@ OWNED_ELSEWHERE = {
 RENAMED_TRAIN_KEYS = {"gradient_checkpointing": "activation_checkpointing",
                       "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
+# Preference methods: TRL's configs own these names too (DPOConfig, KTOConfig).
+PREFERENCE_OWNED_ELSEWHERE = {
+    "max_length": "data.max_seq_length",
+    "truncation_mode": "data.on_overlong (drop, or truncate: the prompt is cut from the left)",
+    "padding_free": "data.packing (TRL trains preference pairs padded)",
+    "dataset_num_proc": "data (qctrain tokenizes the pairs itself)",
+    "pad_token": "the tokenizer",
+}
+
 TRAIN_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
     # Four packs per step, as four rows with sdpa/eager (one padding-free row with flash attention): per
@@ -284,9 +303,16 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "activation_checkpointing_kwargs": {"use_reentrant": False},
     "report_to": "none",
 }
+# Overlaid on TRAIN_DEFAULTS per method. DPO and KTO on a LoRA adapter: 5e-6, the learning rate of the alignment
+# handbook's QLoRA DPO recipes (SFT's 2e-4 overshoots at once; TRL's own 1e-6 is a full fine-tuning value).
+METHOD_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {"sft": {}, "dpo": {"learning_rate": 5.0e-6},
+                                                    "kto": {"learning_rate": 5.0e-6}}
 
 
 class Recipe(_Strict):
+    # sft: supervised fine-tuning (TRL's SFTTrainer); dpo, kto: preference tuning (DPOTrainer, KTOTrainer), usually
+    # continuing an SFT run's adapter (model.adapter). Declared before train:, whose keys it decides.
+    method: Literal["sft", "dpo", "kto"] = "sft"
     model: ModelSection
     lora: LoraSection = LoraSection()
     data: DataSection
@@ -295,27 +321,119 @@ class Recipe(_Strict):
     hub: HubSection | None = None
     evaluate: EvaluateSection | None = None  # null: the final eval loss and the samples, as ever
 
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, train: dict[str, Any], info) -> dict[str, Any]:
+        return check_train_section(train, info.data.get("method", "sft"))
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> "Recipe":
+        problems = format_problems(self)
+        if self.method == "sft":
+            if self.model.adapter is not None:
+                problems.append("model.adapter: continuing an adapter is for method: dpo or kto (preference tuning "
+                                "after SFT); an SFT run starts a new adapter")
+            if problems:
+                raise _Problems(problems)
+            return self
+        problems += preference_problems(self)
+        if problems:
+            raise _Problems(problems)
+        # Defaults that differ for preference tuning, where the recipe leaves them unset.
+        if "packing" not in self.data.model_fields_set:
+            self.data.packing = False
+        if "dropout" not in self.lora.model_fields_set:
+            self.lora.dropout = 0.0  # TRL zeroes every dropout for DPO/KTO unless train.disable_dropout: false
+        if self.evaluate is not None and "heldout" not in self.evaluate.model_fields_set:
+            self.evaluate.heldout = False  # the preference trainer evaluates its held-out rows itself
+        return self
+
     @model_serializer(mode="wrap")
-    def _omit_unset_evaluate(self, handler):
-        # Unset, it stays out of dumps, so recipes written before the section keep their hashes.
+    def _omit_defaults_added_later(self, handler):
+        # method: sft and an unset evaluate: stay out of dumps, so recipes written before those fields keep their
+        # hashes and fingerprints (one serializer: pydantic keeps only the last one a class defines).
         data = handler(self)
+        if self.method == "sft":
+            data.pop("method", None)
         if self.evaluate is None:
             data.pop("evaluate", None)
         return data
-
-    @field_validator("train")
-    @classmethod
-    def _train_keys(cls, train: dict[str, Any]) -> dict[str, Any]:
-        return check_train_section(train)
 
     def sha256(self) -> str:
         return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
 
     def sft_kwargs(self) -> dict[str, Any]:
-        """TRAIN_DEFAULTS overlaid with the recipe's train: section (what SFTConfig receives)."""
-        kwargs = {**TRAIN_DEFAULTS, **{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in self.train.items()}}
+        """TRAIN_DEFAULTS (and the method's own, METHOD_TRAIN_DEFAULTS) overlaid with the recipe's train: section
+        (what the method's TRL config receives: SFTConfig, DPOConfig or KTOConfig)."""
+        kwargs = {**TRAIN_DEFAULTS, **METHOD_TRAIN_DEFAULTS[self.method],
+                  **{RENAMED_TRAIN_KEYS.get(k, k): v for k, v in self.train.items()}}
         kwargs.setdefault("seed", self.data.seed)
         return kwargs
+
+
+def format_problems(recipe: "Recipe") -> list[str]:
+    """Sources whose format the recipe's method does not read (SFT conversations, preference pairs)."""
+    problems = []
+    data, method = recipe.data, recipe.method
+    for where, sources in (("data.sources", data.sources), ("data.eval.sources", data.eval.sources if data.eval
+                                                            else [])):
+        for i, src in enumerate(sources):
+            if src.format in ("auto", *METHOD_FORMATS[method]):
+                continue
+            if method == "sft":
+                problems.append(f"{where}[{i}].format: {src.format} is a preference format; method sft reads "
+                                f"{', '.join(DATA_FORMATS)} (or auto); set method: dpo or kto")
+            else:
+                problems.append(f"{where}[{i}].format: {src.format} is not a preference format; method {method} "
+                                f"reads {', '.join(METHOD_FORMATS[method])} (or auto)")
+    return problems
+
+
+def preference_problems(recipe: "Recipe") -> list[str]:
+    """What a dpo/kto recipe asks that preference tuning cannot honour, one line each naming the keys."""
+    method, data, train = recipe.method, recipe.data, recipe.train
+    problems = []
+    if "packing" in data.model_fields_set and data.packing:
+        problems.append(f"data.packing: method {method} trains each pair padded (TRL's preference collator; its "
+                        "padding_free is disabled); set data.packing: false or leave it out")
+    if data.loss_on != "assistant":
+        problems.append(f"data.loss_on: method {method} scores the completions, never the prompt; leave it "
+                        "at assistant")
+    if "dropout" in recipe.lora.model_fields_set and recipe.lora.dropout > 0 and train.get("disable_dropout",
+                                                                                          True) is not False:
+        problems.append(f"lora.dropout: {recipe.lora.dropout:g} is not honoured: train.disable_dropout (true by "
+                        f"default for {method}) zeroes every dropout, LoRA's too; set lora.dropout: 0 or "
+                        "train.disable_dropout: false")
+    targets = recipe.lora.target_modules
+    if isinstance(targets, list) and "lm_head" in targets:
+        problems.append(f"lora.target_modules: lm_head cannot be trained with method {method} (TRL scores the "
+                        "completions with the LM head's weight directly)")
+    if train.get("fsdp"):
+        problems.append(f"train.fsdp: method {method} runs as DDP (one whole 4-bit model per process); FSDP is "
+                        "for SFT here")
+    if train.get("sync_ref_model"):
+        problems.append("train.sync_ref_model: TRL cannot sync the reference of a LoRA run (its reference is the "
+                        "base or a frozen copy of the adapter); leave it false")
+    if method == "kto" and train.get("loss_type", "kto") != "apo_zero_unpaired":
+        if train.get("train_sampling_strategy", "sequential") != "sequential":
+            problems.append("train.train_sampling_strategy: KTO's KL term pairs each completion with its batch "
+                            "neighbours, so it must be sequential (qctrain shuffles the rows once, seeded)")
+        if train.get("per_device_train_batch_size", TRAIN_DEFAULTS["per_device_train_batch_size"]) < 2:
+            problems.append("train.per_device_train_batch_size: KTO needs at least 2 rows per batch (its KL term "
+                            "takes the completions of the other rows)")
+    for key in ("use_liger_kernel", "liger_kernel_config"):
+        if train.get(key):
+            problems.append(f"train.{key}: qctrain applies Liger's kernels to SFT runs; method {method} scores the "
+                            "completions with TRL's own fused LM head (leave it out)")
+    evaluate = recipe.evaluate
+    if evaluate is not None and evaluate.heldout and "heldout" in evaluate.model_fields_set:
+        problems.append(f"evaluate.heldout: method {method} measures its held-out {HELD_OUT_ROWS[method]} itself "
+                        "(reward accuracy and margins at the first and the last evaluation: the manifest's preference "
+                        "and the card); set evaluate.heldout: false or leave it out")
+    return problems
+
+
+HELD_OUT_ROWS = {"dpo": "pairs", "kto": "completions"}
 
 
 def gate_problems(recipe: "Recipe") -> list[str]:
@@ -327,7 +445,10 @@ def gate_problems(recipe: "Recipe") -> list[str]:
     for i, rule in enumerate(evaluate.gate if evaluate else []):
         where = f"evaluate.gate[{i}].metric: {rule.metric}"
         if rule.task == "heldout":
-            if rule.measure not in HELDOUT_METRICS:
+            if recipe.method != "sft":
+                problems.append(f"{where}: the held-out loss and accuracy of base and tuned are measured for method "
+                                f"sft; a {recipe.method} run's held-out metrics are in its manifest (preference)")
+            elif rule.measure not in HELDOUT_METRICS:
                 problems.append(f"{where}: the held-out metrics are {', '.join(HELDOUT_METRICS)}")
             elif not evaluate.heldout or recipe.data.eval is None:
                 problems.append(f"{where}: needs evaluate.heldout: true and a data.eval split")
@@ -344,10 +465,10 @@ def canonical_json(value: Any) -> str:
     return _CANONICAL.encode(value)  # json.dumps would build the encoder anew on every call
 
 
-def sft_field_types() -> dict[str, Any]:
+def sft_field_types(method: str = "sft") -> dict[str, Any]:
     from qctrain.sft_fields import field_types
 
-    return field_types()
+    return field_types(method)
 
 
 def abbreviate(value: Any, limit: int = 60) -> str:
@@ -402,23 +523,36 @@ def range_problem(key: str, value: Any) -> str | None:
     return None
 
 
-class _TrainProblems(ValueError):
+class _Problems(ValueError):
+    """Problems found by a validator, each a whole line naming its key (describe_errors prints them as they are)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("; ".join(lines))
+        self.lines = lines
+
+
+class _TrainProblems(_Problems):
     def __init__(self, problems: list[tuple[str, str]]):
-        super().__init__("; ".join(f"{key}: {msg}" for key, msg in problems))
+        super().__init__([f"train.{key}: {msg}" for key, msg in problems])
         self.problems = problems
 
 
-def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
+CONFIG_NAMES = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
+
+
+def check_train_section(train: dict[str, Any], method: str = "sft") -> dict[str, Any]:
     from qctrain.sft_fields import enum_choices
 
-    fields = sft_field_types()
+    fields = sft_field_types(method)
+    owned = OWNED_ELSEWHERE if method == "sft" else {**OWNED_ELSEWHERE, **PREFERENCE_OWNED_ELSEWHERE}
     problems: list[tuple[str, str]] = []
     checked = dict(train)
     for key, value in train.items():
-        if key in OWNED_ELSEWHERE:
-            problems.append((key, f"set by {OWNED_ELSEWHERE[key]}, not under train:"))
+        if key in owned:
+            problems.append((key, f"set by {owned[key]}, not under train:"))
         elif key not in fields:
-            problems.append((key, "unknown key, not a field of TRL's SFTConfig" + did_you_mean(key, fields)))
+            problems.append((key, f"unknown key, not a field of TRL's {CONFIG_NAMES[method]}"
+                             + did_you_mean(key, fields)))
         else:
             try:
                 checked[key] = TypeAdapter(fields[key]).validate_python(value)  # "1e-5" -> 1e-05
@@ -430,10 +564,11 @@ def check_train_section(train: dict[str, Any]) -> dict[str, Any]:
             if problem := range_problem(key, checked[key]):
                 problems.append((key, problem))
                 continue
-            choices = enum_choices().get(key)
-            if choices and isinstance(value, str) and value not in choices:
-                problems.append((key, f"unknown value {value!r}{did_you_mean(value, choices)}; one of: "
-                                      f"{shorten(', '.join(choices), 160)}"))
+            choices = enum_choices(method).get(key)
+            for name in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+                if choices and isinstance(name, str) and name not in choices:
+                    problems.append((key, f"unknown value {name!r}{did_you_mean(name, choices)}; one of: "
+                                          f"{shorten(', '.join(choices), 160)}"))
     if problems:
         raise _TrainProblems(problems)
     return checked
@@ -685,8 +820,8 @@ def describe_errors(err: ValidationError) -> list[str]:
     for item in err.errors():
         loc = tuple(item["loc"])
         ctx_error = (item.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, _TrainProblems):
-            problems += [f"train.{key}: {msg}" for key, msg in ctx_error.problems]
+        if isinstance(ctx_error, _Problems):
+            problems += ctx_error.lines
         elif item["type"] == "extra_forbidden":
             problems.append(f"{_loc(loc)}: unknown key{did_you_mean(str(loc[-1])[:100], _section_fields(loc))}")
         elif item["type"] == "missing":

@@ -1,9 +1,11 @@
-"""The fields of TRL's SFTConfig, read from a snapshot instead of importing TRL.
+"""The fields of TRL's trainer configs (SFTConfig, DPOConfig, KTOConfig: one per recipe `method`), read from
+snapshots instead of importing TRL.
 
 Importing TRL pulls in torch, transformers, PEFT and bitsandbytes (seconds); `validate` and `check`
-only need each field's name, value type and, for the enum-typed ones, the accepted strings.
-`sft_config_fields.json` holds that for the locked TRL; tests/test_recipe.py checks it against the
-live SFTConfig, and `python -m qctrain.sft_fields` rewrites it after a lock change.
+only need each field's name, value type and, for the enum-typed ones and those whose metadata lists
+`choices`, the accepted strings. `sft_config_fields.json`, `dpo_config_fields.json` and
+`kto_config_fields.json` hold that for the locked TRL; tests/test_quiet_and_fast.py checks each against the
+live config, and `python -m qctrain.sft_fields` rewrites all three after a lock change.
 """
 
 import dataclasses
@@ -16,7 +18,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-SNAPSHOT = Path(__file__).with_name("sft_config_fields.json")
+SNAPSHOTS = {method: Path(__file__).with_name(f"{method}_config_fields.json") for method in ("sft", "dpo", "kto")}
+SNAPSHOT = SNAPSHOTS["sft"]
+CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}  # trl's class per method
+# DPOConfig's loss_type is typed list[str], but TRL takes one name as well (DPOConfig.__post_init__ wraps it); every
+# name must be one _compute_loss knows (tests/test_quiet_and_fast.py reads them out of the installed trainer).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 def describe(annotation: Any) -> Any:
@@ -53,24 +61,41 @@ def build(description: Any) -> Any:
     return list[build(inner)] if kind == "list" else dict[str, build(inner)]
 
 
-def live_fields() -> dict[str, Any]:
-    """Describe the installed SFTConfig (imports TRL: for the snapshot and its test only)."""
-    from trl import SFTConfig
+def _config_class(method: str):
+    import trl
 
-    hints = typing.get_type_hints(SFTConfig)
-    return {f.name: describe(hints.get(f.name, Any)) for f in dataclasses.fields(SFTConfig) if f.init}
+    return getattr(trl, CONFIGS[method])
+
+
+def live_fields(method: str = "sft") -> dict[str, Any]:
+    """Describe the installed config of `method` (imports TRL: for the snapshot and its test only)."""
+    config = _config_class(method)
+    hints = typing.get_type_hints(config)
+    return {f.name: describe(hints.get(f.name, Any)) for f in dataclasses.fields(config) if f.init}
+
+
+def live_choices(method: str = "sft") -> dict[str, list[str]]:
+    """The fields whose metadata lists the accepted strings (`choices`), and those strings."""
+    return {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(_config_class(method))
+            if f.init and f.metadata.get("choices")}
 
 
 @cache
-def snapshot() -> dict[str, Any]:
-    return json.loads(SNAPSHOT.read_text(encoding="utf-8"))["fields"]
+def _recorded(method: str) -> dict[str, Any]:
+    return json.loads(SNAPSHOTS[method].read_text(encoding="utf-8"))
+
+
+def snapshot(method: str = "sft") -> dict[str, Any]:
+    return _recorded(method)["fields"]
 
 
 @cache
-def field_types() -> dict[str, Any]:
-    fields = {name: build(description) for name, description in snapshot().items()}
+def field_types(method: str = "sft") -> dict[str, Any]:
+    fields = {name: build(description) for name, description in snapshot(method).items()}
     if "fsdp" in fields:
         fields["fsdp"] = bool | str | None  # annotated str, but `fsdp: true` is how transformers 5 turns it on
+    if method == "dpo":
+        fields["loss_type"] = str | list[str]
     return fields
 
 
@@ -85,19 +110,27 @@ def _choices(description: Any) -> list[str]:
 
 
 @cache
-def enum_choices() -> dict[str, list[str]]:
-    """Fields typed `SomeEnum | str`: SFTConfig turns the string into the enum, so only its values pass."""
-    return {name: choices for name, d in snapshot().items() if (choices := _choices(d))
-            and isinstance(d, dict) and "union" in d and "str" in d["union"]}
+def enum_choices(method: str = "sft") -> dict[str, list[str]]:
+    """The strings a field accepts: fields typed `SomeEnum | str` (the config turns the string into the enum, so
+    only its values pass), and fields whose metadata lists `choices` (DPO's truncation_mode, KTO's loss_type...);
+    DPO's loss_type: the names its trainer computes."""
+    choices = {name: found for name, d in snapshot(method).items() if (found := _choices(d))
+               and isinstance(d, dict) and "union" in d and "str" in d["union"]}
+    choices.update(_recorded(method).get("choices", {}))
+    if method == "dpo":
+        choices["loss_type"] = list(DPO_LOSS_TYPES)
+    return choices
 
 
-def write_snapshot(path: Path = SNAPSHOT) -> None:
+def write_snapshot(method: str = "sft", path: Path | None = None) -> Path:
     import trl
 
-    payload = {"trl": trl.__version__, "fields": live_fields()}
+    path = path or SNAPSHOTS[method]
+    payload = {"trl": trl.__version__, "fields": live_fields(method), "choices": live_choices(method)}
     path.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 if __name__ == "__main__":
-    write_snapshot(Path(sys.argv[1]) if len(sys.argv) > 1 else SNAPSHOT)
-    print(f"wrote {SNAPSHOT}")
+    for name in sys.argv[1:] or SNAPSHOTS:
+        print(f"wrote {write_snapshot(name)}")

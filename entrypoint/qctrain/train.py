@@ -200,15 +200,20 @@ class PackedRows:
 
 # --- the loss ---
 
-def supervised_logits(model, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_logits(model, inputs: dict[str, Any], every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions whose next token is supervised ([n, vocab]) and those tokens ([n]): a boolean
-    `logits_to_keep` makes the model run its LM head on those positions only."""
+    `logits_to_keep` makes the model run its LM head on those positions only. every_position: the model's forward
+    slices logits_to_keep the old way (positions, no boolean mask: Liger's fused-loss forward), so it computes
+    every position's logits and the supervised ones are picked here."""
     labels = inputs["labels"]
     supervised = labels[:, 1:] != IGNORE
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = supervised
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
+    if every_position:
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=0).logits[keep]
+    else:
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits
     return logits, labels[:, 1:][supervised]
 
 
@@ -301,7 +306,8 @@ class QcTrainer(AtomicCheckpoints, SFTTrainer):
         if not lean:
             loss = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch).loss
         else:
-            logits, targets = supervised_logits(model, inputs)
+            # Liger's forward (loss path "model") takes no boolean logits_to_keep; an evaluation has no gradients
+            logits, targets = supervised_logits(model, inputs, every_position=self.loss_path == "model")
             count = torch.tensor(targets.numel(), device=logits.device) if num_items_in_batch is None \
                 else num_items_in_batch
             loss = F.cross_entropy(logits.float(), targets, reduction="sum") / torch.as_tensor(count).clamp(min=1)
@@ -427,10 +433,17 @@ def build_trainer(recipe: Recipe, model, tokenizer, prepared: PreparedData, outp
               f"({recipe.model.attn_implementation})", flush=True)
     if not torch.cuda.is_available():
         keep_adapter_in_compute_dtype(trainer.model, model.dtype)
+    return with_run_callbacks(trainer, recipe, prepared, output_dir, stop)
+
+
+def with_run_callbacks(trainer, recipe: Recipe, prepared: PreparedData, output_dir: Path,
+                       stop: StopOnSignal | None, parent: dict[str, Any] | None = None):
+    """What every method's trainer gets: the checkpoint marker's contents (what a resume must match; `parent`: the
+    adapter a dpo/kto run continues), metrics.jsonl, and the stop and time-based saves."""
     trainer.checkpoint_meta = {
-        "recipe_fingerprint": checkpoint.recipe_fingerprint(recipe),
+        "recipe_fingerprint": checkpoint.recipe_fingerprint(recipe, parent),
         "data_fingerprint": prepared.fingerprint,
-        "recipe": checkpoint.training_recipe(recipe),
+        "recipe": checkpoint.training_recipe(recipe, parent),
     }
     trainer.add_callback(MetricsLog(RunDir(output_dir).metrics))
     trainer.add_callback(PreemptionCallback(stop, recipe.output.save_every_minutes))

@@ -284,8 +284,16 @@ def _answered_call(result: dict, pending: list[dict]) -> dict | None:
 
 def alpaca_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
     """{instruction, input?, output, system?, history?: [[user, assistant], ...]}"""
-    instruction = _text(fields, "instruction", where)
+    messages, turns = alpaca_prompt(fields, where)
     output = _text(fields, "output", where)
+    messages.append({"role": ASSISTANT, "content": output})
+    return check_turns(messages, [], where, [*turns, "output"])
+
+
+def alpaca_prompt(fields: dict[str, Any], where: str) -> tuple[list[dict], list[str]]:
+    """An alpaca record's messages before its answer (system, history, the instruction with its input), and where
+    each comes from."""
+    instruction = _text(fields, "instruction", where)
     extra = _text(fields, "input", where, required=False)
     system = _text(fields, "system", where, required=False)
     messages = [{"role": SYSTEM, "content": system}] if system else []
@@ -299,8 +307,8 @@ def alpaca_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
         messages += [{"role": USER, "content": turn[0]}, {"role": ASSISTANT, "content": turn[1]}]
         turns += [f"history[{i}][0]", f"history[{i}][1]"]
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages += [{"role": USER, "content": prompt}, {"role": ASSISTANT, "content": output}]
-    return check_turns(messages, [], where, [*turns, "instruction", "output"])
+    messages.append({"role": USER, "content": prompt})
+    return messages, [*turns, "instruction"]
 
 
 def sharegpt_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
@@ -315,18 +323,23 @@ def sharegpt_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
         raise BadRecord(where, "field 'conversations' must be a non-empty list of turns")
     for i, turn in enumerate(conversation):
         at = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise BadRecord(where, f"{at} must be an object")
-        role = _role(turn.get("from"), where, f"{at}.from")
-        if turn.get("value") is None:
-            raise BadRecord(where, f"{at}: field 'value' is " + ("null" if "value" in turn else "missing"))
-        if role == CALL:
-            message = {"role": ASSISTANT, "content": "", "tool_calls": _tool_calls(turn["value"], where, f"{at}.value")}
-        else:
-            message = {"role": role, "content": _content(turn["value"], where, f"{at}.value", role)}
-        messages.append(_flags_and_trace(message, turn, where, at))
+        messages.append(sharegpt_message(turn, where, at))
         turns.append(at)
     return check_turns(messages, _tools(fields.get("tools"), where), where, turns)
+
+
+def sharegpt_message(turn: Any, where: str, at: str) -> dict[str, Any]:
+    """One ShareGPT turn ({from, value, ...}) as a message; `at` names it in the record."""
+    if not isinstance(turn, dict):
+        raise BadRecord(where, f"{at} must be an object")
+    role = _role(turn.get("from"), where, f"{at}.from")
+    if turn.get("value") is None:
+        raise BadRecord(where, f"{at}: field 'value' is " + ("null" if "value" in turn else "missing"))
+    if role == CALL:
+        message = {"role": ASSISTANT, "content": "", "tool_calls": _tool_calls(turn["value"], where, f"{at}.value")}
+    else:
+        message = {"role": role, "content": _content(turn["value"], where, f"{at}.value", role)}
+    return _flags_and_trace(message, turn, where, at)
 
 
 def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
@@ -340,32 +353,7 @@ def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
     messages, turns = [], []
     for i, turn in enumerate(conversation):
         at = f"messages[{i}]"
-        if not isinstance(turn, dict):
-            raise BadRecord(where, f"{at} must be an object")
-        role = _role(turn.get("role"), where, f"{at}.role")
-        if role == CALL:
-            raise BadRecord(where, f"{at}.role: unknown role 'function_call' (use an assistant turn with "
-                                   "tool_calls)", "unknown_role")
-        calls = []
-        if role == ASSISTANT and turn.get("tool_calls") is not None:
-            if not isinstance(turn["tool_calls"], list):
-                raise BadRecord(where, f"{at}.tool_calls: must be a list, got {type(turn['tool_calls']).__name__}",
-                                "bad_tool_call")
-            calls = [_tool_call(c, where, f"{at}.tool_calls[{j}]") for j, c in enumerate(turn["tool_calls"])]
-        elif role == ASSISTANT and turn.get("function_call") is not None:
-            calls = [_tool_call(turn["function_call"], where, f"{at}.function_call")]
-        if turn.get("content") is None and not calls:
-            raise BadRecord(where, f"{at}: field 'content' is " + ("null" if "content" in turn else "missing"))
-        content = turn.get("content")
-        message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(
-            content, where, f"{at}.content", role)}
-        if calls:
-            message["tool_calls"] = calls
-        if role == TOOL:
-            for key in ("name", "tool_call_id"):
-                if isinstance(turn.get(key), str) and turn[key]:
-                    message[key] = turn[key]
-        messages.append(_flags_and_trace(message, turn, where, at))
+        messages.append(message_of(turn, where, at))
         turns.append(at)
     if fields.get("only_last") is not None and not isinstance(fields["only_last"], bool):
         raise BadRecord(where, f"field 'only_last' must be true or false, got {abbreviate(fields['only_last'])}")
@@ -375,6 +363,36 @@ def messages_conversation(fields: dict[str, Any], where: str) -> dict[str, Any]:
             message["weight"] = 0
     tools = _tools(fields.get("tools"), where) + _tools(fields.get("functions"), where, "functions")
     return check_turns(messages, tools, where, turns)
+
+
+def message_of(turn: Any, where: str, at: str) -> dict[str, Any]:
+    """One message of a `messages` list ({role, content, tool_calls?, ...}) in canonical form; `at` names it."""
+    if not isinstance(turn, dict):
+        raise BadRecord(where, f"{at} must be an object")
+    role = _role(turn.get("role"), where, f"{at}.role")
+    if role == CALL:
+        raise BadRecord(where, f"{at}.role: unknown role 'function_call' (use an assistant turn with "
+                               "tool_calls)", "unknown_role")
+    calls = []
+    if role == ASSISTANT and turn.get("tool_calls") is not None:
+        if not isinstance(turn["tool_calls"], list):
+            raise BadRecord(where, f"{at}.tool_calls: must be a list, got {type(turn['tool_calls']).__name__}",
+                            "bad_tool_call")
+        calls = [_tool_call(c, where, f"{at}.tool_calls[{j}]") for j, c in enumerate(turn["tool_calls"])]
+    elif role == ASSISTANT and turn.get("function_call") is not None:
+        calls = [_tool_call(turn["function_call"], where, f"{at}.function_call")]
+    if turn.get("content") is None and not calls:
+        raise BadRecord(where, f"{at}: field 'content' is " + ("null" if "content" in turn else "missing"))
+    content = turn.get("content")
+    message: dict[str, Any] = {"role": role, "content": "" if content is None else _content(
+        content, where, f"{at}.content", role)}
+    if calls:
+        message["tool_calls"] = calls
+    if role == TOOL:
+        for key in ("name", "tool_call_id"):
+            if isinstance(turn.get(key), str) and turn[key]:
+                message[key] = turn[key]
+    return _flags_and_trace(message, turn, where, at)
 
 
 NORMALISERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = dict(zip(
@@ -451,16 +469,7 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str], ignore: f
     """The record's canonical conversation. Keys it does not read (unread_keys) make it bad, or with `unread`
     given are counted there (key -> records) and ignored; `ignore`: more key names to ignore. With loss_on "all"
     (every token trains) a turn with weight 0 cannot be honoured: the record is bad."""
-    if record.raw is not None:
-        record = parse_line(record)
-    if record.problem is not None:
-        raise BadRecord(record.where, record.problem, "invalid_json")
-    fields = record.fields
-    if not isinstance(fields, dict):
-        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
-    if columns:
-        fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
-        ignore = ignore | frozenset(columns.values())
+    fields, ignore = record_fields(record, columns, ignore)
     if fmt == "auto":
         fmt = detect_format(fields, record.where)
     _media(fields, record.where)
@@ -472,15 +481,36 @@ def to_conversation(record: Record, fmt: str, columns: dict[str, str], ignore: f
         raise BadRecord(record.where, "a turn with weight 0 (or train/loss false), but data.loss_on: all trains on "
                                       "every token; set data.loss_on: assistant to keep such turns as context",
                         "unhonoured_weight")
-    keys = unread_keys(fields, fmt, ignore)
+    refuse_or_count(unread_keys(fields, fmt, ignore), fmt, record.where, unread)
+    return conversation
+
+
+def record_fields(record: Record, columns: dict[str, str], ignore: frozenset[str]) -> tuple[dict, frozenset[str]]:
+    """A record's fields (a JSONL line parsed; bad when it is no JSON object), with the source's columns: mapping
+    applied, and the names to ignore with the columns it renamed."""
+    if record.raw is not None:
+        record = parse_line(record)
+    if record.problem is not None:
+        raise BadRecord(record.where, record.problem, "invalid_json")
+    fields = record.fields
+    if not isinstance(fields, dict):
+        raise BadRecord(record.where, f"a record must be an object, got {type(fields).__name__}", "not_an_object")
+    if columns:
+        fields = {**fields, **{ours: fields.get(theirs) for ours, theirs in columns.items()}}
+        ignore = ignore | frozenset(columns.values())
+    return fields, ignore
+
+
+def refuse_or_count(keys: list[str], fmt: str, where: str, unread: dict[str, int] | None) -> None:
+    """Keys a record's format does not read: the record is bad (unread None: data.on_bad_record: error), or each is
+    counted in `unread` (key -> records)."""
     if keys and unread is None:
-        raise BadRecord(record.where, f"{'keys' if len(keys) > 1 else 'key'} {', '.join(map(repr, keys[:5]))} not "
-                                      f"read (not a field of the {fmt} format nor known metadata); name "
-                                      f"{'them' if len(keys) > 1 else 'it'} in this source's ignore_keys, or set "
-                                      "data.on_bad_record: skip to ignore and count such keys", "unknown_key")
+        raise BadRecord(where, f"{'keys' if len(keys) > 1 else 'key'} {', '.join(map(repr, keys[:5]))} not "
+                               f"read (not a field of the {fmt} format nor known metadata); name "
+                               f"{'them' if len(keys) > 1 else 'it'} in this source's ignore_keys, or set "
+                               "data.on_bad_record: skip to ignore and count such keys", "unknown_key")
     for key in keys:
         unread[key] = unread.get(key, 0) + 1
-    return conversation
 
 
 def conversation_digest(conversation: dict[str, Any] | list[dict]) -> int:

@@ -41,6 +41,7 @@ from qctrain.data.pack import (
 from qctrain.data.sources import Record, read_source, source_fingerprint
 from qctrain.data.template import (
     Rendering,
+    extend_template,
     rendering,
     resolve_chat_template,
     split_extension,
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 PREP_VERSION = "6"  # bump when the preparation logic changes what it writes
+PAIR_PREP_VERSION = "1"  # the same for preference data (method dpo, kto: pairs.py)
 ROW_BATCH_TOKENS = 1 << 20  # tokens per Arrow record batch written (a writer holds ~25 bytes a token)
 PROGRESS_EVERY_S = (0.2, 10.0)  # seconds between progress updates: on a terminal, in a log
 FORK_AFTER_CHUNKS = 4  # more chunks than the first and these: worth forking workers (below: in this process)
@@ -178,8 +180,8 @@ def scan_chunk(job: _Job, task: tuple[int, list[Record]]) -> Chunk:
                  unread or {}, turn_counts(conversations))
 
 
-def _scan_forked(task: tuple[int, list[Record]]) -> Chunk:
-    return scan_chunk(workers.job(), task)
+def _scan_forked(scan_one, task: tuple[int, list[Record]]):
+    return scan_one(workers.job(), task)
 
 
 def _tasks(job: _Job, indices: range) -> Iterator[tuple[int, list[Record]]]:
@@ -189,22 +191,23 @@ def _tasks(job: _Job, indices: range) -> Iterator[tuple[int, list[Record]]]:
             yield index, batch
 
 
-def _run(job: _Job, tasks: Iterator) -> Iterator[Chunk]:
-    """scan_chunk over the tasks, in order: in this process for small inputs, else on forked workers with a few
-    chunks in flight per worker (the reader waits for them: memory stays bounded)."""
+def _run(job, tasks: Iterator, scan_one=scan_chunk) -> Iterator:
+    """scan_one (scan_chunk; the preference data's: pairs.scan_pair_chunk) over the tasks, in order: in this
+    process for small inputs, else on forked workers with a few chunks in flight per worker (the reader waits for
+    them: memory stays bounded)."""
     first = next(tasks, None)
     if first is None:
         return
-    yield scan_chunk(job, first)  # in this process: a bad first record (a wrong format) stops the run before any fork
+    yield scan_one(job, first)  # in this process: a bad first record (a wrong format) stops the run before any fork
     head = list(islice(tasks, FORK_AFTER_CHUNKS))
     count = prep_workers(len(head) * CHUNK_RECORDS if len(head) < FORK_AFTER_CHUNKS else 1 << 40, CHUNK_RECORDS)
     if count <= 1:
-        yield from (scan_chunk(job, task) for task in chain(head, tasks))
+        yield from (scan_one(job, task) for task in chain(head, tasks))
         return
     with workers.pool(count, job) as pool:
         pending: deque = deque()
         for task in chain(head, tasks):
-            pending.append(pool.apply_async(_scan_forked, (task,)))
+            pending.append(pool.apply_async(_scan_forked, (scan_one, task)))
             if len(pending) >= IN_FLIGHT * count:
                 yield pending.popleft().get()
         while pending:
@@ -327,10 +330,25 @@ def scan(job: _Job, indices: range, keys: list[str], counts: dict[str, dict], st
          progress: Progress) -> Scanned:
     """Read, normalise and tokenise the job's sources `indices`; bad records are counted under keys[i] (i: the
     place in `indices`), or with data.on_bad_record: error the first one stops everything."""
+    columns: list[list[np.ndarray]] = [[] for _ in range(6)]  # Scanned's fields, a part per chunk
+    for chunk, local in counted_chunks(job, indices, keys, counts, progress):
+        first = store.append(chunk.tokens)
+        for column, part in zip(columns, (np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
+                                          chunk.tokens.lengths.astype(np.int32), chunk.supervised.astype(np.int32),
+                                          first + chunk.tokens.bounds[:-1], chunk.ranks),
+                                strict=True):
+            column.append(part)
+    return Scanned.join(columns)
+
+
+def counted_chunks(job, indices: range, keys: list[str], counts: dict[str, dict], progress: Progress,
+                   scan_one=scan_chunk) -> Iterator[tuple[Any, int]]:
+    """Each scanned chunk of the sources `indices` (scan_one: scan_chunk, or the preference data's) with its
+    source's place in `indices`, once its records are counted under keys[place]: read, bad (by reason; under
+    data.on_bad_record: error the first one stops everything), keys not read, turns and traces."""
     for key in keys:
         counts.setdefault(key, _new_counts())
-    columns: list[list[np.ndarray]] = [[] for _ in range(6)]  # Scanned's fields, a part per chunk
-    for chunk in _run(job, _tasks(job, indices)):
+    for chunk in _run(job, _tasks(job, indices), scan_one):
         local = chunk.source - indices.start
         tally = counts[keys[local]]
         tally["read"] += chunk.read
@@ -345,20 +363,14 @@ def scan(job: _Job, indices: range, keys: list[str], counts: dict[str, dict], st
             tally["unread_keys"][key] = tally["unread_keys"].get(key, 0) + n
         for name, n in zip(("supervised_turns", "context_turns", "reasoning_traces"), chunk.turns, strict=True):
             tally[name] += n
-        first = store.append(chunk.tokens)
-        for column, part in zip(columns, (np.full(len(chunk.digests), local, dtype=np.int32), chunk.digests,
-                                          chunk.tokens.lengths.astype(np.int32), chunk.supervised.astype(np.int32),
-                                          first + chunk.tokens.bounds[:-1], chunk.ranks),
-                                strict=True):
-            column.append(part)
+        yield chunk, local
         progress.add(chunk.read)
     for key in keys:
         for name in ("bad_by_reason", "unread_keys"):
             counts[key][name] = dict(sorted(counts[key][name].items()))
-    return Scanned.join(columns)
 
 
-def _per_source(keys: list[str], source: np.ndarray, counts: dict[str, dict], name: str) -> None:
+def per_source(keys: list[str], source: np.ndarray, counts: dict[str, dict], name: str) -> None:
     """Add each source's number of these records (source: the source of each) to counts[key][name]."""
     for index, n in enumerate(np.bincount(source, minlength=len(keys)).tolist()):
         counts[keys[index]][name] += n
@@ -371,7 +383,7 @@ def dedup_scanned(scanned: Scanned, keys: list[str], counts: dict[str, dict], en
     keep = first_indices(scanned.digests)
     duplicate = np.ones(len(scanned.digests), dtype=bool)
     duplicate[keep] = False
-    _per_source(keys, scanned.source[duplicate], counts, "duplicates")
+    per_source(keys, scanned.source[duplicate], counts, "duplicates")
     return keep
 
 
@@ -445,10 +457,19 @@ def write_shards(store: TokenStore, starts: np.ndarray, lengths: np.ndarray, row
         return sum(pool.map(_write_shard, range(len(ranges)), chunksize=1))
 
 
-def heldout_prompts(job: _Job, indices: range, wanted: np.ndarray) -> list[list[dict] | dict]:
-    """The prompts (all but the last turn, as the template gets them; with their tools as {"messages", "tools"})
-    of the good records at positions `wanted` of the job's sources `indices` (a few, early in the read order):
-    read again, only as far as the last of them."""
+def conversation_prompts(job: _Job, src: DataSource, record: Record) -> list[list[dict] | dict]:
+    """A record's prompt: all but the last turn, as the template gets them (with its tools as {"messages",
+    "tools"}); BadRecord for a bad one."""
+    conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=job.loss_on)
+    [messages], [tools], _ = template_inputs([conversation], job.reasoning != "drop")
+    return [{"messages": messages[:-1], "tools": tools} if tools else messages[:-1]]
+
+
+def heldout_prompts(job, indices: range, wanted: np.ndarray, prompts_of=conversation_prompts
+                    ) -> list[list[dict] | dict]:
+    """The prompts of the good rows at positions `wanted` of the job's sources `indices` (a few, early in the read
+    order): read again, only as far as the last of them. prompts_of: a record's rows' prompts
+    (conversation_prompts; the preference data's: a pair's, or two for a pair that KTO unpairs)."""
     wanted_set, prompts, good = set(wanted.tolist()), {}, 0
     last = max(wanted_set, default=-1)
     for index in indices:
@@ -457,13 +478,13 @@ def heldout_prompts(job: _Job, indices: range, wanted: np.ndarray) -> list[list[
             if good > last:
                 return [prompts[i] for i in wanted.tolist()]
             try:
-                conversation = to_conversation(record, src.format, src.columns, unread={}, loss_on=job.loss_on)
+                found = prompts_of(job, src, record)
             except BadRecord:
                 continue
-            if good in wanted_set:
-                [messages], [tools], _ = template_inputs([conversation], job.reasoning != "drop")
-                prompts[good] = {"messages": messages[:-1], "tools": tools} if tools else messages[:-1]
-            good += 1
+            for prompt in found:
+                if good in wanted_set:
+                    prompts[good] = prompt
+                good += 1
     return [prompts[i] for i in wanted.tolist()]
 
 
@@ -475,7 +496,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
+def data_fingerprint(cfg: DataSection, tokenizer, template: str, method: str = "sft") -> str:
     settings = cfg.model_dump(mode="json", exclude={"sources"})
     eval_sources = [source_fingerprint(s) for s in (cfg.eval.sources if cfg.eval else [])]
     parts = {
@@ -486,6 +507,8 @@ def data_fingerprint(cfg: DataSection, tokenizer, template: str) -> str:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": hashlib.sha256(template.encode()).hexdigest(),
     }
+    if method != "sft":  # (absent for SFT: its fingerprints stay what they were)
+        parts.update(method=method, pair_version=PAIR_PREP_VERSION)
     return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
 
@@ -519,7 +542,7 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path, how: Rendering
     try:
         with workers.forking():  # for the whole stage: the scan's and the shard writers' workers fork from it
             counts: dict[str, dict] = {}
-            parts, split = _scan_and_split(job, cfg, store, counts)
+            parts, split = scan_and_split(job, cfg, store, counts)
             eval_part = parts["eval"]
             report: dict[str, Any] = {"sources": counts, "records_read": 0, "duplicates": 0,
                                       "tools_rendered_by": how.tools,
@@ -529,11 +552,11 @@ def build(cfg: DataSection, tokenizer, template: str, work: Path, how: Rendering
                     _write_part(name, part, cfg, store, tokenizer, work, counts, report)
     finally:
         store.close()
-    return _totals(report, counts, cfg, how), split
+    return report_totals(report, counts, cfg, how), split
 
 
 @dataclass
-class _Part:
+class Part:
     """The records of one part (train or eval): which scan they are in, their indices in it, and that scan's keys
     (its sources' names in the report) and source indices."""
 
@@ -543,13 +566,14 @@ class _Part:
     indices: range
 
 
-def _scan_and_split(job: _Job, cfg: DataSection, store: TokenStore,
-                    counts: dict[str, dict]) -> tuple[dict[str, _Part], dict[str, Any]]:
-    """Read, deduplicate and split: the train and eval parts, and the split as split.json records it."""
+def scan_and_split(job, cfg: DataSection, store: TokenStore, counts: dict[str, dict],
+                   scan_sources=scan) -> tuple[dict[str, Part], dict[str, Any]]:
+    """Read, deduplicate and split: the train and eval parts, and the split as split.json records it. scan_sources:
+    `scan`, or the preference data's (pairs.scan_rows): anything that gives each record's source and digest."""
     progress = Progress("data")
     train_indices = range(len(cfg.sources))
     keys = [s.path for s in cfg.sources]
-    train = scan(job, train_indices, keys, counts, store, progress)
+    train = scan_sources(job, train_indices, keys, counts, store, progress)
     kept = dedup_scanned(train, keys, counts, cfg.dedup)
     read, duplicates = (sum(c[key] for c in counts.values()) for key in ("read", "duplicates"))
     if not len(kept):
@@ -563,10 +587,10 @@ def _scan_and_split(job: _Job, cfg: DataSection, store: TokenStore,
     if eval_cfg and eval_cfg.sources:
         eval_indices = range(len(cfg.sources), len(cfg.sources) + len(eval_cfg.sources))
         eval_keys = ["eval:" + s.path for s in eval_cfg.sources]
-        evaluation = scan(job, eval_indices, eval_keys, counts, store, progress)
+        evaluation = scan_sources(job, eval_indices, eval_keys, counts, store, progress)
         eval_kept = dedup_scanned(evaluation, eval_keys, counts, cfg.dedup)
-        parts = {"train": _Part(train, kept, keys, train_indices),
-                 "eval": _Part(evaluation, eval_kept, eval_keys, eval_indices)}
+        parts = {"train": Part(train, kept, keys, train_indices),
+                 "eval": Part(evaluation, eval_kept, eval_keys, eval_indices)}
         split.update(method="sources", eval_sources=[s.path for s in eval_cfg.sources])
     elif eval_cfg and (eval_cfg.fraction or eval_cfg.count):
         try:
@@ -575,13 +599,13 @@ def _scan_and_split(job: _Job, cfg: DataSection, store: TokenStore,
         except InputError as err:
             progress.done()
             raise InputError(f"{err} ({read} records read, {duplicates} duplicates removed)") from None
-        parts = {"train": _Part(train, kept[~in_eval], keys, train_indices),
-                 "eval": _Part(train, kept[in_eval], keys, train_indices)}
+        parts = {"train": Part(train, kept[~in_eval], keys, train_indices),
+                 "eval": Part(train, kept[in_eval], keys, train_indices)}
         split.update(method="fraction" if eval_cfg.fraction else "count",
                      fraction=eval_cfg.fraction, count=eval_cfg.count,
                      eval_ids=[f"{d:016x}" for d in train.digests[kept[in_eval]].tolist()])
     else:
-        parts = {"train": _Part(train, kept, keys, train_indices), "eval": _Part(train, kept[:0], keys, train_indices)}
+        parts = {"train": Part(train, kept, keys, train_indices), "eval": Part(train, kept[:0], keys, train_indices)}
         split.update(method="none")
     progress.done()
     store.close()
@@ -590,7 +614,7 @@ def _scan_and_split(job: _Job, cfg: DataSection, store: TokenStore,
     return parts, split
 
 
-def _write_part(name: str, part: _Part, cfg: DataSection, store: TokenStore, tokenizer, work: Path,
+def _write_part(name: str, part: Part, cfg: DataSection, store: TokenStore, tokenizer, work: Path,
                 counts: dict[str, dict], report: dict[str, Any]) -> None:
     """Fit the part's records to max_seq_length, count what became of them, and write its shards (packed or
     not); report[name]: its statistics (and, for train, report["sample"])."""
@@ -600,7 +624,7 @@ def _write_part(name: str, part: _Part, cfg: DataSection, store: TokenStore, tok
     kept_here = (outcomes == KEPT) | (outcomes == TRUNCATED)
     for key, chosen in ((name, kept_here), ("kept", kept_here), ("truncated", outcomes == TRUNCATED),
                         ("overlong", outcomes == OVERLONG), ("unsupervised", outcomes == UNSUPERVISED)):
-        _per_source(part.keys, source[chosen], counts, key)
+        per_source(part.keys, source[chosen], counts, key)
     del source, kept_here, outcomes
     supervised = int(scanned.supervised[records].sum())
     report[name] = {"conversations": len(part.records), **fit_counts, **token_stats_of(lengths, supervised)}
@@ -627,7 +651,8 @@ def _write_part(name: str, part: _Part, cfg: DataSection, store: TokenStore, tok
     report[name]["packing_efficiency"] = round(report[name]["tokens"] / (sequences * cfg.max_seq_length), 4)
 
 
-def _totals(report: dict[str, Any], counts: dict[str, dict], cfg: DataSection, how: Rendering) -> dict[str, Any]:
+def report_totals(report: dict[str, Any], counts: dict[str, dict], cfg: DataSection,
+                  how: Rendering) -> dict[str, Any]:
     """The report's totals over all sources: counts, turns, reasoning traces."""
     if report["train"]["supervised_tokens"] == 0:
         raise InputError("data: no token is supervised; check data.loss_on and the chat template")
@@ -652,18 +677,21 @@ def load_prepared(folder: Path) -> tuple["Dataset", "Dataset | None"]:
     return load("train"), load("eval")
 
 
-def fingerprint(cfg: DataSection, tokenizer) -> str:
+def fingerprint(cfg: DataSection, tokenizer, method: str = "sft") -> str:
     """The prepared data's fingerprint (its cache key) without preparing anything: the sources' content hashed,
-    the tokenizer, the training template and the settings."""
-    return data_fingerprint(cfg, tokenizer, _training_template(cfg, tokenizer)[0])
+    the tokenizer, the training template, the settings and (dpo, kto) the method."""
+    return data_fingerprint(cfg, tokenizer, _training_template(cfg, tokenizer, method)[0], method)
 
 
-def _training_template(cfg: DataSection, tokenizer) -> tuple[str, Rendering]:
-    """The template the data is rendered through (tools and traces as the recipe says, with the training markers)
-    and how it renders them."""
+def _training_template(cfg: DataSection, tokenizer, method: str = "sft") -> tuple[str, Rendering]:
+    """The template the data is rendered through (tools and traces as the recipe says; for SFT with the training
+    markers, for dpo/kto the template the adapter carries, as TRL's preference trainers render through the
+    tokenizer's) and how it renders them."""
     base = resolve_chat_template(cfg.chat_template, tokenizer)
-    return (training_template(base, tokenizer, cfg.loss_on, cfg.reasoning),
-            rendering(split_extension(base)[1], cfg.reasoning))
+    how = rendering(split_extension(base)[1], cfg.reasoning)
+    if method != "sft":
+        return extend_template(base, cfg.reasoning), how
+    return training_template(base, tokenizer, cfg.loss_on, cfg.reasoning), how
 
 
 SHARD = re.compile(r"(train|eval)-(\d{5})-of-(\d{5})\.arrow")
@@ -715,11 +743,12 @@ def _load_checked(folder: Path) -> tuple[dict[str, Any], "Dataset", "Dataset | N
     return report, train, evaluation
 
 
-def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) -> PreparedData:
+def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False, method: str = "sft") -> PreparedData:
+    """The prepared data of `method`: SFT's packed (or padded) rows, or dpo/kto's tokenized rows (pairs.py)."""
     if problems := output_data_overlap(cfg, output_dir):
         raise InputError("\n".join(problems))
-    template, how = _training_template(cfg, tokenizer)
-    fingerprint = data_fingerprint(cfg, tokenizer, template)
+    template, how = _training_template(cfg, tokenizer, method)
+    fingerprint = data_fingerprint(cfg, tokenizer, template, method)
     cache_root = RunDir(output_dir).prepared
     target = cache_root / fingerprint[:16]
     if not force and (target / "report.json").is_file():
@@ -731,7 +760,12 @@ def prepare(cfg: DataSection, tokenizer, output_dir: Path, force: bool = False) 
 
     with staging_folder(cache_root / f".tmp-{fingerprint[:16]}-{os.getpid()}") as tmp:
         tmp.mkdir(parents=True)
-        report, split = build(cfg, tokenizer, template, tmp, how)
+        if method == "sft":
+            report, split = build(cfg, tokenizer, template, tmp, how)
+        else:
+            from qctrain.data.pairs import build_rows
+
+            report, split = build_rows(cfg, method, tokenizer, template, tmp, how)
         shutil.rmtree(tmp / "tokens")
         report["fingerprint"] = fingerprint
         report["shards"] = {path.name: path.stat().st_size for path in sorted(tmp.glob("*.arrow"))}

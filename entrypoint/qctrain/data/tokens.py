@@ -428,54 +428,57 @@ def _render(messages: list[list[dict]], tools: list[list[dict] | None], contexts
 
 
 def _render_all(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
-                special_tokens: dict) -> tuple[list[str], list]:
-    """Every conversation through the template. An extended template's preamble leaves a conversation without
-    tools, calls, results or traces as it is, so those go to the template it extends, the same text at half the
-    render time (tests/test_data_fields.py holds the two equal)."""
+                special_tokens: dict, add_generation_prompt: bool = False) -> tuple[list[str], list]:
+    """Every conversation through the template (add_generation_prompt: ending with the assistant's header, as a
+    prompt is rendered for generation). An extended template's preamble leaves a conversation without tools,
+    calls, results or traces as it is, so those go to the template it extends, the same text at half the render
+    time (tests/test_data_fields.py holds the two equal)."""
     parts = unextended(template)
     if parts is None:
-        return _render_with(messages, tools, template, masked, special_tokens)
+        return _render_with(messages, tools, template, masked, special_tokens, add_generation_prompt)
     base, tools_mode, think_mode = parts
     plain = [passes_through(m, t, tools_mode, think_mode) for m, t in zip(messages, tools, strict=True)]
     if all(plain):
-        return _render_with(messages, tools, base, masked, special_tokens)
+        return _render_with(messages, tools, base, masked, special_tokens, add_generation_prompt)
     if not any(plain):
-        return _render_with(messages, tools, template, masked, special_tokens)
+        return _render_with(messages, tools, template, masked, special_tokens, add_generation_prompt)
     texts: list = [None] * len(messages)
     spans: list = [None] * len(messages)
     for chosen, with_template in ((True, base), (False, template)):
         where = [i for i, p in enumerate(plain) if p == chosen]
         got = _render_with([messages[i] for i in where], [tools[i] for i in where], with_template, masked,
-                           special_tokens)
+                           special_tokens, add_generation_prompt)
         for i, text, span in zip(where, *got, strict=True):
             texts[i], spans[i] = text, span
     return texts, spans
 
 
 def _render_with(messages: list[list[dict]], tools: list[list[dict] | None], template: str, masked: bool,
-                 special_tokens: dict) -> tuple[list[str], list]:
+                 special_tokens: dict, add_generation_prompt: bool = False) -> tuple[list[str], list]:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    kwargs = {"chat_template": template, "return_assistant_tokens_mask": masked, **special_tokens}
-    if masked and (all(map(_plain_strings, messages)) if not any(tools) else
+    kwargs = {"chat_template": template, "return_assistant_tokens_mask": masked,
+              "add_generation_prompt": add_generation_prompt, **special_tokens}
+    if masked and not add_generation_prompt and (all(map(_plain_strings, messages)) if not any(tools) else
                    all(map(_plain_data, messages, tools))):
         direct = _render_direct(messages, template, special_tokens, tools)
         if direct is not None:
             return direct
     if not any(tools):
-        return render_jinja_template(conversations=[_without_none(c) for c in messages], **kwargs)
+        texts, spans = render_jinja_template(conversations=[_without_none(c) for c in messages], **kwargs)
+        return texts, spans if masked else [[] for _ in texts]  # unmasked, the library gives no spans at all
     texts, spans = [], []
     for conversation, record_tools in zip(messages, tools, strict=True):
-        (text,), (span,) = render_jinja_template(conversations=[_without_none(conversation)], tools=record_tools,
-                                                 **kwargs)
+        (text,), found = render_jinja_template(conversations=[_without_none(conversation)], tools=record_tools,
+                                               **kwargs)
         texts.append(text)
-        spans.append(span)
+        spans.append(found[0] if masked else [])
     return texts, spans
 
 
-def _encode(messages: list[list[dict]], tools: list[list[dict] | None], contexts: list[tuple[int, ...]], tokenizer,
-            backend: Backend, template: str, masked: bool) -> Tokenized:
-    texts, spans = _render(messages, tools, contexts, template, masked, tokenizer.special_tokens_map)
+def _encodings(texts: list[str], backend: Backend) -> tuple[list, list | None]:
+    """The Rust tokenizer's encodings of the texts (as `tokenizer(text, add_special_tokens=False)`), and the added
+    tokens found in each text (None where the tokenizer needs offsets for masks)."""
     added, matches = backend.added, None
     if added is not None:  # no offsets needed: the fast encode, without the Metaspace step where it can
         matches = [list(added.pattern.finditer(text)) for text in texts]
@@ -485,11 +488,28 @@ def _encode(messages: list[list[dict]], tools: list[list[dict] | None], contexts
             encodings = backend.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     else:
         encodings = backend.tokenizer.encode_batch(texts, add_special_tokens=False)
+    return encodings, matches
+
+
+def _flat_ids(encodings: list) -> tuple[np.ndarray, np.ndarray]:
+    """The encodings' token ids, flat (int32), and the bounds of each (int64, one more than there are)."""
     lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     bounds = np.zeros(len(encodings) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
-    total = int(bounds[-1])
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
+    return np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(bounds[-1])), bounds
+
+
+def encode_texts(texts: list[str], backend: Backend) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the texts as `tokenizer(text, add_special_tokens=False)` gives them, flat, with their bounds."""
+    return _flat_ids(_encodings(texts, backend)[0])
+
+
+def _encode(messages: list[list[dict]], tools: list[list[dict] | None], contexts: list[tuple[int, ...]], tokenizer,
+            backend: Backend, template: str, masked: bool) -> Tokenized:
+    texts, spans = _render(messages, tools, contexts, template, masked, tokenizer.special_tokens_map)
+    added = backend.added
+    encodings, matches = _encodings(texts, backend)
+    ids, bounds = _flat_ids(encodings)
     if not masked:
         return Tokenized(ids, ids.copy(), bounds)
     if added is None:

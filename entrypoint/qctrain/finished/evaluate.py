@@ -105,7 +105,7 @@ def evaluate_saved(target: EvalTarget, say=print, should_stop=lambda: False) -> 
     held, prompts = None, []
     with tempfile.TemporaryDirectory(prefix="qctrain-eval-") as scratch:
         workdir = target.run.root if target.run is not None else Path(scratch)
-        if section.heldout and recipe.data.eval is not None:
+        if section.heldout and recipe.data.eval is not None and recipe.method == "sft":  # dpo/kto: their own
             prepared = data.prepare(recipe.data, data_tokenizer, workdir)
             prompts = prepared.report.get("heldout_prompts", [])
             if prepared.eval is not None and len(prepared.eval):
@@ -143,7 +143,7 @@ def record_evaluation(output_dir: Path, report: dict[str, Any]) -> None:
     card (beside the adapter too) with the table and model-index entries, and two rows of metrics.jsonl."""
     from qctrain import evaluate
     from qctrain.basemodel.reference import base_license
-    from qctrain.card import Sample, model_card
+    from qctrain.card import Sample, model_card, preference_section
     from qctrain.finished.load import FinishedRun
     from qctrain.outputs import evaluation_summary
 
@@ -153,8 +153,9 @@ def record_evaluation(output_dir: Path, report: dict[str, Any]) -> None:
     evaluate.write_results(run.eval_results, report)
     base = finished.reference
     samples = [Sample(**sample) for sample in report.get("samples") or []]
-    card = model_card(Recipe.model_validate(manifest["recipe"]), read_json_object(run.data_report),
-                      manifest.get("metrics") or {}, samples, base, base_license(base), report)
+    recipe, data_report = Recipe.model_validate(manifest["recipe"]), read_json_object(run.data_report)
+    card = model_card(recipe, data_report, manifest.get("metrics") or {}, samples, base, base_license(base), report,
+                      preference_section(recipe, data_report, manifest.get("preference"), manifest.get("parent")))
     for folder in (run.adapter, run.root):  # the root's last: the adapter folder travels alone
         staged = folder / f".README.md.tmp-{os.getpid()}"
         staged.write_text(card, encoding="utf-8")

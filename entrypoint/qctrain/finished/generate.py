@@ -1,5 +1,6 @@
 """Replies of a trained model: greedy generation through the adapter's chat template, and the base model's reply
-beside it (the adapter disabled), as the card and `qctrain generate --compare-base` show them."""
+beside it (the adapter disabled), as the card and `qctrain generate --compare-base` show them; or, for a dpo/kto run,
+the reply of the adapter it continued (`--compare-parent`)."""
 
 import torch
 
@@ -42,3 +43,19 @@ def before_after_samples(model, tokenizer, conversations: list[list[dict] | dict
             base = list(generate_replies(model, tokenizer, conversations, max_new_tokens, chat_template, tools))
     prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
     return [Sample(p, b, t) for p, b, t in zip(prompts, base, tuned, strict=True)]
+
+
+def parent_samples(model, tokenizer, conversations: list[list[dict] | dict], parent_dir, max_new_tokens: int = 48,
+                   tools: list[dict] | None = None) -> list[Sample]:
+    """Greedy replies with the trained adapter, and with the adapter it continued loaded beside it on the same base
+    (Sample.base holds the parent's reply)."""
+    tuned = generate_replies(model, tokenizer, conversations, max_new_tokens, tools=tools)
+    active = model.active_adapter
+    model.load_adapter(str(parent_dir), adapter_name="parent")
+    model.set_adapter("parent")
+    try:
+        before = generate_replies(model, tokenizer, conversations, max_new_tokens, tools=tools)
+    finally:
+        model.set_adapter(active)
+    prompts = [(c["messages"] if isinstance(c, dict) else c)[-1]["content"] for c in conversations]
+    return [Sample(p, b, t) for p, b, t in zip(prompts, before, tuned, strict=True)]

@@ -30,6 +30,22 @@ class FinishedRun:
         hub_id = (manifest.get("base_model") or {}).get("hub_id") or cfg.hub_id
         return cls(run, _resolved_base(output_dir, cfg, adapter_config, hub_id))
 
+    def parent_adapter(self) -> Path:
+        """The adapter this (dpo/kto) run continued, as its manifest names it, where it is now; InputError where
+        the run continued none, or that adapter is gone or changed since."""
+        from qctrain import parent
+
+        recorded = self.run.read_manifest().get("parent")
+        if not isinstance(recorded, dict) or not recorded.get("adapter"):
+            raise InputError(f"{self.run.root}: this run continued no adapter (method dpo or kto with model.adapter); "
+                             "use --compare-base")
+        found = parent.resolve(recorded["adapter"])
+        if found.adapter_sha256 != recorded.get("adapter_sha256"):
+            raise InputError(f"{self.run.root}: the adapter it continued, {recorded['adapter']}, has changed since "
+                             f"(sha256 {found.adapter_sha256[:12]}..., the run recorded "
+                             f"{str(recorded.get('adapter_sha256'))[:12]}...)")
+        return found.adapter_dir
+
     @property
     def reference(self) -> BaseReference:
         return base_reference(self.base)  # self.base as resolved from here, its hub_id included
